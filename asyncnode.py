@@ -1,0 +1,1376 @@
+"""asyncnode: background task processing across hosts, on asyncio.
+
+A client submits a task to the aiohttp API; the API records it in Redis and
+hands it to RabbitMQ with a publisher confirm; worker processes run it and
+report every change of state through Redis; the API relays each change to
+browsers over a WebSocket.
+
+The file is cut into sections in dependency order (each uses only those above
+it): constants, errors, config, handler registry, pure core, adapters
+(RabbitMQ, Redis), role ``api``, role ``worker``, command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import importlib
+import inspect
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import tomllib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Final, TypeAlias, cast
+from urllib.parse import urlsplit, urlunsplit
+
+import aio_pika
+import aio_pika.abc
+import aiohttp_jinja2
+import jinja2
+import redis.asyncio as aioredis
+from aiohttp import WSMsgType, web
+from redis.exceptions import RedisError
+
+__version__ = "0.1.0"
+
+# When run as ``python asyncnode.py``, register this module under its own name
+# so that ``handlers/`` (which imports ``asyncnode`` to register) fills the
+# registry of the running module, not of a second, empty copy.
+sys.modules.setdefault("asyncnode", sys.modules[__name__])
+
+log = logging.getLogger("asyncnode")
+
+# ============================================================================
+# Constants
+# ============================================================================
+
+#: Directory holding this file; ``web/`` and the default config live beside it.
+HERE: Final = Path(__file__).resolve().parent
+#: Config file used when neither ``--config`` nor ``$ASYNCNODE_CONFIG`` is given.
+DEFAULT_CONFIG: Final = "config.toml"
+#: Statuses a task can have.  ``rejected``: the broker never held it (the API answered 503).
+STATUSES: Final = ("pending", "started", "retrying", "completed", "failed", "rejected")
+#: Statuses after which nothing more happens to a task.
+TERMINAL: Final = frozenset({"completed", "failed", "rejected"})
+#: Suffix of the dead-letter queue's name (``<queue>.dlq``).
+DLQ_SUFFIX: Final = ".dlq"
+#: Suffix, after ``[redis] key_prefix``, of the sorted set indexing recent tasks.
+#: Task ids are UUIDs, so ``~`` can never collide with a task's own key.
+RECENT_SUFFIX: Final = "~recent"
+#: Largest ``limit`` accepted by ``GET /api/tasks``.
+MAX_LIST_LIMIT: Final = 1000
+#: Updates a WebSocket client may have queued before it counts as too slow and is dropped.
+WS_CLIENT_BUFFER: Final = 10_000
+#: Largest message a WebSocket client may send (it only ever sends small control messages).
+WS_MAX_MESSAGE: Final = 64 * 1024
+#: Seconds between WebSocket pings; a client that misses a pong is dropped.
+WS_HEARTBEAT: Final = 30.0
+#: Fields of a task that hold JSON rather than text in its Redis hash.
+JSON_FIELDS: Final = frozenset({"payload", "result"})
+#: Fields of a task that hold numbers in its Redis hash.
+FLOAT_FIELDS: Final = frozenset({"created_at", "started_at", "finished_at", "progress", "ts"})
+INT_FIELDS: Final = frozenset({"attempts", "seq"})
+
+JSON: TypeAlias = Any
+
+# ============================================================================
+# Errors
+# ============================================================================
+
+
+class AsyncnodeError(Exception):
+    """Base class of every error asyncnode raises on purpose."""
+
+
+class ConfigError(AsyncnodeError):
+    """The configuration is unreadable or invalid; the message names file, key and expectation."""
+
+
+class ValidationError(AsyncnodeError):
+    """A task submission is invalid; ``field`` names the payload field at fault, if any."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class PermanentError(AsyncnodeError):
+    """Raised by a handler for a failure that retrying cannot fix (bad input, a 5xx rejection)."""
+
+
+class EnvelopeError(AsyncnodeError):
+    """A message on the queue is not a task envelope this program can read."""
+
+
+class BrokerUnavailable(AsyncnodeError):
+    """RabbitMQ could not be reached or did not confirm a publish in time."""
+
+
+# ============================================================================
+# Config
+# ============================================================================
+
+
+def _opt(default: Any, doc: str, **rules: Any) -> Any:
+    """A config field with its default, a one-line meaning and validation rules."""
+    return dataclasses.field(default=default, metadata={"doc": doc, **rules})
+
+
+@dataclasses.dataclass(frozen=True)
+class BrokerConfig:
+    """``[broker]``: the RabbitMQ connection and the work queue."""
+
+    url: str = _opt("amqp://guest:guest@127.0.0.1:5672/", "AMQP URL ($RABBIT_URL)")
+    queue: str = _opt("tasks", "work queue; dead letters go to <queue>.dlq", nonempty=True)
+    queue_type: str = _opt("quorum", "RabbitMQ queue type", choices=("quorum", "classic"))
+    prefetch: int = _opt(1, "unacknowledged deliveries per worker process", min=1, max=65535)
+    max_retries: int = _opt(3, "retries after the first attempt", min=0, max=1000)
+    delivery_limit: int = _opt(10, "deliveries before a message that keeps killing workers is dead-lettered", min=1)
+    publish_timeout: float = _opt(5.0, "seconds to wait for a publisher confirm", min=0.1)
+    connect_timeout: float = _opt(5.0, "seconds to wait for a connection", min=0.1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisConfig:
+    """``[redis]``: task state and the update channel."""
+
+    url: str = _opt("redis://127.0.0.1:6379/0", "Redis URL ($REDIS_URL)")
+    channel: str = _opt("task_updates", "pub/sub channel carrying task updates", nonempty=True)
+    key_prefix: str = _opt("task:", "a task's hash is <key_prefix><id>", nonempty=True)
+    result_ttl: int = _opt(86400, "seconds a finished task is kept (0 = for ever)", min=0)
+    max_recent: int = _opt(10000, "tasks kept in the recent-tasks index", min=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiConfig:
+    """``[api]``: the HTTP and WebSocket server."""
+
+    host: str = _opt("0.0.0.0", "address to listen on")
+    port: int = _opt(5000, "port to listen on ($ASYNCNODE_API_PORT)", min=0, max=65535)
+    client_max_size: int = _opt(1024 * 1024, "largest request body in bytes (413 above)", min=1024)
+    max_text: int = _opt(10000, "longest text accepted in a payload field", min=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SmtpConfig:
+    """``[smtp]``: where the ``email`` handler sends mail."""
+
+    host: str = _opt("127.0.0.1", "SMTP server")
+    port: int = _opt(1025, "SMTP port", min=1, max=65535)
+    sender: str = _opt("asyncnode@localhost", "From address", nonempty=True)
+    username: str = _opt("", "login user (empty = no login)")
+    password: str = _opt("", "login password")
+    starttls: bool = _opt(False, "upgrade the connection with STARTTLS")
+    timeout: float = _opt(10.0, "seconds for the whole SMTP exchange", min=0.1)
+
+
+@dataclasses.dataclass(frozen=True)
+class HandlersConfig:
+    """``[handlers]``: which modules register task types."""
+
+    modules: tuple[str, ...] = _opt(("handlers",), "modules imported to register task types")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole configuration, one frozen tree built by :meth:`from_toml`."""
+
+    path: Path
+    broker: BrokerConfig = BrokerConfig()
+    redis: RedisConfig = RedisConfig()
+    api: ApiConfig = ApiConfig()
+    smtp: SmtpConfig = SmtpConfig()
+    handlers: HandlersConfig = HandlersConfig()
+
+    SECTIONS: ClassVar[dict[str, type]] = {
+        "broker": BrokerConfig,
+        "redis": RedisConfig,
+        "api": ApiConfig,
+        "smtp": SmtpConfig,
+        "handlers": HandlersConfig,
+    }
+    #: Environment variables that override a key: deployments change these per host.
+    ENV: ClassVar[dict[str, tuple[str, str]]] = {
+        "RABBIT_URL": ("broker", "url"),
+        "REDIS_URL": ("redis", "url"),
+        "ASYNCNODE_API_PORT": ("api", "port"),
+    }
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+        """Read and validate ``path``, then apply the environment overrides."""
+        p = Path(path)
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: no such file (pass --config PATH or set $ASYNCNODE_CONFIG)") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: cannot read: {e}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+        return cls.from_mapping(raw, p, os.environ if env is None else env)
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any], path: Path, env: Mapping[str, str]) -> Config:
+        """Validate an already-parsed TOML document (see :meth:`from_toml`)."""
+        for name in raw:
+            if name not in cls.SECTIONS:
+                raise ConfigError(f"{path}: [{name}]: unknown section (known: {', '.join(cls.SECTIONS)})")
+        sections: dict[str, dict[str, Any]] = {}
+        for name in cls.SECTIONS:
+            table = raw.get(name, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: {name}: expected a table [{name}]")
+            sections[name] = dict(table)
+        for var, (section, key) in cls.ENV.items():
+            value = env.get(var)
+            if value:
+                sections[section][key] = _from_env(var, value, cls.SECTIONS[section], key, path)
+        built = {name: _build_section(path, name, cls.SECTIONS[name], sections[name]) for name in cls.SECTIONS}
+        return cls(path=path, **built)
+
+
+def _from_env(var: str, value: str, section: type, key: str, path: Path) -> Any:
+    """Convert an environment override to the type of the key it replaces."""
+    ftype = {f.name: f.type for f in dataclasses.fields(section)}[key]
+    if ftype == "int":
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{path}: ${var}: expected an integer, got {value!r}") from None
+    return value
+
+
+def _build_section(path: Path, name: str, cls: type, table: dict[str, Any]) -> Any:
+    """Check a section's keys and value types against its dataclass and build it."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in fields:
+            raise ConfigError(f"{path}: [{name}] {key}: unknown key (known: {', '.join(fields)})")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        f = fields[key]
+        where = f"{path}: [{name}] {key}"
+        values[key] = _check_value(where, str(f.type), value, f.metadata)
+    return cls(**values)
+
+
+def _check_value(where: str, ftype: str, value: Any, rules: Mapping[str, Any]) -> Any:
+    """Return ``value`` converted to ``ftype`` or raise ConfigError saying what was expected."""
+    if ftype == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        if rules.get("nonempty") and not value:
+            raise ConfigError(f"{where}: expected a non-empty string")
+        if "choices" in rules and value not in rules["choices"]:
+            raise ConfigError(f"{where}: expected one of {', '.join(map(repr, rules['choices']))}, got {value!r}")
+        return value
+    if ftype == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if ftype in ("int", "float"):
+        ok = isinstance(value, int) if ftype == "int" else isinstance(value, int | float)
+        if isinstance(value, bool) or not ok or (isinstance(value, float) and not math.isfinite(value)):
+            kind = "an integer" if ftype == "int" else "a number"
+            raise ConfigError(f"{where}: expected {kind}, got {value!r}")
+        lo, hi = rules.get("min"), rules.get("max")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = f"≥ {lo}" if hi is None else f"between {lo} and {hi}"
+            raise ConfigError(f"{where}: expected a value {bounds}, got {value!r}")
+        return float(value) if ftype == "float" else value
+    if ftype == "tuple[str, ...]":
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{where}: expected a list of non-empty strings, got {value!r}")
+        return tuple(value)
+    raise AssertionError(f"unhandled config type {ftype}")  # a programming error, not a user's
+
+
+def config_path(arg: str | None, env: Mapping[str, str] | None = None) -> Path:
+    """The config file to read: ``--config``, else ``$ASYNCNODE_CONFIG``, else ``./config.toml``."""
+    env = os.environ if env is None else env
+    return Path(arg or env.get("ASYNCNODE_CONFIG") or DEFAULT_CONFIG)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced, for logs and messages."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        user = parts.username or ""
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    except ValueError:
+        return "<unparsable url>"
+
+
+# ============================================================================
+# Handler registry
+# ============================================================================
+
+FIELD_TYPES: Final = ("string", "integer", "number", "boolean")
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One payload field a task type expects, as shown by ``/api/task-types``."""
+
+    name: str
+    type: str = "string"
+    required: bool = True
+    description: str = ""
+    max_length: int | None = None
+    min: float | None = None
+    max: float | None = None
+    format: str | None = None
+    multiline: bool = False
+    default: JSON = None
+
+    def describe(self, max_text: int) -> dict[str, JSON]:
+        """The field as JSON for clients; strings are capped by ``[api] max_text``."""
+        d: dict[str, JSON] = {"name": self.name, "type": self.type, "required": self.required}
+        d["description"] = self.description
+        if self.type == "string":
+            d["max_length"] = min(self.max_length or max_text, max_text)
+        for key in ("min", "max", "format", "default"):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
+        if self.multiline:
+            d["multiline"] = True
+        return d
+
+
+Handler: TypeAlias = Callable[[dict[str, Any], "TaskContext"], Any]
+Validator: TypeAlias = Callable[[dict[str, Any]], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskType:
+    """A registered task type: its stable name, handler and payload schema."""
+
+    name: str
+    handler: Handler
+    description: str
+    fields: tuple[Field, ...] = ()
+    validate: Validator | None = None
+    timeout: float | None = None
+
+    @property
+    def is_async(self) -> bool:
+        """True when the handler is a coroutine function (run on the loop, not in a thread)."""
+        return inspect.iscoroutinefunction(self.handler)
+
+    def describe(self, max_text: int) -> dict[str, JSON]:
+        """The type as JSON for ``/api/task-types`` and the page's forms."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "fields": [f.describe(max_text) for f in self.fields],
+        }
+
+
+#: Every registered task type by name.
+REGISTRY: dict[str, TaskType] = {}
+
+
+def task(
+    name: str,
+    *,
+    description: str,
+    fields: Iterable[Field] = (),
+    validate: Validator | None = None,
+    timeout: float | None = None,
+) -> Callable[[Handler], Handler]:
+    """Register the decorated function as the handler of task type ``name``.
+
+    The name is what travels on the queue, so it must stay stable when code
+    moves; registering a name twice is an error.
+    """
+
+    def register(func: Handler) -> Handler:
+        if name in REGISTRY:
+            raise ValueError(f"task type {name!r} is already registered by {REGISTRY[name].handler!r}")
+        fs = tuple(fields)
+        for f in fs:
+            if f.type not in FIELD_TYPES:
+                raise ValueError(f"task type {name!r}: field {f.name!r} has unknown type {f.type!r}")
+        REGISTRY[name] = TaskType(name, func, description, fs, validate, timeout)
+        return func
+
+    return register
+
+
+def load_handlers(modules: Iterable[str]) -> None:
+    """Import the modules that register task types (each once)."""
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    for mod in modules:
+        try:
+            importlib.import_module(mod)
+        except ImportError as e:
+            raise ConfigError(f"[handlers] modules: cannot import {mod!r}: {e}") from None
+
+
+# ============================================================================
+# Pure core: envelopes, validation, task records, update messages
+# ============================================================================
+
+
+def dumps(obj: JSON) -> str:
+    """Compact JSON text."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def validate_submission(body: JSON, max_text: int) -> tuple[TaskType, dict[str, Any]]:
+    """Check a ``POST /api/tasks`` body; return its task type and normalised payload."""
+    if not isinstance(body, dict):
+        raise ValidationError("body must be a JSON object")
+    unknown = set(body) - {"type", "payload"}
+    if unknown:
+        raise ValidationError(f"unknown key(s) in body: {', '.join(sorted(unknown))} (expected type, payload)")
+    ttype_name = body.get("type")
+    if not isinstance(ttype_name, str) or not ttype_name:
+        raise ValidationError("'type' is required and must be a string", "type")
+    ttype = REGISTRY.get(ttype_name)
+    if ttype is None:
+        known = ", ".join(sorted(REGISTRY))
+        raise ValidationError(f"unknown task type {ttype_name[:100]!r} (known: {known})", "type")
+    return ttype, validate_payload(ttype, body.get("payload", {}), max_text)
+
+
+def validate_payload(ttype: TaskType, payload: JSON, max_text: int) -> dict[str, Any]:
+    """Check ``payload`` against the fields of ``ttype``; return it with defaults filled in."""
+    if payload is None:
+        payload = {}
+    if not isinstance(payload, dict):
+        raise ValidationError("'payload' must be a JSON object", "payload")
+    known = {f.name: f for f in ttype.fields}
+    for key in payload:
+        if key not in known:
+            expected = ", ".join(known) or "no fields"
+            raise ValidationError(f"payload: unknown field {str(key)[:100]!r} ({ttype.name} takes {expected})", key)
+    out: dict[str, Any] = {}
+    for f in ttype.fields:
+        if f.name not in payload or payload[f.name] is None:
+            if f.required:
+                raise ValidationError(f"payload.{f.name} is required", f.name)
+            if f.default is not None:
+                out[f.name] = f.default
+            continue
+        out[f.name] = _check_field(f, payload[f.name], max_text)
+    if ttype.validate is not None:
+        ttype.validate(out)
+    return out
+
+
+def _check_field(f: Field, value: JSON, max_text: int) -> JSON:
+    """One field's value, checked against its declared type and limits."""
+    where = f"payload.{f.name}"
+    if f.type == "string":
+        if not isinstance(value, str):
+            raise ValidationError(f"{where} must be a string", f.name)
+        limit = min(f.max_length or max_text, max_text)
+        if len(value) > limit:
+            raise ValidationError(f"{where} is too long ({len(value)} characters; at most {limit})", f.name)
+        return value
+    if f.type == "boolean":
+        if not isinstance(value, bool):
+            raise ValidationError(f"{where} must be true or false", f.name)
+        return value
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if f.type == "integer" and not is_int:
+        raise ValidationError(f"{where} must be an integer", f.name)
+    if f.type == "number" and not (is_int or (isinstance(value, float) and math.isfinite(value))):
+        raise ValidationError(f"{where} must be a number", f.name)
+    if f.min is not None and value < f.min:
+        raise ValidationError(f"{where} must be at least {f.min:g}", f.name)
+    if f.max is not None and value > f.max:
+        raise ValidationError(f"{where} must be at most {f.max:g}", f.name)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Envelope:
+    """The message a worker receives: which task to run, with what."""
+
+    id: str
+    type: str
+    payload: dict[str, Any]
+
+    def encode(self) -> bytes:
+        """The message body as published to the work queue."""
+        return dumps({"id": self.id, "type": self.type, "payload": self.payload}).encode()
+
+    @classmethod
+    def decode(cls, body: bytes) -> Envelope:
+        """Parse a message body; raise EnvelopeError if it is not an envelope."""
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise EnvelopeError(f"message body is not JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise EnvelopeError("message body is not a JSON object")
+        tid, ttype, payload = data.get("id"), data.get("type"), data.get("payload", {})
+        if not isinstance(tid, str) or not tid or not isinstance(ttype, str) or not isinstance(payload, dict):
+            raise EnvelopeError("message body lacks a string id, a string type or an object payload")
+        return cls(tid, ttype, payload)
+
+
+def new_task_id() -> str:
+    """A fresh task id (a random UUID)."""
+    return str(uuid.uuid4())
+
+
+def encode_fields(fields: Mapping[str, JSON]) -> list[str]:
+    """Flatten a task's fields to the strings stored in its Redis hash (None is skipped)."""
+    flat: list[str] = []
+    for key, value in fields.items():
+        if value is None:
+            continue
+        flat.append(key)
+        flat.append(dumps(value) if key in JSON_FIELDS else str(value) if not isinstance(value, str) else value)
+    return flat
+
+
+def decode_record(tid: str, raw: Mapping[str, str]) -> dict[str, JSON]:
+    """A task as the API shows it, from the strings of its Redis hash."""
+    rec: dict[str, JSON] = {
+        "id": tid,
+        "type": None,
+        "status": None,
+        "payload": None,
+        "result": None,
+        "error": None,
+        "attempts": 0,
+        "created_at": None,
+        "started_at": None,
+        "finished_at": None,
+        "worker": None,
+        "progress": None,
+        "seq": 0,
+    }
+    for key, value in raw.items():
+        if key in JSON_FIELDS:
+            try:
+                rec[key] = json.loads(value)
+            except ValueError:
+                rec[key] = value
+        elif key in FLOAT_FIELDS:
+            rec[key] = float(value)
+        elif key in INT_FIELDS:
+            rec[key] = int(value)
+        else:
+            rec[key] = value
+    return rec
+
+
+def update_message(tid: str, ttype: str, status: str, ts: float, extra: Mapping[str, JSON]) -> str:
+    """An update as published on the channel, *without* its closing brace.
+
+    Redis appends the task's sequence number (and any counter it increments)
+    and the brace, so the number is assigned atomically with the write.
+    """
+    msg: dict[str, JSON] = {"id": tid, "type": ttype, "status": status, "ts": ts}
+    msg.update((k, v) for k, v in extra.items() if v is not None)
+    return dumps(msg)[:-1]
+
+
+def batch_frame(messages: list[str]) -> str:
+    """One WebSocket text frame for queued updates: the update, or a JSON array of them."""
+    return messages[0] if len(messages) == 1 else "[" + ",".join(messages) + "]"
+
+
+def queue_arguments(cfg: BrokerConfig) -> dict[str, Any]:
+    """The arguments the work queue is declared with."""
+    args: dict[str, Any] = {
+        "x-queue-type": cfg.queue_type,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": cfg.queue + DLQ_SUFFIX,
+    }
+    if cfg.queue_type == "quorum":
+        # Quorum queues before RabbitMQ 4.0 have no default delivery limit; set one
+        # so a message that kills every worker ends in the DLQ instead of looping.
+        # At-least-once dead-lettering needs reject-publish overflow.
+        args["x-delivery-limit"] = cfg.delivery_limit
+        args["x-dead-letter-strategy"] = "at-least-once"
+        args["x-overflow"] = "reject-publish"
+    return args
+
+
+# ============================================================================
+# Adapter: RabbitMQ
+# ============================================================================
+
+
+async def declare_queues(channel: aio_pika.abc.AbstractChannel, cfg: BrokerConfig) -> aio_pika.abc.AbstractQueue:
+    """Declare the dead-letter queue and the work queue; return the work queue."""
+    dlq_args: dict[str, Any] = {"x-queue-type": cfg.queue_type}
+    try:
+        await channel.declare_queue(cfg.queue + DLQ_SUFFIX, durable=True, arguments=dlq_args)
+        return await channel.declare_queue(cfg.queue, durable=True, arguments=queue_arguments(cfg))
+    except aio_pika.exceptions.ChannelPreconditionFailed as e:
+        raise ConfigError(
+            f"RabbitMQ refused to declare queue {cfg.queue!r} ({e}); it exists with other arguments. "
+            f"Drain and delete it (rabbitmqctl delete_queue {cfg.queue}) or set [broker] queue to a new name"
+        ) from None
+
+
+def broker_version(connection: aio_pika.abc.AbstractConnection) -> str:
+    """The RabbitMQ server version string of an open connection."""
+    props = connection.transport.connection.server_properties if connection.transport else {}
+    version = props.get("version", "?")
+    return version.decode() if isinstance(version, bytes) else str(version)
+
+
+class Broker:
+    """The API's publishing side of RabbitMQ: one robust connection, confirms on every publish.
+
+    It connects lazily, so the API starts (and answers 503) while RabbitMQ is down.
+    """
+
+    def __init__(self, cfg: BrokerConfig) -> None:
+        self.cfg = cfg
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._lock = asyncio.Lock()
+        self.version: str | None = None
+
+    async def _ensure_channel(self) -> aio_pika.abc.AbstractChannel:
+        if self._channel is not None and not self._channel.is_closed:
+            return self._channel
+        async with self._lock:
+            if self._channel is not None and not self._channel.is_closed:
+                return self._channel
+            try:
+                if self._connection is None:
+                    self._connection = await aio_pika.connect_robust(self.cfg.url, timeout=self.cfg.connect_timeout)
+                    self.version = broker_version(self._connection)
+                    log.getChild("api").info("connected to RabbitMQ %s at %s", self.version, redact_url(self.cfg.url))
+                channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+                await declare_queues(channel, self.cfg)
+            except (TimeoutError, aio_pika.exceptions.AMQPError, OSError) as e:
+                if self._connection is not None:
+                    await self._connection.close()
+                    self._connection = None
+                raise BrokerUnavailable(f"RabbitMQ unreachable: {e or type(e).__name__}") from None
+            self._channel = channel
+            return channel
+
+    async def publish(self, envelope: Envelope) -> None:
+        """Publish a task persistently and wait for the broker's confirm; raise BrokerUnavailable if none."""
+        try:
+            async with asyncio.timeout(self.cfg.publish_timeout):
+                channel = await self._ensure_channel()
+                message = aio_pika.Message(
+                    envelope.encode(),
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    content_type="application/json",
+                    message_id=envelope.id,
+                    type=envelope.type,
+                )
+                await channel.default_exchange.publish(message, routing_key=self.cfg.queue, mandatory=True)
+        except TimeoutError:
+            raise BrokerUnavailable(f"RabbitMQ did not confirm within {self.cfg.publish_timeout:g} s") from None
+        except (aio_pika.exceptions.AMQPError, aio_pika.exceptions.DeliveryError, OSError, RuntimeError) as e:
+            raise BrokerUnavailable(f"RabbitMQ refused the task: {e or type(e).__name__}") from None
+
+    async def close(self) -> None:
+        """Close the connection, if any."""
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+            self._channel = None
+
+
+# ============================================================================
+# Adapter: Redis
+# ============================================================================
+
+# One state change = one round trip: check the guard, bump the sequence number
+# (and a counter such as attempts), write the fields, set the expiry and publish
+# the update with the sequence number spliced in.
+#   KEYS[1] task hash
+#   ARGV[1] channel; ARGV[2] update message without its closing brace
+#   ARGV[3] allowed current statuses, comma separated ('' = any)
+#   ARGV[4] expire seconds (0 = keep); ARGV[5] counter field to increment ('' = none)
+#   ARGV[6..] field, value pairs
+_UPDATE_LUA: Final = """
+if ARGV[3] ~= '' then
+  local cur = redis.call('HGET', KEYS[1], 'status')
+  if not cur or not string.find(',' .. ARGV[3] .. ',', ',' .. cur .. ',', 1, true) then
+    return false
+  end
+end
+local count = 0
+local extra = ''
+if ARGV[5] ~= '' then
+  count = redis.call('HINCRBY', KEYS[1], ARGV[5], 1)
+  extra = ',"' .. ARGV[5] .. '":' .. count
+end
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+if #ARGV >= 7 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
+if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
+redis.call('PUBLISH', ARGV[1], ARGV[2] .. extra .. ',"seq":' .. seq .. '}')
+return {seq, count}
+"""
+
+
+class RedisState:
+    """Task records, the recent-tasks index and the update channel in Redis."""
+
+    def __init__(self, cfg: RedisConfig) -> None:
+        self.cfg = cfg
+        self.client: aioredis.Redis = aioredis.from_url(
+            cfg.url, decode_responses=True, socket_connect_timeout=5, health_check_interval=15
+        )
+        self._update = self.client.register_script(_UPDATE_LUA)
+        self.recent_key = cfg.key_prefix + RECENT_SUFFIX
+
+    def key(self, tid: str) -> str:
+        """The hash holding task ``tid``."""
+        return self.cfg.key_prefix + tid
+
+    async def create(self, tid: str, ttype: str, payload: dict[str, Any], now: float) -> int:
+        """Record a new pending task, index it and publish it; return its sequence number."""
+        fields = {"id": tid, "type": ttype, "payload": payload, "status": "pending", "created_at": now, "attempts": 0}
+        head = update_message(tid, ttype, "pending", now, {"attempts": 0})
+        async with self.client.pipeline(transaction=False) as pipe:
+            await self._update(
+                keys=[self.key(tid)],
+                args=[self.cfg.channel, head, "", 0, "", *encode_fields(fields)],
+                client=pipe,
+            )
+            pipe.zadd(self.recent_key, {tid: now})
+            pipe.zremrangebyrank(self.recent_key, 0, -self.cfg.max_recent - 1)
+            res = await pipe.execute()
+        return int(res[0][0])
+
+    async def update(
+        self,
+        tid: str,
+        ttype: str,
+        status: str,
+        fields: Mapping[str, JSON],
+        *,
+        public: Iterable[str] = (),
+        counter: str = "",
+        guard: Iterable[str] = (),
+        ttl: int = 0,
+    ) -> tuple[int, int] | None:
+        """Write a change of state and publish it in one round trip.
+
+        ``public`` names the fields that also go into the update message;
+        ``counter`` a field incremented by one (its new value is published too).
+        Return (seq, counter value), or None when the guard did not match.
+        """
+        now = time.time()
+        extra = {k: fields.get(k) for k in public}
+        head = update_message(tid, ttype, status, now, extra)
+        res = await self._update(
+            keys=[self.key(tid)],
+            args=[self.cfg.channel, head, ",".join(guard), ttl, counter, *encode_fields({**fields, "status": status})],
+        )
+        return None if res is None else (int(res[0]), int(res[1]))
+
+    async def get(self, tid: str) -> dict[str, JSON] | None:
+        """The task ``tid`` as the API shows it, or None."""
+        raw = cast(dict[str, str], await self.client.hgetall(self.key(tid)))
+        return decode_record(tid, raw) if raw else None
+
+    async def status_of(self, tid: str) -> str | None:
+        """Just the status of task ``tid``."""
+        status = cast(str | None, await self.client.hget(self.key(tid), "status"))
+        return status
+
+    async def recent(self, limit: int) -> list[dict[str, JSON]]:
+        """The most recent tasks, newest first (those already expired are skipped)."""
+        ids = cast(list[str], await self.client.zrevrange(self.recent_key, 0, limit - 1))
+        if not ids:
+            return []
+        async with self.client.pipeline(transaction=False) as pipe:
+            for tid in ids:
+                pipe.hgetall(self.key(tid))
+            raws = await pipe.execute()
+        return [decode_record(tid, raw) for tid, raw in zip(ids, raws, strict=True) if raw]
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self.client.aclose()
+
+
+# ============================================================================
+# Role: api
+# ============================================================================
+
+CFG_KEY: Final = web.AppKey("cfg", Config)
+STATE_KEY: Final = web.AppKey("state", RedisState)
+BROKER_KEY: Final = web.AppKey("broker", Broker)
+
+
+class WsClient:
+    """One connected WebSocket client with its own bounded buffer of updates."""
+
+    def __init__(self, ws: web.WebSocketResponse) -> None:
+        self.ws = ws
+        self.pending: list[str] = []
+        self.wake = asyncio.Event()
+
+    async def send_loop(self) -> None:
+        """Send queued updates, batched into one frame per wake-up, until the socket closes."""
+        while not self.ws.closed:
+            await self.wake.wait()
+            self.wake.clear()
+            batch, self.pending = self.pending, []
+            if batch:
+                await self.ws.send_str(batch_frame(batch))
+
+
+class UpdateHub:
+    """Fans each update out to every WebSocket client; a client too slow to keep up is dropped."""
+
+    def __init__(self) -> None:
+        self.clients: set[WsClient] = set()
+
+    def broadcast(self, message: str) -> None:
+        """Queue ``message`` for every client without awaiting any of them."""
+        for client in list(self.clients):
+            if len(client.pending) >= WS_CLIENT_BUFFER:
+                log.getChild("api").warning("dropping a WebSocket client that is %d updates behind", WS_CLIENT_BUFFER)
+                self.clients.discard(client)
+                asyncio.get_running_loop().create_task(client.ws.close(code=1013, message=b"too slow"))
+                continue
+            client.pending.append(message)
+            client.wake.set()
+
+
+HUB_KEY: Final = web.AppKey("hub", UpdateHub)
+
+
+def _json_error(status: int, message: str, **extra: JSON) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+@web.middleware
+async def _error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """API errors as JSON ``{"error": ...}``; unexpected exceptions logged and answered 500."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400 or not request.path.startswith("/api/"):
+            raise
+        if e.status == 413:
+            message = f"request body too large (at most {request.app[CFG_KEY].api.client_max_size} bytes)"
+        else:
+            message = e.reason
+        return _json_error(e.status, message)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.getChild("api").exception("unhandled error on %s %s", request.method, request.path)
+        return _json_error(500, "internal error")
+
+
+_CSP: Final = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self' data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+
+
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.setdefault("Content-Security-Policy", _CSP)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+
+
+@aiohttp_jinja2.template("index.html")
+async def page_index(request: web.Request) -> dict[str, Any]:
+    """The browser page: a form per task type and the live task list."""
+    cfg = request.app[CFG_KEY]
+    types = [t.describe(cfg.api.max_text) for t in sorted(REGISTRY.values(), key=lambda t: t.name)]
+    return {"title": "asyncnode", "version": __version__, "task_types": types}
+
+
+async def api_task_types(request: web.Request) -> web.Response:
+    """``GET /api/task-types``: the registered types and the payload fields each expects."""
+    max_text = request.app[CFG_KEY].api.max_text
+    items = [t.describe(max_text) for t in sorted(REGISTRY.values(), key=lambda t: t.name)]
+    return web.json_response({"items": items})
+
+
+async def api_submit(request: web.Request) -> web.Response:
+    """``POST /api/tasks``: validate, record in Redis, publish with confirm, answer 202."""
+    cfg = request.app[CFG_KEY]
+    if request.content_type != "application/json":
+        return _json_error(415, "Content-Type must be application/json")
+    raw = await request.read()
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return _json_error(400, "body is not valid JSON")
+    try:
+        ttype, payload = validate_submission(body, cfg.api.max_text)
+    except ValidationError as e:
+        extra = {"field": e.field} if e.field else {}
+        return _json_error(400, str(e), **extra)
+    tid = new_task_id()
+    state = request.app[STATE_KEY]
+    try:
+        await state.create(tid, ttype.name, payload, time.time())
+    except (RedisError, OSError) as e:
+        log.getChild("api").warning("Redis unavailable, refusing task: %s", e)
+        return _json_error(503, "task store (Redis) unavailable; nothing was queued, retry later")
+    try:
+        await request.app[BROKER_KEY].publish(Envelope(tid, ttype.name, payload))
+    except BrokerUnavailable as e:
+        log.getChild("api").warning("refusing task %s: %s", tid, e)
+        with contextlib.suppress(RedisError, OSError):
+            await state.update(
+                tid,
+                ttype.name,
+                "rejected",
+                {"error": str(e), "finished_at": time.time()},
+                public=("error",),
+                ttl=cfg.redis.result_ttl,
+            )
+        return _json_error(503, f"task not queued: {e}; retry later", id=tid)
+    return web.json_response({"id": tid, "status": "pending"}, status=202, headers={"Location": f"/api/tasks/{tid}"})
+
+
+async def api_get_task(request: web.Request) -> web.Response:
+    """``GET /api/tasks/<id>``: one task, or 404."""
+    tid = request.match_info["id"]
+    rec = await request.app[STATE_KEY].get(tid) if len(tid) <= 64 else None
+    if rec is None:
+        return _json_error(404, f"no task with id {tid[:64]!r}")
+    return web.json_response(rec)
+
+
+async def api_list_tasks(request: web.Request) -> web.Response:
+    """``GET /api/tasks?limit=N``: the most recent tasks, newest first."""
+    raw = request.query.get("limit", "50")
+    try:
+        limit = int(raw)
+        if not 1 <= limit <= MAX_LIST_LIMIT:
+            raise ValueError
+    except ValueError:
+        return _json_error(400, f"limit must be an integer between 1 and {MAX_LIST_LIMIT}")
+    return web.json_response({"items": await request.app[STATE_KEY].recent(limit)})
+
+
+async def ws_updates(request: web.Request) -> web.WebSocketResponse:
+    """``GET /ws``: every task update, as JSON text frames (an object or an array of objects)."""
+    ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT, max_msg_size=WS_MAX_MESSAGE)
+    await ws.prepare(request)
+    hub = request.app[HUB_KEY]
+    client = WsClient(ws)
+    hub.clients.add(client)
+    sender = asyncio.create_task(client.send_loop())
+    try:
+        async for msg in ws:
+            # Clients have nothing to say yet; whatever they send is ignored, and
+            # an oversized or broken frame closes only this connection.
+            if msg.type == WSMsgType.ERROR:
+                break
+    finally:
+        hub.clients.discard(client)
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            await sender
+    return ws
+
+
+async def _relay_updates(app: web.Application) -> None:
+    """Hold one subscription to the update channel and hand every message to the hub."""
+    cfg, state, hub = app[CFG_KEY], app[STATE_KEY], app[HUB_KEY]
+    alog = log.getChild("api")
+    delay = 0.1
+    while True:
+        try:
+            async with state.client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                await pubsub.subscribe(cfg.redis.channel)
+                alog.info("relaying updates from Redis channel %r", cfg.redis.channel)
+                delay = 0.1
+                async for msg in pubsub.listen():
+                    if msg["type"] == "message":
+                        hub.broadcast(msg["data"])
+        except (RedisError, OSError) as e:
+            alog.warning("update subscription lost (%s); retrying in %.1f s", e, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[STATE_KEY] = RedisState(app[CFG_KEY].redis)
+    app[BROKER_KEY] = Broker(app[CFG_KEY].broker)
+    yield
+    await app[BROKER_KEY].close()
+    await app[STATE_KEY].close()
+
+
+async def _relay_ctx(app: web.Application) -> AsyncIterator[None]:
+    relay = asyncio.create_task(_relay_updates(app))
+    yield
+    relay.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await relay
+
+
+async def _close_websockets(app: web.Application) -> None:
+    for client in list(app[HUB_KEY].clients):
+        await client.ws.close(code=1001, message=b"server shutdown")
+
+
+def make_app(cfg: Config) -> web.Application:
+    """The API application: routes, templates, the Redis relay and the RabbitMQ publisher."""
+    load_handlers(cfg.handlers.modules)
+    app = web.Application(middlewares=[_error_middleware], client_max_size=cfg.api.client_max_size)
+    app[CFG_KEY] = cfg
+    app[HUB_KEY] = UpdateHub()
+    aiohttp_jinja2.setup(
+        app,
+        loader=jinja2.FileSystemLoader(HERE / "web" / "templates"),
+        autoescape=jinja2.select_autoescape(default=True),
+    )
+    app.router.add_get("/", page_index)
+    app.router.add_static("/static/", HERE / "web" / "static")
+    app.router.add_get("/api/task-types", api_task_types)
+    app.router.add_post("/api/tasks", api_submit)
+    app.router.add_get("/api/tasks", api_list_tasks)
+    app.router.add_get("/api/tasks/{id}", api_get_task)
+    app.router.add_get("/ws", ws_updates)
+    app.cleanup_ctx.append(_state_ctx)
+    app.cleanup_ctx.append(_relay_ctx)
+    app.on_shutdown.append(_close_websockets)
+    app.on_response_prepare.append(_security_headers)
+    return app
+
+
+def _stop_event() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT (the handlers only set it)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def run_api(cfg: Config) -> int:
+    """Serve the API until SIGTERM/SIGINT, then close WebSockets and connections."""
+    alog = log.getChild("api")
+    stop = _stop_event()
+    runner = web.AppRunner(make_app(cfg), handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, cfg.api.host, cfg.api.port).start()
+    except OSError as e:
+        await runner.cleanup()
+        alog.error("cannot listen on %s:%d: %s", cfg.api.host, cfg.api.port, e.strerror or e)
+        return 1
+    alog.info(
+        "listening on http://%s:%d (RabbitMQ %s, Redis %s)",
+        cfg.api.host,
+        cfg.api.port,
+        redact_url(cfg.broker.url),
+        redact_url(cfg.redis.url),
+    )
+    await stop.wait()
+    alog.info("shutting down")
+    await runner.cleanup()
+    return 0
+
+
+# ============================================================================
+# Role: worker
+# ============================================================================
+
+
+class TaskContext:
+    """What a handler gets besides its payload: the task's identity, config and progress reporting."""
+
+    def __init__(self, tid: str, ttype: str, attempt: int, cfg: Config, state: RedisState) -> None:
+        self.id = tid
+        self.type = ttype
+        self.attempt = attempt
+        self.config = cfg
+        self.log = log.getChild("task").getChild(ttype)
+        self._state = state
+        self._loop = asyncio.get_running_loop()
+        self._latest: tuple[float, str | None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
+
+    def progress(self, fraction: float, note: str | None = None) -> None:
+        """Report progress (0..1) with an optional note; callable from async and sync handlers.
+
+        Writes are coalesced: while one is in flight only the newest value is kept.
+        """
+        value = (min(max(float(fraction), 0.0), 1.0), note)
+        if threading.get_ident() == getattr(self._loop, "_thread_id", None):
+            self._set_progress(value)
+        else:
+            self._loop.call_soon_threadsafe(self._set_progress, value)
+
+    def _set_progress(self, value: tuple[float, str | None]) -> None:
+        self._latest = value
+        if self._flusher is None or self._flusher.done():
+            self._flusher = self._loop.create_task(self._flush_progress())
+
+    async def _flush_progress(self) -> None:
+        while self._latest is not None:
+            (fraction, note), self._latest = self._latest, None
+            try:
+                # Guarded on "started": a late progress write never overwrites a final state.
+                await self._state.update(
+                    self.id,
+                    self.type,
+                    "started",
+                    {"progress": fraction, "note": note},
+                    public=("progress", "note"),
+                    guard=("started",),
+                )
+            except (RedisError, OSError) as e:
+                self.log.warning("progress of %s not recorded: %s", self.id, e)
+
+    async def drain(self) -> None:
+        """Wait until every progress write has been made."""
+        while self._flusher is not None and not self._flusher.done():
+            await self._flusher
+
+
+async def run_handler(ttype: TaskType, payload: dict[str, Any], ctx: TaskContext) -> JSON:
+    """Run a handler: coroutines on the loop, plain functions in a thread; under its time limit."""
+    async with asyncio.timeout(ttype.timeout):
+        if ttype.is_async:
+            return await ttype.handler(payload, ctx)
+        return await asyncio.to_thread(ttype.handler, payload, ctx)
+
+
+class Worker:
+    """Consumes the work queue: runs each task and reports started, then completed or failed."""
+
+    def __init__(self, cfg: Config, state: RedisState) -> None:
+        self.cfg = cfg
+        self.state = state
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.stopping = False
+        self.inflight: set[asyncio.Task[None]] = set()
+        self.tasks_done = 0
+        self.log = log.getChild("worker")
+
+    async def on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        """Consumer callback: run the delivery (or hand it back when shutting down)."""
+        if self.stopping:
+            await message.nack(requeue=True)
+            return
+        task = asyncio.current_task()
+        if task is not None:
+            self.inflight.add(task)
+        try:
+            await self.handle(message)
+        finally:
+            if task is not None:
+                self.inflight.discard(task)
+
+    async def handle(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        """Run one delivery and acknowledge it once its final state is recorded."""
+        try:
+            env = Envelope.decode(message.body)
+        except EnvelopeError as e:
+            self.log.error("dead-lettering an unreadable message: %s", e)
+            await message.reject(requeue=False)
+            return
+        try:
+            await self.execute(env)
+        except (RedisError, OSError) as e:
+            # The outcome could not be recorded: hand the task back rather than ack it as done.
+            self.log.error("task %s: cannot record its state (%s); returning it to the queue", env.id, e)
+            await asyncio.sleep(1.0)
+            await message.nack(requeue=True)
+            return
+        await message.ack()
+        self.tasks_done += 1
+
+    async def execute(self, env: Envelope) -> None:
+        """Record started, run the handler, record completed or failed."""
+        status = await self.state.status_of(env.id)
+        if status in ("completed", "failed"):
+            self.log.info("task %s is already %s; acknowledging the redelivery without running it", env.id, status)
+            return
+        written = await self.state.update(
+            env.id,
+            env.type,
+            "started",
+            {"worker": self.name, "started_at": time.time(), "progress": None},
+            public=("worker",),
+            counter="attempts",
+        )
+        attempt = written[1] if written else 1
+        ctx = TaskContext(env.id, env.type, attempt, self.cfg, self.state)
+        ttype = REGISTRY.get(env.type)
+        try:
+            if ttype is None:
+                raise PermanentError(f"unknown task type {env.type!r}")
+            payload = validate_payload(ttype, env.payload, self.cfg.api.max_text)
+            result = await run_handler(ttype, payload, ctx)
+            dumps(result)  # a result that cannot be stored is a failure of the task, not of the worker
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            error = _describe_error(e, ttype)
+            self.log.warning("task %s (%s) failed: %s", env.id, env.type, error)
+            await ctx.drain()
+            await self.state.update(
+                env.id,
+                env.type,
+                "failed",
+                {"error": error, "finished_at": time.time()},
+                public=("error",),
+                ttl=self.cfg.redis.result_ttl,
+            )
+            return
+        await ctx.drain()
+        await self.state.update(
+            env.id,
+            env.type,
+            "completed",
+            {"result": result, "finished_at": time.time()},
+            public=("result",),
+            ttl=self.cfg.redis.result_ttl,
+        )
+
+    async def drain(self) -> None:
+        """Wait for every task in hand to finish and be acknowledged."""
+        while self.inflight:
+            await asyncio.gather(*list(self.inflight), return_exceptions=True)
+
+
+def _describe_error(e: BaseException, ttype: TaskType | None) -> str:
+    if isinstance(e, TimeoutError) and ttype is not None and ttype.timeout:
+        return f"timed out after {ttype.timeout:g} s"
+    if isinstance(e, ValidationError | PermanentError):
+        return str(e)
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+async def _connect_worker(cfg: Config, stop: asyncio.Event) -> aio_pika.abc.AbstractRobustConnection | None:
+    """Connect to RabbitMQ, retrying with backoff until connected or asked to stop."""
+    wlog = log.getChild("worker")
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            return await aio_pika.connect_robust(cfg.broker.url, timeout=cfg.broker.connect_timeout)
+        except (TimeoutError, aio_pika.exceptions.AMQPError, OSError) as e:
+            wlog.warning("RabbitMQ at %s unreachable (%s); retrying in %.1f s", redact_url(cfg.broker.url), e, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, 10.0)
+    return None
+
+
+async def run_worker(cfg: Config) -> int:
+    """Consume tasks until SIGTERM/SIGINT; then stop consuming, finish the tasks in hand and exit 0."""
+    wlog = log.getChild("worker")
+    load_handlers(cfg.handlers.modules)
+    stop = _stop_event()
+    state = RedisState(cfg.redis)
+    connection = await _connect_worker(cfg, stop)
+    if connection is None:
+        await state.close()
+        return 0
+    try:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=cfg.broker.prefetch)
+        queue = await declare_queues(channel, cfg.broker)
+        worker = Worker(cfg, state)
+        tag = await queue.consume(worker.on_message)
+        wlog.info(
+            "worker %s consuming %r from RabbitMQ %s (prefetch %d; types: %s)",
+            worker.name,
+            cfg.broker.queue,
+            broker_version(connection),
+            cfg.broker.prefetch,
+            ", ".join(sorted(REGISTRY)),
+        )
+        await stop.wait()
+        wlog.info("stopping: finishing %d task(s) in hand", len(worker.inflight))
+        worker.stopping = True
+        with contextlib.suppress(aio_pika.exceptions.AMQPError, OSError):
+            await queue.cancel(tag)
+        await worker.drain()
+    finally:
+        await connection.close()
+        await state.close()
+    wlog.info("stopped after %d task(s)", worker.tasks_done)
+    return 0
+
+
+# ============================================================================
+# Command line
+# ============================================================================
+
+ROLES: Final[dict[str, Callable[[Config], Coroutine[Any, Any, int]]]] = {"api": run_api, "worker": run_worker}
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors and exit status 2."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"asyncnode: {message} (see --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog="asyncnode", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"asyncnode {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
+    for role, helptext in (("api", "run one API process"), ("worker", "run one worker process")):
+        p = sub.add_parser(role, help=helptext)
+        p.add_argument("--config", metavar="PATH", help="config file (default: $ASYNCNODE_CONFIG or ./config.toml)")
+        p.add_argument(
+            "--log-level",
+            default=os.environ.get("ASYNCNODE_LOG_LEVEL", "INFO"),
+            choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+            help="log level (default INFO)",
+        )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run the chosen role; return the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        cfg = Config.from_toml(config_path(args.config))
+        if args.command in ROLES:
+            load_handlers(cfg.handlers.modules)
+    except ConfigError as e:
+        print(f"asyncnode: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return asyncio.run(ROLES[args.command](cfg))
+    except ConfigError as e:
+        print(f"asyncnode: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

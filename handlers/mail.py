@@ -1,0 +1,57 @@
+"""``email``: sends one message over SMTP to the server in ``[smtp]``."""
+
+from __future__ import annotations
+
+import re
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+from typing import Any
+
+import aiosmtplib
+
+from asyncnode import Field, TaskContext, ValidationError, task
+
+#: One bare address: no display name, no list, no spaces, exactly one "@".
+_ADDRESS = re.compile(r"[^@\s<>(),;:\"\[\]\\]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
+
+
+def validate_email(payload: dict[str, Any]) -> None:
+    """Refuse anything but one plain address, and CR/LF in headers (header injection)."""
+    for name in ("to", "subject"):
+        if "\r" in payload[name] or "\n" in payload[name]:
+            raise ValidationError(f"payload.{name} must not contain line breaks", name)
+    if not _ADDRESS.fullmatch(payload["to"]):
+        raise ValidationError("payload.to must be one e-mail address, like name@example.com", "to")
+
+
+@task(
+    "email",
+    description="Send an e-mail over SMTP",
+    fields=[
+        Field("to", description="recipient address", max_length=254, format="email"),
+        Field("subject", description="subject line", max_length=200),
+        Field("body", description="message text", multiline=True),
+    ],
+    validate=validate_email,
+)
+async def send_email(payload: dict[str, Any], ctx: TaskContext) -> dict[str, str]:
+    """Send the message; return the recipient and the Message-ID."""
+    smtp = ctx.config.smtp
+    msg = EmailMessage()
+    msg["From"] = smtp.sender
+    msg["To"] = payload["to"]
+    msg["Subject"] = payload["subject"]
+    msg["Date"] = formatdate(localtime=False)
+    msg["Message-ID"] = make_msgid(idstring=ctx.id.split("-")[0], domain=smtp.sender.rpartition("@")[2] or None)
+    msg["X-Asyncnode-Task"] = ctx.id
+    msg.set_content(payload["body"])
+    await aiosmtplib.send(
+        msg,
+        hostname=smtp.host,
+        port=smtp.port,
+        username=smtp.username or None,
+        password=smtp.password or None,
+        start_tls=smtp.starttls,
+        timeout=smtp.timeout,
+    )
+    return {"to": payload["to"], "message_id": msg["Message-ID"]}

@@ -1,0 +1,204 @@
+"""Shared fixtures: real RabbitMQ and Redis, isolated per test by queue name and key prefix.
+
+Integration tests skip with a one-line reason when the services are absent,
+except in CI (``CI=true``), where their absence is a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+import redis.asyncio as aioredis
+
+import asyncnode
+
+ROOT = Path(asyncnode.__file__).resolve().parent
+RABBIT_URL = os.environ.get("RABBIT_URL", "amqp://guest:guest@127.0.0.1:5672/")
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _reachable(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=2):
+        return True
+    return False
+
+
+@pytest.fixture(scope="session")
+def services() -> None:
+    """Require the shared RabbitMQ and Redis: skip without them, or fail in CI."""
+    missing = [name for name, port in (("RabbitMQ", 5672), ("Redis", 6379)) if not _reachable("127.0.0.1", port)]
+    if missing:
+        reason = f"{' and '.join(missing)} not running on 127.0.0.1 (start them, see README)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+def write_config(path: Path, tag: str, **sections: dict[str, Any]) -> Path:
+    """Write a config.toml isolated by ``tag`` (queue, key prefix, channel), with overrides."""
+    base: dict[str, dict[str, Any]] = {
+        "broker": {"url": RABBIT_URL, "queue": f"{tag}", "publish_timeout": 5.0},
+        "redis": {"url": REDIS_URL, "channel": f"{tag}:updates", "key_prefix": f"{tag}:"},
+        "api": {"host": "127.0.0.1", "port": free_port()},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    lines = []
+    for name, values in base.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items())
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+async def cleanup(tag: str) -> None:
+    """Delete the queues and keys a test made under ``tag``."""
+    connection = await aio_pika.connect(RABBIT_URL)
+    async with connection:
+        channel = await connection.channel()
+        for name in (tag, tag + asyncnode.DLQ_SUFFIX):
+            await channel.queue_delete(name, if_unused=False, if_empty=False)
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{tag}:*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def tag() -> str:
+    """A name unique to this test: its queue, key prefix and channel derive from it."""
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def config_file(services: None, tag: str, tmp_path: Path) -> AsyncIterator[Path]:
+    """A config file for this test against the shared services; cleaned up afterwards."""
+    path = write_config(tmp_path / "config.toml", tag)
+    yield path
+    await cleanup(tag)
+
+
+@pytest.fixture
+def cfg(config_file: Path) -> asyncnode.Config:
+    """The loaded configuration of :func:`config_file`."""
+    return asyncnode.Config.from_toml(config_file, env={})
+
+
+async def wait_for(check: Callable[[], Awaitable[Any]], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def queue_counts(cfg: asyncnode.Config, name: str | None = None) -> tuple[int, int]:
+    """(messages ready, consumers) of a queue, by passive declare."""
+    connection = await aio_pika.connect(cfg.broker.url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(name or cfg.broker.queue, passive=True)
+        result = queue.declaration_result
+        return result.message_count or 0, result.consumer_count or 0
+
+
+async def redis_keys(cfg: asyncnode.Config) -> list[str]:
+    """Every key under the test's prefix."""
+    client = aioredis.from_url(cfg.redis.url, decode_responses=True)
+    try:
+        return [k async for k in client.scan_iter(match=cfg.redis.key_prefix + "*", count=1000)]
+    finally:
+        await client.aclose()
+
+
+class Proc:
+    """A real ``asyncnode.py`` subprocess, stopped by pid."""
+
+    def __init__(self, role: str, config: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.role = role
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        self.popen = subprocess.Popen(
+            [sys.executable, str(ROOT / "asyncnode.py"), role, "--config", str(config)],
+            cwd=ROOT,
+            env={**os.environ, "ASYNCNODE_LOG_LEVEL": "DEBUG", **(env or {})},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def pid(self) -> int:
+        """The process id."""
+        return self.popen.pid
+
+    def log(self) -> str:
+        """What the process has written so far."""
+        return self.log_path.read_text(errors="replace")
+
+    async def wait(self, timeout: float) -> int:
+        """Wait for the process to exit; fail after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while self.popen.poll() is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.role} pid {self.pid} still running after {timeout:g} s")
+            await asyncio.sleep(0.02)
+        return self.popen.returncode
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the process if it still runs."""
+        if self.popen.poll() is None:
+            os.kill(self.pid, sig)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL if it does not exit in time."""
+        self.signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(5)
+        self._log.close()
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
+    """Start ``asyncnode.py`` subprocesses; every one is stopped at the end of the test."""
+    started: list[Proc] = []
+
+    def start(role: str, config: Path, env: dict[str, str] | None = None) -> Proc:
+        p = Proc(role, config, tmp_path / f"{role}-{len(started)}.log", env)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.stop()

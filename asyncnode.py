@@ -76,6 +76,8 @@ WS_CLIENT_BUFFER: Final = 10_000
 WS_MAX_MESSAGE: Final = 64 * 1024
 #: Seconds between WebSocket pings; a client that misses a pong is dropped.
 WS_HEARTBEAT: Final = 30.0
+#: Seconds the API waits at start for its Redis subscription before serving anyway.
+RELAY_START_TIMEOUT: Final = 5.0
 #: Fields of a task that hold JSON rather than text in its Redis hash.
 JSON_FIELDS: Final = frozenset({"payload", "result"})
 #: Fields of a task that hold numbers in its Redis hash.
@@ -582,9 +584,7 @@ def update_message(tid: str, ttype: str, status: str, ts: float, extra: Mapping[
     Redis appends the task's sequence number (and any counter it increments)
     and the brace, so the number is assigned atomically with the write.
     """
-    msg: dict[str, JSON] = {"id": tid, "type": ttype, "status": status, "ts": ts}
-    msg.update((k, v) for k, v in extra.items() if v is not None)
-    return dumps(msg)[:-1]
+    return dumps({"id": tid, "type": ttype, "status": status, "ts": ts, **extra})[:-1]
 
 
 def batch_frame(messages: list[str]) -> str:
@@ -994,7 +994,7 @@ async def ws_updates(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-async def _relay_updates(app: web.Application) -> None:
+async def _relay_updates(app: web.Application, subscribed: asyncio.Event) -> None:
     """Hold one subscription to the update channel and hand every message to the hub."""
     cfg, state, hub = app[CFG_KEY], app[STATE_KEY], app[HUB_KEY]
     alog = log.getChild("api")
@@ -1003,6 +1003,7 @@ async def _relay_updates(app: web.Application) -> None:
         try:
             async with state.client.pubsub(ignore_subscribe_messages=True) as pubsub:
                 await pubsub.subscribe(cfg.redis.channel)
+                subscribed.set()
                 alog.info("relaying updates from Redis channel %r", cfg.redis.channel)
                 delay = 0.1
                 async for msg in pubsub.listen():
@@ -1023,11 +1024,18 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _relay_ctx(app: web.Application) -> AsyncIterator[None]:
-    relay = asyncio.create_task(_relay_updates(app))
+    subscribed = asyncio.Event()
+    relay = asyncio.create_task(_relay_updates(app, subscribed))
+    # Serve only once subscribed, so no update published after the API answers is missed;
+    # with Redis down, start anyway (submissions answer 503) and subscribe when it returns.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(subscribed.wait(), RELAY_START_TIMEOUT)
     yield
-    relay.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await relay
+    # redis-py can swallow a cancellation that lands while it is connecting;
+    # cancel again until the relay has really stopped.
+    while not relay.done():
+        relay.cancel()
+        await asyncio.wait({relay}, timeout=0.5)
 
 
 async def _close_websockets(app: web.Application) -> None:

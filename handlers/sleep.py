@@ -21,7 +21,7 @@ MIN_STEP = 0.1
 async def sleep(payload: dict[str, Any], ctx: TaskContext) -> dict[str, float]:
     """Sleep ``seconds`` in steps, reporting the fraction done after each."""
     seconds = float(payload["seconds"])
-    steps = max(1, min(MAX_STEPS, int(seconds / MIN_STEP)))
+    steps = max(1, min(MAX_STEPS, round(seconds / MIN_STEP)))
     loop = asyncio.get_running_loop()
     start = loop.time()
     for i in range(1, steps + 1):

@@ -22,8 +22,10 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -59,6 +61,14 @@ log = logging.getLogger("asyncnode")
 HERE: Final = Path(__file__).resolve().parent
 #: Config file used when neither ``--config`` nor ``$ASYNCNODE_CONFIG`` is given.
 DEFAULT_CONFIG: Final = "config.toml"
+#: Roles an instance can run.
+INSTANCE_ROLES: Final = ("api", "worker")
+#: The instance a config without ``[instances]`` defines.
+DEFAULT_INSTANCE: Final = "local"
+#: What an instance name may look like (it names directories and supervisord programs).
+INSTANCE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+#: Suffix, after ``[redis] key_prefix``, of the sorted set of live workers and of each worker's heartbeat key.
+WORKERS_SUFFIX: Final = "~workers"
 #: Statuses a task can have.  ``rejected``: the broker never held it (the API answered 503).
 STATUSES: Final = ("pending", "started", "retrying", "completed", "failed", "rejected")
 #: Statuses after which nothing more happens to a task.
@@ -78,6 +88,8 @@ WS_MAX_MESSAGE: Final = 64 * 1024
 WS_HEARTBEAT: Final = 30.0
 #: Seconds the API waits at start for its Redis subscription before serving anyway.
 RELAY_START_TIMEOUT: Final = 5.0
+#: Seconds ``/readyz`` gives each service to answer.
+READY_TIMEOUT: Final = 2.0
 #: Fields of a task that hold JSON rather than text in its Redis hash.
 JSON_FIELDS: Final = frozenset({"payload", "result"})
 #: Fields of a task that hold numbers in its Redis hash.
@@ -185,6 +197,26 @@ class HandlersConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class WorkerConfig:
+    """``[worker]``: worker processes, for every worker instance unless it overrides them."""
+
+    processes_per_core: float = _opt(1.0, "worker processes per CPU core", min=0.0)
+    stopwaitsecs: int = _opt(330, "seconds a stopping worker may take to finish its task in hand", min=1)
+    heartbeat: float = _opt(5.0, "seconds between worker heartbeats (a worker is gone after 3 missed)", min=0.1)
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceConfig:
+    """``[instances.<name>]``: what one host (or one ``up`` on a host) runs."""
+
+    roles: tuple[str, ...] = _opt(("api", "worker"), "roles: api, worker")
+    processes_per_core: float | None = _opt(None, "overrides [worker] processes_per_core", min=0.0)
+    processes: int | None = _opt(None, "absolute number of worker processes", min=0)
+    host: str = _opt("", "machine this instance runs on (default: its own name)")
+    api_port: int | None = _opt(None, "overrides [api] port for this instance", min=0, max=65535)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole configuration, one frozen tree built by :meth:`from_toml`."""
 
@@ -194,6 +226,10 @@ class Config:
     api: ApiConfig = ApiConfig()
     smtp: SmtpConfig = SmtpConfig()
     handlers: HandlersConfig = HandlersConfig()
+    worker: WorkerConfig = WorkerConfig()
+    instances: Mapping[str, InstanceConfig] = dataclasses.field(
+        default_factory=lambda: {DEFAULT_INSTANCE: InstanceConfig(host=DEFAULT_INSTANCE)}
+    )
 
     SECTIONS: ClassVar[dict[str, type]] = {
         "broker": BrokerConfig,
@@ -201,6 +237,7 @@ class Config:
         "api": ApiConfig,
         "smtp": SmtpConfig,
         "handlers": HandlersConfig,
+        "worker": WorkerConfig,
     }
     #: Environment variables that override a key: deployments change these per host.
     ENV: ClassVar[dict[str, tuple[str, str]]] = {
@@ -227,8 +264,9 @@ class Config:
     def from_mapping(cls, raw: Mapping[str, Any], path: Path, env: Mapping[str, str]) -> Config:
         """Validate an already-parsed TOML document (see :meth:`from_toml`)."""
         for name in raw:
-            if name not in cls.SECTIONS:
-                raise ConfigError(f"{path}: [{name}]: unknown section (known: {', '.join(cls.SECTIONS)})")
+            if name not in cls.SECTIONS and name != "instances":
+                known = ", ".join([*cls.SECTIONS, "instances"])
+                raise ConfigError(f"{path}: [{name}]: unknown section (known: {known})")
         sections: dict[str, dict[str, Any]] = {}
         for name in cls.SECTIONS:
             table = raw.get(name, {})
@@ -240,7 +278,8 @@ class Config:
             if value:
                 sections[section][key] = _from_env(var, value, cls.SECTIONS[section], key, path)
         built = {name: _build_section(path, name, cls.SECTIONS[name], sections[name]) for name in cls.SECTIONS}
-        return cls(path=path, **built)
+        instances = _build_instances(path, raw.get("instances"), built["api"])
+        return cls(path=path, instances=instances, **built)
 
 
 def _from_env(var: str, value: str, section: type, key: str, path: Path) -> Any:
@@ -252,6 +291,39 @@ def _from_env(var: str, value: str, section: type, key: str, path: Path) -> Any:
         except ValueError:
             raise ConfigError(f"{path}: ${var}: expected an integer, got {value!r}") from None
     return value
+
+
+def _build_instances(path: Path, raw: Any, api: ApiConfig) -> dict[str, InstanceConfig]:
+    """Check ``[instances.*]``: names, roles, worker counts, and no API port claimed twice on a host."""
+    if raw is None:
+        return {DEFAULT_INSTANCE: InstanceConfig(host=DEFAULT_INSTANCE)}
+    if not isinstance(raw, dict) or not raw or not all(isinstance(t, dict) for t in raw.values()):
+        raise ConfigError(f"{path}: instances: expected one or more tables [instances.<name>]")
+    instances: dict[str, InstanceConfig] = {}
+    ports: dict[tuple[str, int], str] = {}
+    for name, table in raw.items():
+        where = f"{path}: [instances.{name}]"
+        if not INSTANCE_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: instance names use letters, digits, '.', '_' and '-' only")
+        inst = _build_section(path, f"instances.{name}", InstanceConfig, table)
+        if not inst.roles:
+            raise ConfigError(f"{where} roles: expected at least one of {', '.join(INSTANCE_ROLES)}")
+        for role in inst.roles:
+            if role not in INSTANCE_ROLES:
+                raise ConfigError(f"{where} roles: unknown role {role!r} (expected {', '.join(INSTANCE_ROLES)})")
+        if inst.processes is not None and inst.processes_per_core is not None:
+            raise ConfigError(f"{where}: set processes or processes_per_core, not both")
+        inst = dataclasses.replace(inst, host=inst.host or name)
+        if "api" in inst.roles:
+            port = api.port if inst.api_port is None else inst.api_port
+            other = ports.setdefault((inst.host, port), name)
+            if other != name:
+                raise ConfigError(
+                    f"{where}: API port {port} on host {inst.host!r} is already claimed by [instances.{other}]"
+                    " (set api_port or host)"
+                )
+        instances[name] = inst
+    return instances
 
 
 def _build_section(path: Path, name: str, cls: type, table: dict[str, Any]) -> Any:
@@ -270,6 +342,7 @@ def _build_section(path: Path, name: str, cls: type, table: dict[str, Any]) -> A
 
 def _check_value(where: str, ftype: str, value: Any, rules: Mapping[str, Any]) -> Any:
     """Return ``value`` converted to ``ftype`` or raise ConfigError saying what was expected."""
+    ftype = ftype.removesuffix(" | None")  # TOML has no null: an optional key is just absent
     if ftype == "str":
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -609,6 +682,83 @@ def queue_arguments(cfg: BrokerConfig) -> dict[str, Any]:
     return args
 
 
+def select_instance(cfg: Config, name: str | None, env: Mapping[str, str], hostname: str) -> tuple[str, InstanceConfig]:
+    """The instance this host runs: ``--instance``, else ``$ASYNCNODE_INSTANCE``, else the one
+    named like the host, else the only one."""
+    chosen = name or env.get("ASYNCNODE_INSTANCE")
+    known = ", ".join(cfg.instances)
+    if chosen:
+        if chosen not in cfg.instances:
+            raise ConfigError(f"{cfg.path}: no instance {chosen!r} (known: {known})")
+        return chosen, cfg.instances[chosen]
+    for candidate in (hostname, hostname.split(".")[0]):
+        if candidate in cfg.instances:
+            return candidate, cfg.instances[candidate]
+    if len(cfg.instances) == 1:
+        return next(iter(cfg.instances.items()))
+    raise ConfigError(
+        f"{cfg.path}: several instances ({known}) and none named after this host {hostname!r};"
+        " pass --instance NAME or set $ASYNCNODE_INSTANCE"
+    )
+
+
+def worker_count(cfg: Config, inst: InstanceConfig, cpus: int) -> int:
+    """Worker processes of an instance: ``processes``, else ``processes_per_core`` times the cores (at least 1)."""
+    if "worker" not in inst.roles:
+        return 0
+    if inst.processes is not None:
+        return inst.processes
+    per_core = cfg.worker.processes_per_core if inst.processes_per_core is None else inst.processes_per_core
+    return max(1, math.ceil(per_core * cpus))
+
+
+def supervisor_values(cfg: Config, name: str, inst: InstanceConfig, run_dir: Path, cpus: int) -> dict[str, str]:
+    """The ``%(ENV_ASYNCNODE_*)s`` values of supervisord.conf for one instance."""
+    return {
+        "HOME": str(HERE),
+        "PYTHON": sys.executable,
+        "SCRIPT": str(HERE / "asyncnode.py"),
+        "CONFIG": str(cfg.path.resolve()),
+        "RUN_DIR": str(run_dir),
+        "INSTANCE": name,
+        "API_PORT": str(cfg.api.port if inst.api_port is None else inst.api_port),
+        "API_PROCS": "1" if "api" in inst.roles else "0",
+        "WORKERS": str(worker_count(cfg, inst, cpus)),
+        "STOPWAITSECS": str(cfg.worker.stopwaitsecs),
+    }
+
+
+_ENV_TOKEN: Final = re.compile(r"%\(ENV_ASYNCNODE_([A-Z_]+)\)s")
+_SECTION: Final = re.compile(r"^\[([^\]]+)\][ \t]*$", re.MULTILINE)
+
+
+def render_supervisord(template: str, values: Mapping[str, str]) -> str:
+    """supervisord.conf with the instance's values filled in.
+
+    Every ``%(ENV_ASYNCNODE_X)s`` becomes ``values[X]``.  ``[program:api]`` is dropped
+    when ``API_PROCS`` is 0, and ``[program:worker]`` becomes one program per worker
+    (``worker_00``, ``worker_01``, …) so that a reload which changes the count starts or
+    stops only the difference, leaving running workers and their tasks alone.
+    """
+    text = _ENV_TOKEN.sub(lambda m: values[m.group(1)], template)
+    starts = [m.start() for m in _SECTION.finditer(text)]
+    out = [text[: starts[0]] if starts else text]
+    for begin, end in zip(starts, [*starts[1:], len(text)], strict=True):
+        block = text[begin:end]
+        header = _SECTION.match(block)
+        section = header.group(1) if header else ""
+        if section == "program:api" and values["API_PROCS"] == "0":
+            continue
+        if section == "program:worker":
+            body = block[header.end() if header else 0 :]
+            body = re.sub(r"^numprocs=.*$", "numprocs=1", body, flags=re.MULTILINE)
+            body = re.sub(r"^process_name=.*$", "process_name=%(program_name)s", body, flags=re.MULTILINE)
+            out.extend(f"[program:worker_{i:02d}]{body}" for i in range(int(values["WORKERS"])))
+            continue
+        out.append(block)
+    return "".join(out)
+
+
 # ============================================================================
 # Adapter: RabbitMQ
 # ============================================================================
@@ -685,6 +835,14 @@ class Broker:
             raise BrokerUnavailable(f"RabbitMQ did not confirm within {self.cfg.publish_timeout:g} s") from None
         except (aio_pika.exceptions.AMQPError, aio_pika.exceptions.DeliveryError, OSError, RuntimeError) as e:
             raise BrokerUnavailable(f"RabbitMQ refused the task: {e or type(e).__name__}") from None
+
+    async def check(self, timeout: float) -> None:
+        """Raise BrokerUnavailable unless a channel to RabbitMQ is open (connecting if needed)."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._ensure_channel()
+        except TimeoutError:
+            raise BrokerUnavailable(f"RabbitMQ did not answer within {timeout:g} s") from None
 
     async def close(self) -> None:
         """Close the connection, if any."""
@@ -804,6 +962,39 @@ class RedisState:
                 pipe.hgetall(self.key(tid))
             raws = await pipe.execute()
         return [decode_record(tid, raw) for tid, raw in zip(ids, raws, strict=True) if raw]
+
+    def _worker_key(self, worker_id: str) -> str:
+        return f"{self.cfg.key_prefix}{WORKERS_SUFFIX}:{worker_id}"
+
+    async def beat(self, worker_id: str, info: Mapping[str, JSON], ttl: float) -> None:
+        """Record a worker's heartbeat; it counts as gone ``ttl`` seconds after the last one."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.set(self._worker_key(worker_id), dumps(info), px=int(ttl * 1000))
+            pipe.zadd(self.cfg.key_prefix + WORKERS_SUFFIX, {worker_id: time.time()})
+            await pipe.execute()
+
+    async def forget_worker(self, worker_id: str) -> None:
+        """Remove a worker's heartbeat at once (it stopped cleanly)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.delete(self._worker_key(worker_id))
+            pipe.zrem(self.cfg.key_prefix + WORKERS_SUFFIX, worker_id)
+            await pipe.execute()
+
+    async def workers(self) -> list[dict[str, JSON]]:
+        """The live workers: those whose heartbeat key has not expired."""
+        index = self.cfg.key_prefix + WORKERS_SUFFIX
+        ids = cast(list[str], await self.client.zrange(index, 0, -1))
+        if not ids:
+            return []
+        raws = cast(list[str | None], await self.client.mget([self._worker_key(w) for w in ids]))
+        gone = [w for w, raw in zip(ids, raws, strict=True) if raw is None]
+        if gone:
+            await self.client.zrem(index, *gone)
+        return [json.loads(raw) for raw in raws if raw is not None]
+
+    async def ping(self) -> None:
+        """Raise unless Redis answers."""
+        await self.client.ping()
 
     async def close(self) -> None:
         """Close the connection pool."""
@@ -972,6 +1163,38 @@ async def api_list_tasks(request: web.Request) -> web.Response:
     return web.json_response({"items": await request.app[STATE_KEY].recent(limit)})
 
 
+async def api_workers(request: web.Request) -> web.Response:
+    """``GET /api/workers``: the workers whose heartbeat is alive."""
+    items = await request.app[STATE_KEY].workers()
+    items.sort(key=lambda w: (str(w.get("host")), int(w.get("pid") or 0)))
+    return web.json_response({"items": items})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """``GET /healthz``: 200 while this process runs."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """``GET /readyz``: 200 when RabbitMQ and Redis are reachable from here, else 503 naming the failure."""
+    checks: dict[str, str] = {}
+    try:
+        async with asyncio.timeout(READY_TIMEOUT):
+            await request.app[STATE_KEY].ping()
+        checks["redis"] = "ok"
+    except (RedisError, OSError, TimeoutError) as e:
+        checks["redis"] = f"unreachable: {e or type(e).__name__}"
+    try:
+        await request.app[BROKER_KEY].check(READY_TIMEOUT)
+        checks["rabbitmq"] = "ok"
+    except BrokerUnavailable as e:
+        checks["rabbitmq"] = str(e)
+    failed = [name for name, result in checks.items() if result != "ok"]
+    if failed:
+        return web.json_response({"error": f"{' and '.join(failed)} unavailable", **checks}, status=503)
+    return web.json_response({"status": "ready", **checks})
+
+
 async def ws_updates(request: web.Request) -> web.WebSocketResponse:
     """``GET /ws``: every task update, as JSON text frames (an object or an array of objects)."""
     ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT, max_msg_size=WS_MAX_MESSAGE)
@@ -1060,6 +1283,9 @@ def make_app(cfg: Config) -> web.Application:
     app.router.add_post("/api/tasks", api_submit)
     app.router.add_get("/api/tasks", api_list_tasks)
     app.router.add_get("/api/tasks/{id}", api_get_task)
+    app.router.add_get("/api/workers", api_workers)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/ws", ws_updates)
     app.cleanup_ctx.append(_state_ctx)
     app.cleanup_ctx.append(_relay_ctx)
@@ -1170,14 +1396,42 @@ async def run_handler(ttype: TaskType, payload: dict[str, Any], ctx: TaskContext
 class Worker:
     """Consumes the work queue: runs each task and reports started, then completed or failed."""
 
-    def __init__(self, cfg: Config, state: RedisState) -> None:
+    def __init__(self, cfg: Config, state: RedisState, instance: str = "") -> None:
         self.cfg = cfg
         self.state = state
-        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.host = socket.gethostname()
+        self.name = f"{self.host}:{os.getpid()}"
+        self.instance = instance
+        self.started_at = time.time()
         self.stopping = False
         self.inflight: set[asyncio.Task[None]] = set()
+        self.in_hand: dict[str, float] = {}  # task id -> when it started, oldest first
         self.tasks_done = 0
         self.log = log.getChild("worker")
+
+    def heartbeat_info(self) -> dict[str, JSON]:
+        """What ``GET /api/workers`` shows of this worker."""
+        return {
+            "id": self.name,
+            "host": self.host,
+            "instance": self.instance,
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "tasks_done": self.tasks_done,
+            "current": next(iter(self.in_hand), None),
+            "in_hand": len(self.in_hand),
+            "ts": time.time(),
+        }
+
+    async def heartbeat_loop(self) -> None:
+        """Beat every ``[worker] heartbeat`` seconds; the beat lives three intervals."""
+        interval = self.cfg.worker.heartbeat
+        while True:
+            try:
+                await self.state.beat(self.name, self.heartbeat_info(), ttl=3 * interval)
+            except (RedisError, OSError) as e:
+                self.log.warning("heartbeat not recorded: %s", e)
+            await asyncio.sleep(interval)
 
     async def on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         """Consumer callback: run the delivery (or hand it back when shutting down)."""
@@ -1227,6 +1481,13 @@ class Worker:
             counter="attempts",
         )
         attempt = written[1] if written else 1
+        self.in_hand[env.id] = time.time()
+        try:
+            await self._run(env, attempt)
+        finally:
+            self.in_hand.pop(env.id, None)
+
+    async def _run(self, env: Envelope, attempt: int) -> None:
         ctx = TaskContext(env.id, env.type, attempt, self.cfg, self.state)
         ttype = REGISTRY.get(env.type)
         try:
@@ -1303,7 +1564,8 @@ async def run_worker(cfg: Config) -> int:
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=cfg.broker.prefetch)
         queue = await declare_queues(channel, cfg.broker)
-        worker = Worker(cfg, state)
+        worker = Worker(cfg, state, os.environ.get("ASYNCNODE_INSTANCE", ""))
+        heartbeat = asyncio.create_task(worker.heartbeat_loop())
         tag = await queue.consume(worker.on_message)
         wlog.info(
             "worker %s consuming %r from RabbitMQ %s (prefetch %d; types: %s)",
@@ -1319,6 +1581,10 @@ async def run_worker(cfg: Config) -> int:
         with contextlib.suppress(aio_pika.exceptions.AMQPError, OSError):
             await queue.cancel(tag)
         await worker.drain()
+        heartbeat.cancel()
+        await asyncio.wait({heartbeat})
+        with contextlib.suppress(RedisError, OSError):
+            await state.forget_worker(worker.name)
     finally:
         await connection.close()
         await state.close()
@@ -1327,10 +1593,144 @@ async def run_worker(cfg: Config) -> int:
 
 
 # ============================================================================
+# Role: up (supervise one host), with ctl and check
+# ============================================================================
+
+
+def run_dir_for(cfg: Config, name: str, arg: str | None) -> Path:
+    """Where ``up`` keeps an instance's rendered config, socket and logs."""
+    chosen = arg or os.environ.get("ASYNCNODE_RUN_DIR")
+    return Path(chosen).resolve() if chosen else cfg.path.resolve().parent / "run" / name
+
+
+def write_supervisord_conf(cfg: Config, name: str, inst: InstanceConfig, run_dir: Path) -> Path:
+    """Render the top-level supervisord.conf for this instance into its run directory."""
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    values = supervisor_values(cfg, name, inst, run_dir, os.cpu_count() or 1)
+    rendered = render_supervisord((HERE / "supervisord.conf").read_text(encoding="utf-8"), values)
+    target = run_dir / "supervisord.conf"
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(rendered, encoding="utf-8")
+    tmp.replace(target)  # atomically, so a concurrent reread never sees half a file
+    return target
+
+
+def _supervisor(run_dir: Path) -> Any:
+    """An XML-RPC proxy to the supervisord of ``run_dir``."""
+    import xmlrpc.client
+
+    from supervisor.xmlrpc import SupervisorTransport
+
+    transport = SupervisorTransport(None, None, serverurl=f"unix://{run_dir / 'supervisor.sock'}")
+    return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport).supervisor
+
+
+def _describe_instance(cfg: Config, name: str, inst: InstanceConfig) -> str:
+    parts = []
+    if "api" in inst.roles:
+        parts.append(f"api on port {cfg.api.port if inst.api_port is None else inst.api_port}")
+    if "worker" in inst.roles:
+        parts.append(f"{worker_count(cfg, inst, os.cpu_count() or 1)} worker(s)")
+    return f"instance {name!r} (host {inst.host!r}): {', '.join(parts)}"
+
+
+def run_up(cfg: Config, args: argparse.Namespace) -> int:
+    """Run supervisord in the foreground with this host's processes (replaces this process)."""
+    name, inst = select_instance(cfg, args.instance, os.environ, socket.gethostname())
+    run_dir = run_dir_for(cfg, name, args.run_dir)
+    conf = write_supervisord_conf(cfg, name, inst, run_dir)
+    print(f"asyncnode: {_describe_instance(cfg, name, inst)}", flush=True)
+    print(f"asyncnode: run directory {run_dir} (logs in {run_dir / 'logs'})", flush=True)
+    if args.dry_run:
+        print(conf.read_text(encoding="utf-8"), end="")
+        return 0
+    # exec, so that SIGTERM to `up` reaches supervisord itself and stops everything in order.
+    os.execv(sys.executable, [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)])
+    return 1  # not reached
+
+
+def run_ctl(cfg: Config, args: argparse.Namespace) -> int:
+    """``status``, ``restart`` or ``reload`` (re-read config.toml, apply the difference) the supervised processes."""
+    name, inst = select_instance(cfg, args.instance, os.environ, socket.gethostname())
+    run_dir = run_dir_for(cfg, name, args.run_dir)
+    conf = run_dir / "supervisord.conf"
+    if not (run_dir / "supervisor.sock").exists():
+        print(
+            f"asyncnode: instance {name!r} is not running (no {run_dir / 'supervisor.sock'}); start it with up",
+            file=sys.stderr,
+        )
+        return 1
+    command = {"status": ["status"], "restart": ["restart", "all"], "reload": ["update"]}[args.action]
+    if args.action == "reload":
+        write_supervisord_conf(cfg, name, inst, run_dir)
+        print(f"asyncnode: reloading {_describe_instance(cfg, name, inst)}", flush=True)
+    return subprocess.call([sys.executable, "-m", "supervisor.supervisorctl", "-c", str(conf), *command])
+
+
+async def run_check(cfg: Config, args: argparse.Namespace) -> int:
+    """Validate the config, reach RabbitMQ and Redis and the local supervisord; print what was found."""
+    name, inst = select_instance(cfg, args.instance, os.environ, socket.gethostname())
+    problems: list[str] = []
+    print(f"config     {cfg.path}: ok; {_describe_instance(cfg, name, inst)}")
+    try:
+        async with asyncio.timeout(cfg.broker.connect_timeout):
+            connection = await aio_pika.connect(cfg.broker.url)
+        async with connection:
+            channel = await connection.channel()
+            depth = []
+            for queue_name in (cfg.broker.queue, cfg.broker.queue + DLQ_SUFFIX):
+                try:
+                    queue = await channel.declare_queue(queue_name, passive=True)
+                    result = queue.declaration_result
+                    depth.append(f"{queue_name}: {result.message_count} ready, {result.consumer_count} consumer(s)")
+                except aio_pika.exceptions.ChannelNotFoundEntity:
+                    channel = await connection.channel()
+                    depth.append(f"{queue_name}: not declared yet")
+            print(f"rabbitmq   {redact_url(cfg.broker.url)}: RabbitMQ {broker_version(connection)}; {'; '.join(depth)}")
+    except (aio_pika.exceptions.AMQPError, OSError, TimeoutError) as e:
+        problems.append(f"RabbitMQ at {redact_url(cfg.broker.url)} unreachable: {e or type(e).__name__}")
+    state = RedisState(cfg.redis)
+    try:
+        async with asyncio.timeout(cfg.broker.connect_timeout):
+            info = await state.client.info("server")
+            workers = await state.workers()
+        print(
+            f"redis      {redact_url(cfg.redis.url)}: Redis {info.get('redis_version')}; {len(workers)} live worker(s)"
+        )
+    except (RedisError, OSError, TimeoutError) as e:
+        problems.append(f"Redis at {redact_url(cfg.redis.url)} unreachable: {e or type(e).__name__}")
+    finally:
+        await state.close()
+    run_dir = run_dir_for(cfg, name, args.run_dir)
+    if (run_dir / "supervisor.sock").exists():
+        try:
+            infos = await asyncio.to_thread(lambda: _supervisor(run_dir).getAllProcessInfo())
+            states = ", ".join(f"{p['name']} {p['statename']}" for p in infos)
+            print(f"supervisor {run_dir}: {states or 'no processes'}")
+            bad = [p["name"] for p in infos if p["statename"] in ("FATAL", "BACKOFF", "EXITED", "UNKNOWN")]
+            if bad:
+                problems.append(f"processes not running: {', '.join(bad)} (see {run_dir / 'logs'})")
+        except OSError as e:
+            problems.append(f"supervisord of {run_dir} not answering: {e}")
+    else:
+        print(f"supervisor {run_dir}: not running")
+    for problem in problems:
+        print(f"problem    {problem}")
+    return 1 if problems else 0
+
+
+# ============================================================================
 # Command line
 # ============================================================================
 
+#: The long-running roles, each one process.
 ROLES: Final[dict[str, Callable[[Config], Coroutine[Any, Any, int]]]] = {"api": run_api, "worker": run_worker}
+#: Commands that manage a host rather than serve.
+COMMANDS: Final[dict[str, Callable[[Config, argparse.Namespace], Any]]] = {
+    "up": run_up,
+    "ctl": run_ctl,
+    "check": run_check,
+}
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -1344,8 +1744,17 @@ def _parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(prog="asyncnode", description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"asyncnode {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
-    for role, helptext in (("api", "run one API process"), ("worker", "run one worker process")):
-        p = sub.add_parser(role, help=helptext)
+    commands = {
+        "api": "run one API process",
+        "worker": "run one worker process",
+        "up": "run this host's instance under supervisord, in the foreground",
+        "ctl": "status, restart or reload the processes started by up",
+        "check": "validate config.toml and reach RabbitMQ, Redis and supervisord",
+    }
+    for command, helptext in commands.items():
+        p = sub.add_parser(command, help=helptext, description=helptext)
+        if command == "ctl":
+            p.add_argument("action", choices=("status", "restart", "reload"))
         p.add_argument("--config", metavar="PATH", help="config file (default: $ASYNCNODE_CONFIG or ./config.toml)")
         p.add_argument(
             "--log-level",
@@ -1353,6 +1762,11 @@ def _parser() -> argparse.ArgumentParser:
             choices=("DEBUG", "INFO", "WARNING", "ERROR"),
             help="log level (default INFO)",
         )
+        if command in COMMANDS:
+            p.add_argument("--instance", metavar="NAME", help="instance in config.toml (default: see README)")
+            p.add_argument("--run-dir", metavar="DIR", help="run directory (default: ./run/<instance>)")
+        if command == "up":
+            p.add_argument("--dry-run", action="store_true", help="print the rendered supervisord.conf and exit")
     return parser
 
 
@@ -1372,7 +1786,10 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        return asyncio.run(ROLES[args.command](cfg))
+        if args.command in ROLES:
+            return asyncio.run(ROLES[args.command](cfg))
+        result = COMMANDS[args.command](cfg, args)
+        return int(asyncio.run(result) if inspect.iscoroutine(result) else result)
     except ConfigError as e:
         print(f"asyncnode: {e}", file=sys.stderr)
         return 2

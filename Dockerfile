@@ -6,7 +6,8 @@ FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
 
 # Unprivileged user that runs the app; the code below stays root-owned (read-only to it).
 RUN useradd --system --create-home --uid 10001 asyncnode

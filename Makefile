@@ -14,12 +14,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# One API process and one worker against the local RabbitMQ and Redis; Ctrl-C stops both.
+# This host's instance from config.toml under supervisord (by default the API and one
+# worker per core) against the local RabbitMQ and Redis; Ctrl-C stops everything cleanly.
 run: install
 	@echo "asyncnode: http://127.0.0.1:$${ASYNCNODE_API_PORT:-5000}/"
-	@trap 'kill $$worker 2>/dev/null; wait $$worker' EXIT INT TERM; \
-	$(PY) asyncnode.py worker & worker=$$!; \
-	$(PY) asyncnode.py api
+	exec $(PY) asyncnode.py up
 
 test: install
 	$(PY) -m pytest

@@ -1615,14 +1615,18 @@ def write_supervisord_conf(cfg: Config, name: str, inst: InstanceConfig, run_dir
     return target
 
 
-def _supervisor(run_dir: Path) -> Any:
-    """An XML-RPC proxy to the supervisord of ``run_dir``."""
+def supervisor_processes(run_dir: Path) -> list[dict[str, Any]]:
+    """``getAllProcessInfo()`` of the supervisord of ``run_dir`` (blocking; raises OSError if it is not there)."""
     import xmlrpc.client
 
     from supervisor.xmlrpc import SupervisorTransport
 
     transport = SupervisorTransport(None, None, serverurl=f"unix://{run_dir / 'supervisor.sock'}")
-    return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport).supervisor
+    try:
+        proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+        return cast(list[dict[str, Any]], proxy.supervisor.getAllProcessInfo())
+    finally:
+        transport.close()
 
 
 def _describe_instance(cfg: Config, name: str, inst: InstanceConfig) -> str:
@@ -1704,7 +1708,7 @@ async def run_check(cfg: Config, args: argparse.Namespace) -> int:
     run_dir = run_dir_for(cfg, name, args.run_dir)
     if (run_dir / "supervisor.sock").exists():
         try:
-            infos = await asyncio.to_thread(lambda: _supervisor(run_dir).getAllProcessInfo())
+            infos = await asyncio.to_thread(supervisor_processes, run_dir)
             states = ", ".join(f"{p['name']} {p['statename']}" for p in infos)
             print(f"supervisor {run_dir}: {states or 'no processes'}")
             bad = [p["name"] for p in infos if p["statename"] in ("FATAL", "BACKOFF", "EXITED", "UNKNOWN")]

@@ -66,8 +66,13 @@ def write_config(path: Path, tag: str, **sections: dict[str, Any]) -> Path:
         base.setdefault(name, {}).update(values)
     lines = []
     for name, values in base.items():
-        lines.append(f"[{name}]")
-        lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items())
+        tables = {key: value for key, value in values.items() if isinstance(value, dict)}
+        if len(tables) < len(values):
+            lines.append(f"[{name}]")
+            lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items() if key not in tables)
+        for key, table in tables.items():  # e.g. instances={"local": {...}} -> [instances.local]
+            lines.append(f"[{name}.{key}]")
+            lines.extend(f"{k} = {json.dumps(v)}" for k, v in table.items())
         lines.append("")
     path.write_text("\n".join(lines))
     return path
@@ -202,3 +207,108 @@ def procs(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
     yield start
     for p in started:
         p.stop()
+
+
+class Up:
+    """A real ``asyncnode.py up`` (supervisord in the foreground), stopped by pid."""
+
+    def __init__(
+        self,
+        config: Path,
+        run_dir: Path,
+        instance: str | None = None,
+        env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
+    ) -> None:
+        self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = run_dir / "up.out"
+        self._log = open(self.log_path, "ab")  # closed in stop()
+        argv = [sys.executable, str(ROOT / "asyncnode.py"), "up", "--config", str(config), "--run-dir", str(run_dir)]
+        if instance:
+            argv += ["--instance", instance]
+        self.popen = subprocess.Popen(
+            [*(prefix or []), *argv],
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self.children: set[int] = set()
+
+    @property
+    def pid(self) -> int:
+        """The pid of ``up``, which became supervisord."""
+        return self.popen.pid
+
+    def log(self) -> str:
+        """supervisord's output, then every child's log."""
+        parts = [self.log_path.read_text(errors="replace")]
+        for path in sorted((self.run_dir / "logs").glob("*.log")):
+            parts.append(f"--- {path.name}\n{path.read_text(errors='replace')[-4000:]}")
+        return "\n".join(parts)
+
+    async def processes(self) -> dict[str, dict[str, Any]]:
+        """supervisord's view of its processes by name ({} while it is not answering yet)."""
+        try:
+            infos = await asyncio.to_thread(asyncnode.supervisor_processes, self.run_dir)
+        except (OSError, Exception):  # not listening yet: socket missing or refusing
+            if self.popen.poll() is not None:
+                raise AssertionError(f"up exited with {self.popen.returncode}:\n{self.log()}") from None
+            return {}
+        for info in infos:
+            if info["pid"]:
+                self.children.add(info["pid"])
+        return {info["name"]: info for info in infos}
+
+    async def wait_running(self, names: set[str], timeout: float = 30.0) -> dict[str, dict[str, Any]]:
+        """Wait until exactly ``names`` are RUNNING; return their infos."""
+
+        async def check() -> dict[str, dict[str, Any]] | None:
+            procs = await self.processes()
+            if set(procs) == names and all(p["statename"] == "RUNNING" for p in procs.values()):
+                return procs
+            return None
+
+        try:
+            return await wait_for(check, timeout, f"processes {sorted(names)} RUNNING")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.log()}") from None
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM ``up`` and wait; SIGKILL it and its children if it overstays."""
+        if self.popen.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            for pid in [self.pid, *self.children]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self.popen.wait(5)
+        self._log.close()
+        return self.popen.returncode
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (and is not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture
+def ups() -> Iterator[Callable[..., Up]]:
+    """Start ``asyncnode.py up`` processes; each is stopped at the end of the test."""
+    started: list[Up] = []
+
+    def start(config: Path, run_dir: Path, instance: str | None = None, **kwargs: Any) -> Up:
+        up = Up(config, run_dir, instance, **kwargs)
+        started.append(up)
+        return up
+
+    yield start
+    for up in started:
+        up.stop()

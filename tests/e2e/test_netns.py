@@ -1,0 +1,355 @@
+"""Two instances as two hosts: each ``up`` in its own network namespace, with its own address.
+
+``api-1`` (the API) and ``worker-1`` (two worker processes) run under ``ip netns exec``
+in two namespaces made for this test, each joined to the host by a veth pair with its
+own subnet and no route anywhere else: the two cannot reach each other, and their
+own 127.0.0.1 has no RabbitMQ or Redis.  As separate hosts would, each gets the broker
+and Redis from ``RABBIT_URL``/``REDIS_URL``: addresses on its host-side veth, where a
+TCP forwarder in this process relays to the shared services on the host's loopback
+(so RabbitMQ sees a loopback peer and ``guest`` may log in).  The test then submits
+tasks over HTTP to the API's namespace address and checks that the other namespace's
+workers ran them.
+
+Needs root and a working ``ip netns``; skipped with the reason otherwise.  Every wait
+is bounded; namespaces, veths and the forwarder are removed even when the test fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import re
+import shutil
+import subprocess
+import threading
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import Up, cleanup, free_port, pid_alive, wait_for, write_config
+
+RABBIT_PORT = 5672
+REDIS_PORT = 6379
+TASKS = 20
+
+
+# --------------------------------------------------------------------------
+# Namespaces
+# --------------------------------------------------------------------------
+
+
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``ip ARGS``; raise with its stderr when it fails and ``check`` is set."""
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=15)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip() or f'exit status {result.returncode}'}")
+    return result
+
+
+def netns_missing() -> str | None:
+    """Why this machine cannot run the test (one line), or None when it can."""
+    if os.geteuid() != 0:
+        return f"network namespaces need root (running as uid {os.geteuid()})"
+    if shutil.which("ip") is None:
+        return "the ip command (iproute2) is not installed"
+    probe = f"an-{uuid.uuid4().hex[:6]}-probe"
+    try:
+        ip("netns", "add", probe)
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+        return f"cannot create a network namespace: {e}"
+    try:
+        ip("link", "add", f"{probe[:9]}-h", "type", "veth", "peer", "name", f"{probe[:9]}-n", "netns", probe)
+        ip("netns", "exec", probe, "ip", "link", "set", "lo", "up")
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+        return f"cannot use a network namespace: {e}"
+    finally:
+        ip("netns", "del", probe, check=False)  # takes the veth pair with it
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def netns_usable(services: None) -> None:
+    """Skip the module, with the reason, where namespaces (or the services) are not available."""
+    reason = netns_missing()
+    if reason:
+        pytest.skip(reason)
+
+
+@dataclass(frozen=True)
+class Host:
+    """One namespace joined to the host by a veth pair: ``host_addr`` on our side, ``addr`` inside."""
+
+    ns: str
+    veth: str
+    host_addr: str
+    addr: str
+
+
+def free_subnet_octet() -> int:
+    """A second octet R such that nothing on this machine uses 10.R.0.0/16 yet."""
+    listing = ip("-4", "-o", "addr", "show").stdout + ip("-4", "route", "show", "table", "all").stdout
+    used = {int(r) for r in re.findall(r"(?<![\d.])10\.(\d+)\.", listing)}
+    candidates = [r for r in range(16, 250) if r not in used]
+    assert candidates, "no free 10.R.0.0/16 range on this machine"
+    return random.choice(candidates)
+
+
+@pytest.fixture
+def hosts() -> Iterator[dict[str, Host]]:
+    """Two namespaces ("api" and "worker"), each on its own /30; all deleted afterwards."""
+    suffix = uuid.uuid4().hex[:6]
+    octet = free_subnet_octet()
+    made: list[Host] = []
+    try:
+        for i, role in enumerate(("api", "wrk"), start=1):
+            host = Host(f"an-{suffix}-{role}", f"an{suffix}{role[0]}h", f"10.{octet}.{i}.1", f"10.{octet}.{i}.2")
+            ip("netns", "add", host.ns)
+            made.append(host)
+            ip("link", "add", host.veth, "type", "veth", "peer", "name", "eth0", "netns", host.ns)
+            ip("addr", "add", f"{host.host_addr}/30", "dev", host.veth)
+            ip("link", "set", host.veth, "up")
+            ip("-n", host.ns, "addr", "add", f"{host.addr}/30", "dev", "eth0")
+            ip("-n", host.ns, "link", "set", "eth0", "up")
+            ip("-n", host.ns, "link", "set", "lo", "up")
+        yield {"api": made[0], "worker": made[1]}
+    finally:
+        for host in made:
+            ip("link", "del", host.veth, check=False)  # gone already if the namespace went first
+            ip("netns", "del", host.ns, check=False)
+        namespaces = ip("netns", "list").stdout
+        left = [h.ns for h in made if h.ns in namespaces]
+        left += [h.veth for h in made if ip("link", "show", "dev", h.veth, check=False).returncode == 0]
+        assert not left, f"namespaces or veths left behind: {left}"
+
+
+# --------------------------------------------------------------------------
+# Forwarder: host-side veth address -> the services on 127.0.0.1
+# --------------------------------------------------------------------------
+
+
+class Forwarder:
+    """TCP relays from addresses of this host to ports on 127.0.0.1, on an event loop of
+    their own in a thread, so they keep relaying while the test's loop is blocked (a
+    synchronous ``Up.stop`` while workers close their connections, fixture teardown)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="netns-forwarder", daemon=True)
+        self.thread.start()
+        self.servers: list[asyncio.Server] = []
+        self.connections: set[asyncio.Task[None]] = set()
+        self.relayed: Counter[tuple[str, int]] = Counter()  # connections relayed, by (listen address, target port)
+
+    def forward(self, host: str, target_port: int) -> int:
+        """Listen on ``host`` (a free port) and relay each connection to 127.0.0.1:``target_port``."""
+        return asyncio.run_coroutine_threadsafe(self._listen(host, target_port), self.loop).result(10)
+
+    async def _listen(self, host: str, target_port: int) -> int:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await self._relay(reader, writer, (host, target_port))
+
+        server = await asyncio.start_server(handle, host, 0)
+        self.servers.append(server)
+        return int(server.sockets[0].getsockname()[1])
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: tuple[str, int]) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.connections.add(task)
+        writers = [writer]
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", key[1])
+            writers.append(up_writer)
+            self.relayed[key] += 1
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        except OSError:
+            pass  # the service refused: drop the client's connection, as the service would
+        finally:
+            for w in writers:
+                w.close()
+            self.connections.discard(task)
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()  # the other direction then reads EOF and ends too
+
+    async def _close(self) -> None:
+        for server in self.servers:
+            server.close()
+        for task in list(self.connections):
+            task.cancel()
+        await asyncio.gather(*self.connections, return_exceptions=True)
+        for server in self.servers:
+            await server.wait_closed()
+
+    def close(self) -> None:
+        """Stop listening, cut every relayed connection and stop the thread."""
+        try:
+            asyncio.run_coroutine_threadsafe(self._close(), self.loop).result(10)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            assert not self.thread.is_alive(), "forwarder thread did not stop"
+            self.loop.close()
+
+
+@pytest.fixture
+def forwarder() -> Iterator[Forwarder]:
+    fwd = Forwarder()
+    try:
+        yield fwd
+    finally:
+        fwd.close()
+
+
+@pytest.fixture
+async def netns_config(tag: str, tmp_path: Path) -> AsyncIterator[tuple[Path, int]]:
+    """The config of both instances (api-1, worker-1 with 2 processes) and the API port;
+    the test's queue and keys are deleted afterwards."""
+    port = free_port()
+    path = write_config(
+        tmp_path / "config.toml",
+        tag,
+        instances={
+            "api-1": {"roles": ["api"], "host": "api-1"},
+            "worker-1": {"roles": ["worker"], "processes": 2, "host": "worker-1"},
+        },
+        api={"host": "0.0.0.0", "port": port},
+        worker={"heartbeat": 0.5},
+    )
+    try:
+        yield path, port
+    finally:
+        await cleanup(tag)
+
+
+def service_env(fwd: Forwarder, host: Host) -> dict[str, str]:
+    """What a host's environment says: RabbitMQ and Redis at its own host-side address."""
+    rabbit = fwd.forward(host.host_addr, RABBIT_PORT)
+    redis = fwd.forward(host.host_addr, REDIS_PORT)
+    return {
+        "RABBIT_URL": f"amqp://guest:guest@{host.host_addr}:{rabbit}/",
+        "REDIS_URL": f"redis://{host.host_addr}:{redis}/0",
+    }
+
+
+# --------------------------------------------------------------------------
+# Test
+# --------------------------------------------------------------------------
+
+
+async def test_two_instances_in_separate_network_namespaces(
+    netns_config: tuple[Path, int],
+    hosts: dict[str, Host],
+    forwarder: Forwarder,
+    ups: Callable[..., Up],
+    tmp_path: Path,
+) -> None:
+    config, port = netns_config
+    api_host, wrk_host = hosts["api"], hosts["worker"]
+    api = ups(
+        config,
+        tmp_path / "run-api-1",
+        "api-1",
+        env=service_env(forwarder, api_host),
+        prefix=["ip", "netns", "exec", api_host.ns],
+    )
+    wrk = ups(
+        config,
+        tmp_path / "run-worker-1",
+        "worker-1",
+        env=service_env(forwarder, wrk_host),
+        prefix=["ip", "netns", "exec", wrk_host.ns],
+    )
+    await api.wait_running({"api"})
+    worker_infos = await wrk.wait_running({"worker_00", "worker_01"})
+    worker_pids = {info["pid"] for info in worker_infos.values()}
+    assert len(worker_pids) == 2 and all(worker_pids), worker_infos
+
+    base = f"http://{api_host.addr}:{port}"
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+
+        async def ready() -> bool:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with session.get(base + "/readyz") as r:
+                    return r.status == 200
+            return False
+
+        try:
+            await wait_for(ready, 20, f"GET {base}/readyz to answer 200")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{api.log()}") from None
+
+        async def live_workers() -> list[dict[str, Any]] | None:
+            async with session.get(base + "/api/workers") as r:
+                assert r.status == 200, await r.text()
+                items: list[dict[str, Any]] = (await r.json())["items"]
+            return items if len(items) == 2 else None
+
+        try:
+            workers = await wait_for(live_workers, 20, "2 live workers in GET /api/workers")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{wrk.log()}") from None
+        assert {w["instance"] for w in workers} == {"worker-1"}, workers
+        assert {w["pid"] for w in workers} == worker_pids, (workers, worker_pids)
+
+        texts = [f"netns task {i} {uuid.uuid4().hex[:8]}" for i in range(TASKS)]
+
+        async def submit(text: str) -> str:
+            body = {"type": "reverse", "payload": {"text": text}}
+            async with session.post(base + "/api/tasks", json=body) as r:
+                assert r.status == 202, (r.status, await r.text())
+                tid: str = (await r.json())["id"]
+            return tid
+
+        ids = await asyncio.gather(*(submit(t) for t in texts))
+        assert len(set(ids)) == TASKS
+        records: dict[str, dict[str, Any]] = {}
+
+        async def fetch(tid: str) -> None:
+            async with session.get(f"{base}/api/tasks/{tid}") as r:
+                assert r.status == 200, (r.status, await r.text())
+                rec = await r.json()
+            if rec["status"] in ("completed", "failed", "rejected"):
+                records[tid] = rec
+
+        async def all_done() -> bool:
+            await asyncio.gather(*(fetch(tid) for tid in ids if tid not in records))
+            return len(records) == TASKS
+
+        try:
+            await wait_for(all_done, 30, f"all {TASKS} tasks to finish")
+        except AssertionError as e:
+            raise AssertionError(f"{e} ({len(records)} did)\n{api.log()}\n{wrk.log()}") from None
+
+    for tid, text in zip(ids, texts, strict=True):
+        rec = records[tid]
+        assert rec["status"] == "completed" and rec["result"] == text[::-1], rec
+        _, _, pid = rec["worker"].rpartition(":")
+        assert int(pid) in worker_pids, (rec["worker"], worker_pids)
+    # Each namespace reached RabbitMQ and Redis through its own relays (its 127.0.0.1 has neither).
+    expected = {(h.host_addr, p) for h in (api_host, wrk_host) for p in (RABBIT_PORT, REDIS_PORT)}
+    assert set(forwarder.relayed) == expected, forwarder.relayed
+
+    children = api.children | wrk.children
+    assert children
+    codes = [await asyncio.to_thread(up.stop) for up in (wrk, api)]  # the relays keep running meanwhile
+    assert codes == [0, 0], (codes, api.log(), wrk.log())
+    alive = sorted(pid for pid in children if pid_alive(pid))
+    assert not alive, f"children still running after stop: {alive}"

@@ -16,12 +16,15 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import datetime
+import hmac
 import importlib
 import inspect
 import json
 import logging
 import math
 import os
+import random
 import re
 import signal
 import socket
@@ -30,6 +33,7 @@ import sys
 import threading
 import time
 import tomllib
+import traceback
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
@@ -88,6 +92,40 @@ WS_MAX_MESSAGE: Final = 64 * 1024
 WS_HEARTBEAT: Final = 30.0
 #: Seconds the API waits at start for its Redis subscription before serving anyway.
 RELAY_START_TIMEOUT: Final = 5.0
+#: Fields cleared when a dead letter is requeued as a fresh task.
+RESET_FIELDS: Final = (
+    "result",
+    "error",
+    "started_at",
+    "finished_at",
+    "worker",
+    "progress",
+    "note",
+    "next_attempt_at",
+    "retries",
+)
+#: Fields of a task sent to a WebSocket client that (re)connects, so it can catch up.
+SNAPSHOT_FIELDS: Final = (
+    "id",
+    "type",
+    "status",
+    "seq",
+    "result",
+    "error",
+    "progress",
+    "attempts",
+    "worker",
+    "next_attempt_at",
+)
+#: How many recent tasks a (re)connecting WebSocket client is sent.
+SNAPSHOT_SIZE: Final = 200
+#: Seconds a worker keeps retrying a Redis write before it hands the task back to the queue.
+REDIS_PATIENCE: Final = 300.0
+#: Frames and characters of a traceback kept with a dead letter.
+TRACEBACK_FRAMES: Final = 8
+TRACEBACK_CHARS: Final = 4000
+#: Longest error message kept with a task.
+ERROR_CHARS: Final = 2000
 #: Seconds ``/readyz`` gives each service to answer.
 READY_TIMEOUT: Final = 2.0
 #: Fields of a task that hold JSON rather than text in its Redis hash.
@@ -150,7 +188,10 @@ class BrokerConfig:
     queue_type: str = _opt("quorum", "RabbitMQ queue type", choices=("quorum", "classic"))
     prefetch: int = _opt(1, "unacknowledged deliveries per worker process", min=1, max=65535)
     max_retries: int = _opt(3, "retries after the first attempt", min=0, max=1000)
+    retry_delays: tuple[float, ...] = _opt((1.0, 5.0, 30.0), "seconds before retry n (the last repeats)", min=0.0)
     delivery_limit: int = _opt(10, "deliveries before a message that keeps killing workers is dead-lettered", min=1)
+    task_timeout: float = _opt(1500.0, "hard time limit of any task, below RabbitMQ's consumer_timeout", min=0.1)
+    no_consumer_exit: float = _opt(60.0, "a worker without a working consumer this long exits non-zero", min=1.0)
     publish_timeout: float = _opt(5.0, "seconds to wait for a publisher confirm", min=0.1)
     connect_timeout: float = _opt(5.0, "seconds to wait for a connection", min=0.1)
 
@@ -174,6 +215,8 @@ class ApiConfig:
     port: int = _opt(5000, "port to listen on ($ASYNCNODE_API_PORT)", min=0, max=65535)
     client_max_size: int = _opt(1024 * 1024, "largest request body in bytes (413 above)", min=1024)
     max_text: int = _opt(10000, "longest text accepted in a payload field", min=1)
+    token: str = _opt("", "shared token required by /api/* and /ws when set ($ASYNCNODE_TOKEN)")
+    allowed_origins: tuple[str, ...] = _opt((), "origins besides the page's own allowed to open /ws")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +230,7 @@ class SmtpConfig:
     password: str = _opt("", "login password")
     starttls: bool = _opt(False, "upgrade the connection with STARTTLS")
     timeout: float = _opt(10.0, "seconds for the whole SMTP exchange", min=0.1)
+    allow: tuple[str, ...] = _opt((), "recipients allowed: addresses or *@domain (empty: any)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,6 +288,7 @@ class Config:
         "RABBIT_URL": ("broker", "url"),
         "REDIS_URL": ("redis", "url"),
         "ASYNCNODE_API_PORT": ("api", "port"),
+        "ASYNCNODE_TOKEN": ("api", "token"),
     }
 
     @classmethod
@@ -369,6 +414,10 @@ def _check_value(where: str, ftype: str, value: Any, rules: Mapping[str, Any]) -
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise ConfigError(f"{where}: expected a list of non-empty strings, got {value!r}")
         return tuple(value)
+    if ftype == "tuple[float, ...]":
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{where}: expected a non-empty list of numbers, got {value!r}")
+        return tuple(_check_value(where, "float", v, rules) for v in value)
     raise AssertionError(f"unhandled config type {ftype}")  # a programming error, not a user's
 
 
@@ -428,7 +477,7 @@ class Field:
 
 
 Handler: TypeAlias = Callable[[dict[str, Any], "TaskContext"], Any]
-Validator: TypeAlias = Callable[[dict[str, Any]], None]
+Validator: TypeAlias = Callable[[dict[str, Any], "Config"], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -508,13 +557,29 @@ def dumps(obj: JSON) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
-def validate_submission(body: JSON, max_text: int) -> tuple[TaskType, dict[str, Any]]:
-    """Check a ``POST /api/tasks`` body; return its task type and normalised payload."""
+@dataclasses.dataclass(frozen=True)
+class Submission:
+    """A valid ``POST /api/tasks`` body."""
+
+    type: TaskType
+    payload: dict[str, Any]
+    timeout: float | None = None
+
+
+def validate_submission(body: JSON, cfg: Config) -> Submission:
+    """Check a ``POST /api/tasks`` body; return its task type, normalised payload and time limit."""
     if not isinstance(body, dict):
         raise ValidationError("body must be a JSON object")
-    unknown = set(body) - {"type", "payload"}
+    unknown = set(body) - {"type", "payload", "timeout"}
     if unknown:
-        raise ValidationError(f"unknown key(s) in body: {', '.join(sorted(unknown))} (expected type, payload)")
+        names = ", ".join(sorted(map(str, unknown)))[:200]
+        raise ValidationError(f"unknown key(s) in body: {names} (expected type, payload, timeout)")
+    timeout = body.get("timeout")
+    limit = cfg.broker.task_timeout
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= limit
+    ):
+        raise ValidationError(f"'timeout' must be a number of seconds above 0 and at most {limit:g}", "timeout")
     ttype_name = body.get("type")
     if not isinstance(ttype_name, str) or not ttype_name:
         raise ValidationError("'type' is required and must be a string", "type")
@@ -522,10 +587,11 @@ def validate_submission(body: JSON, max_text: int) -> tuple[TaskType, dict[str, 
     if ttype is None:
         known = ", ".join(sorted(REGISTRY))
         raise ValidationError(f"unknown task type {ttype_name[:100]!r} (known: {known})", "type")
-    return ttype, validate_payload(ttype, body.get("payload", {}), max_text)
+    payload = validate_payload(ttype, body.get("payload", {}), cfg)
+    return Submission(ttype, payload, None if timeout is None else float(timeout))
 
 
-def validate_payload(ttype: TaskType, payload: JSON, max_text: int) -> dict[str, Any]:
+def validate_payload(ttype: TaskType, payload: JSON, cfg: Config) -> dict[str, Any]:
     """Check ``payload`` against the fields of ``ttype``; return it with defaults filled in."""
     if payload is None:
         payload = {}
@@ -544,9 +610,9 @@ def validate_payload(ttype: TaskType, payload: JSON, max_text: int) -> dict[str,
             if f.default is not None:
                 out[f.name] = f.default
             continue
-        out[f.name] = _check_field(f, payload[f.name], max_text)
+        out[f.name] = _check_field(f, payload[f.name], cfg.api.max_text)
     if ttype.validate is not None:
-        ttype.validate(out)
+        ttype.validate(out, cfg)
     return out
 
 
@@ -583,10 +649,14 @@ class Envelope:
     id: str
     type: str
     payload: dict[str, Any]
+    timeout: float | None = None
 
     def encode(self) -> bytes:
         """The message body as published to the work queue."""
-        return dumps({"id": self.id, "type": self.type, "payload": self.payload}).encode()
+        body: dict[str, JSON] = {"id": self.id, "type": self.type, "payload": self.payload}
+        if self.timeout is not None:
+            body["timeout"] = self.timeout
+        return dumps(body).encode()
 
     @classmethod
     def decode(cls, body: bytes) -> Envelope:
@@ -600,7 +670,10 @@ class Envelope:
         tid, ttype, payload = data.get("id"), data.get("type"), data.get("payload", {})
         if not isinstance(tid, str) or not tid or not isinstance(ttype, str) or not isinstance(payload, dict):
             raise EnvelopeError("message body lacks a string id, a string type or an object payload")
-        return cls(tid, ttype, payload)
+        timeout = data.get("timeout")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
+            raise EnvelopeError("message body has a timeout that is not a positive number")
+        return cls(tid, ttype, payload, None if timeout is None else float(timeout))
 
 
 def new_task_id() -> str:
@@ -660,6 +733,31 @@ def update_message(tid: str, ttype: str, status: str, ts: float, extra: Mapping[
     return dumps({"id": tid, "type": ttype, "status": status, "ts": ts, **extra})[:-1]
 
 
+def origin_allowed(origin: str, host: str | None, allowed: Iterable[str]) -> bool:
+    """Whether a browser page from ``origin`` may open the WebSocket: the page's own origin, or a listed one."""
+    if origin in allowed:
+        return True
+    try:
+        return host is not None and urlsplit(origin).netloc.lower() == host.lower()
+    except ValueError:
+        return False
+
+
+def token_matches(expected: str, authorization: str | None, query_token: str | None) -> bool:
+    """Constant-time check of ``Authorization: Bearer <token>`` (or a ``token`` query parameter)."""
+    given = query_token or ""
+    if authorization and authorization[:7].lower() == "bearer ":
+        given = authorization[7:].strip()
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def snapshot_update(task: Mapping[str, JSON]) -> str:
+    """A task's current state as an update message, for a client catching up."""
+    update = {k: task.get(k) for k in SNAPSHOT_FIELDS}
+    update["ts"] = task.get("finished_at") or task.get("started_at") or task.get("created_at")
+    return dumps(update)
+
+
 def batch_frame(messages: list[str]) -> str:
     """One WebSocket text frame for queued updates: the update, or a JSON array of them."""
     return messages[0] if len(messages) == 1 else "[" + ",".join(messages) + "]"
@@ -680,6 +778,72 @@ def queue_arguments(cfg: BrokerConfig) -> dict[str, Any]:
         args["x-dead-letter-strategy"] = "at-least-once"
         args["x-overflow"] = "reject-publish"
     return args
+
+
+def retry_delay_for(failures: int, delays: tuple[float, ...]) -> float:
+    """Seconds to wait after failure number ``failures`` (1-based): the n-th delay, the last repeating."""
+    return delays[min(failures, len(delays)) - 1]
+
+
+def retry_queue_name(cfg: BrokerConfig, delay: float) -> str:
+    """The queue where a retry waits ``delay`` seconds before going back to the work queue."""
+    return f"{cfg.queue}.retry.{round(delay * 1000)}ms"
+
+
+def retry_queue_arguments(cfg: BrokerConfig, delay: float) -> dict[str, Any]:
+    """A retry queue: every message expires after ``delay`` and is dead-lettered back to the work queue.
+
+    One queue per delay, because a queue only expires messages at its head: with
+    one TTL per queue the head is always the next to expire.
+    """
+    args: dict[str, Any] = {
+        "x-queue-type": cfg.queue_type,
+        "x-message-ttl": round(delay * 1000),
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": cfg.queue,
+    }
+    if cfg.queue_type == "quorum":
+        args["x-dead-letter-strategy"] = "at-least-once"
+        args["x-overflow"] = "reject-publish"
+    return args
+
+
+def task_time_limit(cfg: BrokerConfig, task_timeout: float | None, type_timeout: float | None) -> float:
+    """The time limit of one run: the task's own, else its type's, never above ``[broker] task_timeout``."""
+    chosen = task_timeout or type_timeout or cfg.task_timeout
+    return min(chosen, cfg.task_timeout)
+
+
+def dead_letter_info(message_id: str | None, body: bytes, headers: Mapping[str, Any]) -> dict[str, JSON]:
+    """What ``GET /api/dlq`` shows of a dead-lettered message (ours, or one the broker dead-lettered)."""
+    try:
+        env: Envelope | None = Envelope.decode(body)
+    except EnvelopeError:
+        env = None
+    item: dict[str, JSON] = {
+        "id": env.id if env else message_id,
+        "type": env.type if env else None,
+        "error": headers.get("x-error"),
+        "attempts": headers.get("x-attempts"),
+        "failed_at": headers.get("x-last-failed-at"),
+        "first_failed_at": headers.get("x-first-failed-at"),
+        "traceback": headers.get("x-traceback"),
+    }
+    deaths = headers.get("x-death") or []
+    if item["error"] is None and deaths:
+        # Dead-lettered by RabbitMQ itself: a delivery limit, a rejection, an expiry.
+        death = deaths[0]
+        reason = death.get("reason", b"")
+        reason = reason.decode() if isinstance(reason, bytes) else str(reason)
+        item["error"] = {
+            "delivery_limit": "dead-lettered by RabbitMQ: delivery limit reached (the task kept killing its worker)",
+            "rejected": "dead-lettered: rejected as unreadable",
+        }.get(reason, f"dead-lettered by RabbitMQ ({reason})")
+        when = death.get("time")
+        item["failed_at"] = when.timestamp() if isinstance(when, datetime.datetime) else None
+    if env is None:
+        item["error"] = f"{item['error'] or 'dead-lettered'}; body is not a task envelope"
+    return item
 
 
 def select_instance(cfg: Config, name: str | None, env: Mapping[str, str], hostname: str) -> tuple[str, InstanceConfig]:
@@ -769,11 +933,15 @@ async def declare_queues(channel: aio_pika.abc.AbstractChannel, cfg: BrokerConfi
     dlq_args: dict[str, Any] = {"x-queue-type": cfg.queue_type}
     try:
         await channel.declare_queue(cfg.queue + DLQ_SUFFIX, durable=True, arguments=dlq_args)
+        for delay in sorted(set(cfg.retry_delays)):
+            name = retry_queue_name(cfg, delay)
+            await channel.declare_queue(name, durable=True, arguments=retry_queue_arguments(cfg, delay))
         return await channel.declare_queue(cfg.queue, durable=True, arguments=queue_arguments(cfg))
     except aio_pika.exceptions.ChannelPreconditionFailed as e:
         raise ConfigError(
-            f"RabbitMQ refused to declare queue {cfg.queue!r} ({e}); it exists with other arguments. "
-            f"Drain and delete it (rabbitmqctl delete_queue {cfg.queue}) or set [broker] queue to a new name"
+            f"RabbitMQ refused to declare the queues of {cfg.queue!r}: one exists with other arguments ({e}). "
+            "A classic queue cannot become a quorum queue in place: drain it, delete it "
+            "(rabbitmqctl delete_queue NAME) and start again, or set [broker] queue to a new name"
         ) from None
 
 
@@ -785,17 +953,34 @@ def broker_version(connection: aio_pika.abc.AbstractConnection) -> str:
 
 
 class Broker:
-    """The API's publishing side of RabbitMQ: one robust connection, confirms on every publish.
+    """RabbitMQ for every role: one robust connection, confirmed publishes, dead-letter operations.
 
     It connects lazily, so the API starts (and answers 503) while RabbitMQ is down.
     """
 
-    def __init__(self, cfg: BrokerConfig) -> None:
+    def __init__(self, cfg: BrokerConfig, role: str = "api") -> None:
         self.cfg = cfg
+        self.log = log.getChild(role)
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._lock = asyncio.Lock()
         self.version: str | None = None
+
+    async def connect(self) -> aio_pika.abc.AbstractRobustConnection:
+        """The robust connection, opened on first use; raise BrokerUnavailable if RabbitMQ cannot be reached."""
+        if self._connection is None:
+            try:
+                self._connection = await aio_pika.connect_robust(self.cfg.url, timeout=self.cfg.connect_timeout)
+            except (TimeoutError, aio_pika.exceptions.AMQPError, OSError) as e:
+                raise BrokerUnavailable(f"RabbitMQ unreachable: {e or type(e).__name__}") from None
+            self.version = broker_version(self._connection)
+            self.log.info("connected to RabbitMQ %s at %s", self.version, redact_url(self.cfg.url))
+        return self._connection
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is up right now (False while a robust connection reconnects)."""
+        return self._connection is not None and self._connection.connected.is_set()
 
     async def _ensure_channel(self) -> aio_pika.abc.AbstractChannel:
         if self._channel is not None and not self._channel.is_closed:
@@ -803,23 +988,28 @@ class Broker:
         async with self._lock:
             if self._channel is not None and not self._channel.is_closed:
                 return self._channel
+            connection = await self.connect()
             try:
-                if self._connection is None:
-                    self._connection = await aio_pika.connect_robust(self.cfg.url, timeout=self.cfg.connect_timeout)
-                    self.version = broker_version(self._connection)
-                    log.getChild("api").info("connected to RabbitMQ %s at %s", self.version, redact_url(self.cfg.url))
-                channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
                 await declare_queues(channel, self.cfg)
-            except (TimeoutError, aio_pika.exceptions.AMQPError, OSError) as e:
-                if self._connection is not None:
-                    await self._connection.close()
-                    self._connection = None
+            except ConfigError as e:
+                self.log.error("%s", e)
+                raise BrokerUnavailable(str(e)) from None
+            except (TimeoutError, aio_pika.exceptions.AMQPError, OSError, RuntimeError) as e:
                 raise BrokerUnavailable(f"RabbitMQ unreachable: {e or type(e).__name__}") from None
             self._channel = channel
             return channel
 
-    async def publish(self, envelope: Envelope) -> None:
-        """Publish a task persistently and wait for the broker's confirm; raise BrokerUnavailable if none."""
+    async def publish(
+        self, envelope: Envelope, routing_key: str | None = None, headers: Mapping[str, Any] | None = None
+    ) -> None:
+        """Publish a task persistently (to the work queue by default) and wait for the confirm.
+
+        Raise BrokerUnavailable when RabbitMQ is unreachable, refuses (a full queue
+        nacks with reject-publish, an unroutable message is returned) or does not
+        confirm within ``publish_timeout``; a broker in a memory or disk alarm blocks
+        publishers silently, which the timeout turns into an answer.
+        """
         try:
             async with asyncio.timeout(self.cfg.publish_timeout):
                 channel = await self._ensure_channel()
@@ -829,8 +1019,11 @@ class Broker:
                     content_type="application/json",
                     message_id=envelope.id,
                     type=envelope.type,
+                    headers=dict(headers or {}),
                 )
-                await channel.default_exchange.publish(message, routing_key=self.cfg.queue, mandatory=True)
+                await channel.default_exchange.publish(
+                    message, routing_key=routing_key or self.cfg.queue, mandatory=True
+                )
         except TimeoutError:
             raise BrokerUnavailable(f"RabbitMQ did not confirm within {self.cfg.publish_timeout:g} s") from None
         except (aio_pika.exceptions.AMQPError, aio_pika.exceptions.DeliveryError, OSError, RuntimeError) as e:
@@ -844,10 +1037,75 @@ class Broker:
         except TimeoutError:
             raise BrokerUnavailable(f"RabbitMQ did not answer within {timeout:g} s") from None
 
+    @contextlib.asynccontextmanager
+    async def _dlq(self) -> AsyncIterator[tuple[aio_pika.abc.AbstractQueue | None, int]]:
+        """The dead-letter queue on a channel of its own, and its depth.
+
+        Messages fetched from it and not acknowledged go back when the channel closes.
+        """
+        await self._ensure_channel()  # declares the queues
+        connection = await self.connect()
+        try:
+            channel = await connection.channel()
+        except (aio_pika.exceptions.AMQPError, OSError, RuntimeError) as e:
+            raise BrokerUnavailable(f"RabbitMQ unreachable: {e or type(e).__name__}") from None
+        try:
+            queue = await channel.declare_queue(self.cfg.queue + DLQ_SUFFIX, passive=True)
+            yield queue, queue.declaration_result.message_count or 0
+        finally:
+            with contextlib.suppress(aio_pika.exceptions.AMQPError, OSError, RuntimeError):
+                await channel.close()
+
+    async def dead_letters(self, limit: int) -> tuple[list[dict[str, JSON]], int]:
+        """Up to ``limit`` dead letters, oldest first, and how many there are (the queue is left as it was)."""
+        items = []
+        async with self._dlq() as (queue, total):
+            for _ in range(min(limit, total)):
+                message = await queue.get(no_ack=False, fail=False) if queue else None
+                if message is None:
+                    break
+                items.append(dead_letter_info(message.message_id, message.body, message.headers))
+        return items, total
+
+    async def take_dead_letters(
+        self,
+        wanted: Callable[[dict[str, JSON]], bool],
+        take: Callable[[Envelope | None, dict[str, JSON]], Awaitable[None]],
+    ) -> int:
+        """Run ``take`` on every dead letter ``wanted`` selects, then remove it from the DLQ; return how many.
+
+        A dead letter is acknowledged only after ``take`` returned, so a failure
+        (RabbitMQ or Redis gone) leaves it in the DLQ.
+        """
+        taken = 0
+        async with self._dlq() as (queue, total):
+            for _ in range(total):
+                message = await queue.get(no_ack=False, fail=False) if queue else None
+                if message is None:
+                    break
+                item = dead_letter_info(message.message_id, message.body, message.headers)
+                if not wanted(item):
+                    continue
+                try:
+                    env: Envelope | None = Envelope.decode(message.body)
+                except EnvelopeError:
+                    env = None
+                await take(env, item)
+                await message.ack()
+                taken += 1
+        return taken
+
+    async def purge_dead_letters(self) -> int:
+        """Drop every dead letter; return how many there were."""
+        async with self._dlq() as (queue, _):
+            result = await queue.purge() if queue else None
+        return int(result.message_count or 0) if result else 0
+
     async def close(self) -> None:
         """Close the connection, if any."""
         if self._connection is not None:
-            await self._connection.close()
+            with contextlib.suppress(aio_pika.exceptions.AMQPError, OSError, RuntimeError):
+                await self._connection.close()
             self._connection = None
             self._channel = None
 
@@ -942,10 +1200,33 @@ class RedisState:
         )
         return None if res is None else (int(res[0]), int(res[1]))
 
+    async def reset(self, tid: str, ttype: str, payload: dict[str, Any]) -> None:
+        """Make a dead-lettered task pending again as if new: attempts, result, error and expiry cleared."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hdel(self.key(tid), *RESET_FIELDS)
+            pipe.persist(self.key(tid))
+            await self._update(
+                keys=[self.key(tid)],
+                args=[
+                    self.cfg.channel,
+                    update_message(tid, ttype, "pending", time.time(), {"attempts": 0}),
+                    "",
+                    0,
+                    "",
+                    *encode_fields({"id": tid, "type": ttype, "payload": payload, "attempts": 0, "status": "pending"}),
+                ],
+                client=pipe,
+            )
+            await pipe.execute()
+
     async def get(self, tid: str) -> dict[str, JSON] | None:
         """The task ``tid`` as the API shows it, or None."""
         raw = cast(dict[str, str], await self.client.hgetall(self.key(tid)))
         return decode_record(tid, raw) if raw else None
+
+    async def attempts_of(self, tid: str) -> int:
+        """How many runs of task ``tid`` have started."""
+        return int(cast(str | None, await self.client.hget(self.key(tid), "attempts")) or 0)
 
     async def status_of(self, tid: str) -> str | None:
         """Just the status of task ``tid``."""
@@ -1053,10 +1334,11 @@ def _json_error(status: int, message: str, **extra: JSON) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
 
+_Handler: TypeAlias = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
 @web.middleware
-async def _error_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
+async def _error_middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
     """API errors as JSON ``{"error": ...}``; unexpected exceptions logged and answered 500."""
     try:
         return await handler(request)
@@ -1073,6 +1355,19 @@ async def _error_middleware(
     except Exception:
         log.getChild("api").exception("unhandled error on %s %s", request.method, request.path)
         return _json_error(500, "internal error")
+
+
+@web.middleware
+async def _token_middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """With ``[api] token`` set, /api/* and /ws need it (Bearer header, or ?token= for the WebSocket)."""
+    token = request.app[CFG_KEY].api.token
+    if token and (request.path.startswith("/api/") or request.path == "/ws"):
+        query_token = request.query.get("token") if request.path == "/ws" else None
+        if not token_matches(token, request.headers.get("Authorization"), query_token):
+            response = _json_error(401, "missing or wrong token (Authorization: Bearer <token>)")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+    return await handler(request)
 
 
 _CSP: Final = (
@@ -1114,11 +1409,12 @@ async def api_submit(request: web.Request) -> web.Response:
     except (ValueError, UnicodeDecodeError):
         return _json_error(400, "body is not valid JSON")
     try:
-        ttype, payload = validate_submission(body, cfg.api.max_text)
+        sub = validate_submission(body, cfg)
     except ValidationError as e:
         extra = {"field": e.field} if e.field else {}
         return _json_error(400, str(e), **extra)
     tid = new_task_id()
+    ttype, payload = sub.type, sub.payload
     state = request.app[STATE_KEY]
     try:
         await state.create(tid, ttype.name, payload, time.time())
@@ -1126,7 +1422,7 @@ async def api_submit(request: web.Request) -> web.Response:
         log.getChild("api").warning("Redis unavailable, refusing task: %s", e)
         return _json_error(503, "task store (Redis) unavailable; nothing was queued, retry later")
     try:
-        await request.app[BROKER_KEY].publish(Envelope(tid, ttype.name, payload))
+        await request.app[BROKER_KEY].publish(Envelope(tid, ttype.name, payload, sub.timeout))
     except BrokerUnavailable as e:
         log.getChild("api").warning("refusing task %s: %s", tid, e)
         with contextlib.suppress(RedisError, OSError):
@@ -1163,6 +1459,66 @@ async def api_list_tasks(request: web.Request) -> web.Response:
     return web.json_response({"items": await request.app[STATE_KEY].recent(limit)})
 
 
+async def api_dlq_list(request: web.Request) -> web.Response:
+    """``GET /api/dlq?limit=N``: dead letters, oldest first, with the total."""
+    try:
+        limit = int(request.query.get("limit", "100"))
+        if not 1 <= limit <= MAX_LIST_LIMIT:
+            raise ValueError
+    except ValueError:
+        return _json_error(400, f"limit must be an integer between 1 and {MAX_LIST_LIMIT}")
+    try:
+        items, total = await request.app[BROKER_KEY].dead_letters(limit)
+    except BrokerUnavailable as e:
+        return _json_error(503, str(e))
+    return web.json_response({"items": items, "total": total})
+
+
+async def requeue_dead_letters(broker: Broker, state: RedisState, task_id: str | None) -> int:
+    """Put dead letters (one by id, or all) back on the work queue as fresh tasks; return how many."""
+
+    async def take(env: Envelope | None, item: dict[str, JSON]) -> None:
+        if env is None:
+            raise BrokerUnavailable(f"dead letter {item['id']!r} is not a task envelope; discard it instead")
+        await state.reset(env.id, env.type, env.payload)
+        await broker.publish(env)
+
+    def wanted(item: dict[str, JSON]) -> bool:
+        return task_id is None or item["id"] == task_id
+
+    return await broker.take_dead_letters(wanted, take)
+
+
+async def api_dlq_requeue(request: web.Request) -> web.Response:
+    """``POST /api/dlq/<id>/requeue`` (one) or ``POST /api/dlq/requeue`` (all): back to the queue as fresh tasks."""
+    task_id = request.match_info.get("id")
+    try:
+        count = await requeue_dead_letters(request.app[BROKER_KEY], request.app[STATE_KEY], task_id)
+    except BrokerUnavailable as e:
+        return _json_error(503, str(e))
+    except (RedisError, OSError):
+        return _json_error(503, "task store (Redis) unavailable; nothing was requeued")
+    if task_id is not None and count == 0:
+        return _json_error(404, f"no dead letter with id {task_id[:64]!r}")
+    return web.json_response({"requeued": count})
+
+
+async def api_dlq_discard(request: web.Request) -> web.Response:
+    """``DELETE /api/dlq/<id>``: drop one dead letter (the task stays ``failed``)."""
+    task_id = request.match_info["id"]
+
+    async def take(env: Envelope | None, item: dict[str, JSON]) -> None:
+        return None
+
+    try:
+        count = await request.app[BROKER_KEY].take_dead_letters(lambda item: item["id"] == task_id, take)
+    except BrokerUnavailable as e:
+        return _json_error(503, str(e))
+    if count == 0:
+        return _json_error(404, f"no dead letter with id {task_id[:64]!r}")
+    return web.json_response({"discarded": count})
+
+
 async def api_workers(request: web.Request) -> web.Response:
     """``GET /api/workers``: the workers whose heartbeat is alive."""
     items = await request.app[STATE_KEY].workers()
@@ -1197,12 +1553,22 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def ws_updates(request: web.Request) -> web.WebSocketResponse:
     """``GET /ws``: every task update, as JSON text frames (an object or an array of objects)."""
+    origin = request.headers.get("Origin")
+    if origin is not None and not origin_allowed(origin, request.host, request.app[CFG_KEY].api.allowed_origins):
+        return _json_error(403, f"WebSocket origin {origin[:100]!r} not allowed")  # type: ignore[return-value]
     ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT, max_msg_size=WS_MAX_MESSAGE)
     await ws.prepare(request)
     hub = request.app[HUB_KEY]
     client = WsClient(ws)
     hub.clients.add(client)
     sender = asyncio.create_task(client.send_loop())
+    # Join first, then send the current state: updates racing the snapshot carry
+    # higher sequence numbers, and clients keep the highest, so nothing is lost.
+    with contextlib.suppress(RedisError, OSError):
+        snapshot = [snapshot_update(t) for t in reversed(await request.app[STATE_KEY].recent(SNAPSHOT_SIZE))]
+        if snapshot:
+            client.pending[:0] = snapshot
+            client.wake.set()
     try:
         async for msg in ws:
             # Clients have nothing to say yet; whatever they send is ignored, and
@@ -1226,8 +1592,13 @@ async def _relay_updates(app: web.Application, subscribed: asyncio.Event) -> Non
         try:
             async with state.client.pubsub(ignore_subscribe_messages=True) as pubsub:
                 await pubsub.subscribe(cfg.redis.channel)
-                subscribed.set()
                 alog.info("relaying updates from Redis channel %r", cfg.redis.channel)
+                if subscribed.is_set():
+                    # Pub/sub drops what was published while we were away: resend the
+                    # current state of recent tasks so every client ends on the truth.
+                    for task in reversed(await state.recent(SNAPSHOT_SIZE)):
+                        hub.broadcast(snapshot_update(task))
+                subscribed.set()
                 delay = 0.1
                 async for msg in pubsub.listen():
                     if msg["type"] == "message":
@@ -1269,7 +1640,7 @@ async def _close_websockets(app: web.Application) -> None:
 def make_app(cfg: Config) -> web.Application:
     """The API application: routes, templates, the Redis relay and the RabbitMQ publisher."""
     load_handlers(cfg.handlers.modules)
-    app = web.Application(middlewares=[_error_middleware], client_max_size=cfg.api.client_max_size)
+    app = web.Application(middlewares=[_error_middleware, _token_middleware], client_max_size=cfg.api.client_max_size)
     app[CFG_KEY] = cfg
     app[HUB_KEY] = UpdateHub()
     aiohttp_jinja2.setup(
@@ -1284,6 +1655,10 @@ def make_app(cfg: Config) -> web.Application:
     app.router.add_get("/api/tasks", api_list_tasks)
     app.router.add_get("/api/tasks/{id}", api_get_task)
     app.router.add_get("/api/workers", api_workers)
+    app.router.add_get("/api/dlq", api_dlq_list)
+    app.router.add_post("/api/dlq/requeue", api_dlq_requeue)
+    app.router.add_post("/api/dlq/{id}/requeue", api_dlq_requeue)
+    app.router.add_delete("/api/dlq/{id}", api_dlq_discard)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/ws", ws_updates)
@@ -1315,6 +1690,14 @@ async def run_api(cfg: Config) -> int:
         await runner.cleanup()
         alog.error("cannot listen on %s:%d: %s", cfg.api.host, cfg.api.port, e.strerror or e)
         return 1
+    if not cfg.smtp.allow and cfg.api.host not in ("127.0.0.1", "::1", "localhost"):
+        alog.warning(
+            "[smtp] allow is empty and the API listens on %s: anyone who can reach it may send e-mail to any "
+            "address through %s:%d; set [smtp] allow (addresses or *@domain)",
+            cfg.api.host,
+            cfg.smtp.host,
+            cfg.smtp.port,
+        )
     alog.info(
         "listening on http://%s:%d (RabbitMQ %s, Redis %s)",
         cfg.api.host,
@@ -1385,20 +1768,50 @@ class TaskContext:
             await self._flusher
 
 
-async def run_handler(ttype: TaskType, payload: dict[str, Any], ctx: TaskContext) -> JSON:
-    """Run a handler: coroutines on the loop, plain functions in a thread; under its time limit."""
-    async with asyncio.timeout(ttype.timeout):
+async def run_handler(ttype: TaskType, payload: dict[str, Any], ctx: TaskContext, limit: float) -> JSON:
+    """Run a handler under its time limit: coroutines on the loop, plain functions in a thread.
+
+    Past the limit a coroutine is cancelled; a thread cannot be, so it runs on
+    unobserved while the attempt counts as failed.
+    """
+    async with asyncio.timeout(limit):
         if ttype.is_async:
             return await ttype.handler(payload, ctx)
         return await asyncio.to_thread(ttype.handler, payload, ctx)
 
 
-class Worker:
-    """Consumes the work queue: runs each task and reports started, then completed or failed."""
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """Why a run failed, and whether retrying could help."""
 
-    def __init__(self, cfg: Config, state: RedisState, instance: str = "") -> None:
+    error: str
+    traceback: str
+    permanent: bool
+
+
+def describe_failure(e: BaseException, limit: float) -> Failure:
+    """A handler's exception as a Failure: its message, the end of its traceback, whether permanent."""
+    if isinstance(e, TimeoutError):
+        return Failure(f"timed out after {limit:g} s", "", False)
+    permanent = isinstance(e, ValidationError | PermanentError)
+    error = str(e) if permanent else (f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+    tb = "".join(traceback.format_exception(e, limit=-TRACEBACK_FRAMES))[-TRACEBACK_CHARS:]
+    return Failure(error[:ERROR_CHARS], tb, permanent)
+
+
+class Worker:
+    """Consumes the work queue: runs each task, reports every change of state, retries, dead-letters.
+
+    The order of every step is what makes a task impossible to lose: the next
+    home of a message (a retry queue, the DLQ) is confirmed by RabbitMQ and its
+    state is written to Redis before the delivery is acknowledged, so a crash at
+    any point leaves the task either still on its queue or already moved on.
+    """
+
+    def __init__(self, cfg: Config, state: RedisState, broker: Broker, instance: str = "") -> None:
         self.cfg = cfg
         self.state = state
+        self.broker = broker
         self.host = socket.gethostname()
         self.name = f"{self.host}:{os.getpid()}"
         self.instance = instance
@@ -1436,7 +1849,7 @@ class Worker:
     async def on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         """Consumer callback: run the delivery (or hand it back when shutting down)."""
         if self.stopping:
-            await message.nack(requeue=True)
+            await self._settle(message.nack(requeue=True), "return")
             return
         task = asyncio.current_task()
         if task is not None:
@@ -1447,78 +1860,157 @@ class Worker:
             if task is not None:
                 self.inflight.discard(task)
 
+    async def _settle(self, settle: Awaitable[Any], what: str) -> None:
+        """Ack, nack or reject; after a reconnect the delivery tag is stale, and RabbitMQ redelivers the message."""
+        try:
+            await settle
+        except (aio_pika.exceptions.AMQPError, aio_pika.exceptions.MessageProcessError, OSError, RuntimeError) as e:
+            self.log.warning("could not %s a delivery (%s); RabbitMQ will redeliver it", what, e or type(e).__name__)
+
+    async def _durably(self, write: Callable[[], Awaitable[Any]]) -> Any:
+        """Run a Redis write, retrying with backoff while Redis is away (up to REDIS_PATIENCE seconds)."""
+        delay, deadline = 0.1, time.monotonic() + REDIS_PATIENCE
+        while True:
+            try:
+                return await write()
+            except (RedisError, OSError) as e:
+                if time.monotonic() > deadline:
+                    raise
+                self.log.warning("Redis unavailable (%s); retrying the write in %.1f s", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
     async def handle(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        """Run one delivery and acknowledge it once its final state is recorded."""
+        """Run one delivery to its end: completed, retried later, or dead-lettered; then acknowledge it."""
         try:
             env = Envelope.decode(message.body)
         except EnvelopeError as e:
             self.log.error("dead-lettering an unreadable message: %s", e)
-            await message.reject(requeue=False)
+            await self._settle(message.reject(requeue=False), "reject")
             return
         try:
-            await self.execute(env)
-        except (RedisError, OSError) as e:
-            # The outcome could not be recorded: hand the task back rather than ack it as done.
-            self.log.error("task %s: cannot record its state (%s); returning it to the queue", env.id, e)
-            await asyncio.sleep(1.0)
-            await message.nack(requeue=True)
+            acked = await self.execute(env, message)
+        except (RedisError, OSError, BrokerUnavailable) as e:
+            # The outcome could not be recorded or moved on: hand the task back rather than lose it.
+            self.log.error("task %s: %s; returning it to the queue", env.id, e)
+            await self._settle(message.nack(requeue=True), "return")
             return
-        await message.ack()
+        if not acked:
+            await self._settle(message.ack(), "ack")
         self.tasks_done += 1
 
-    async def execute(self, env: Envelope) -> None:
-        """Record started, run the handler, record completed or failed."""
-        status = await self.state.status_of(env.id)
+    async def execute(self, env: Envelope, message: aio_pika.abc.AbstractIncomingMessage) -> bool:
+        """Record started, run the handler, then record and route the outcome. Return True if already settled."""
+        headers = message.headers or {}
+        status = await self._durably(lambda: self.state.status_of(env.id))
         if status in ("completed", "failed"):
             self.log.info("task %s is already %s; acknowledging the redelivery without running it", env.id, status)
-            return
-        written = await self.state.update(
-            env.id,
-            env.type,
-            "started",
-            {"worker": self.name, "started_at": time.time(), "progress": None},
-            public=("worker",),
-            counter="attempts",
+            return False
+        deliveries = _int_header(headers, "x-delivery-count")
+        retries = _int_header(headers, "x-retries")
+        if deliveries >= self.cfg.broker.delivery_limit - 1:
+            # It was delivered this often without being settled: it keeps killing its worker.
+            failure = Failure(f"worker died {deliveries} times running this task (delivery limit)", "", True)
+            await self.give_up(env, failure, retries, headers)
+            return False
+        written = await self._durably(
+            lambda: self.state.update(
+                env.id,
+                env.type,
+                "started",
+                {"worker": self.name, "started_at": time.time()},
+                public=("worker",),
+                counter="attempts",
+            )
         )
-        attempt = written[1] if written else 1
+        attempt = written[1] if written else retries + 1
         self.in_hand[env.id] = time.time()
         try:
-            await self._run(env, attempt)
+            outcome = await self.run(env, attempt)
         finally:
             self.in_hand.pop(env.id, None)
+        if isinstance(outcome, Failure):
+            if outcome.permanent or retries >= self.cfg.broker.max_retries:
+                await self.give_up(env, outcome, retries, headers)
+            else:
+                await self.retry_later(env, outcome, retries, headers, attempt)
+            return False
+        await self._durably(
+            lambda: self.state.update(
+                env.id,
+                env.type,
+                "completed",
+                {"result": outcome, "finished_at": time.time()},
+                public=("result",),
+                ttl=self.cfg.redis.result_ttl,
+            )
+        )
+        return False
 
-    async def _run(self, env: Envelope, attempt: int) -> None:
+    async def run(self, env: Envelope, attempt: int) -> JSON | Failure:
+        """Run the handler; return its result, or a Failure."""
         ctx = TaskContext(env.id, env.type, attempt, self.cfg, self.state)
         ttype = REGISTRY.get(env.type)
+        limit = task_time_limit(self.cfg.broker, env.timeout, ttype.timeout if ttype else None)
         try:
             if ttype is None:
-                raise PermanentError(f"unknown task type {env.type!r}")
-            payload = validate_payload(ttype, env.payload, self.cfg.api.max_text)
-            result = await run_handler(ttype, payload, ctx)
+                raise PermanentError(f"unknown task type {env.type!r} (this worker has {', '.join(sorted(REGISTRY))})")
+            payload = validate_payload(ttype, env.payload, self.cfg)
+            result = await run_handler(ttype, payload, ctx, limit)
             dumps(result)  # a result that cannot be stored is a failure of the task, not of the worker
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            error = _describe_error(e, ttype)
-            self.log.warning("task %s (%s) failed: %s", env.id, env.type, error)
+            failure = describe_failure(e, limit)
+            self.log.warning("task %s (%s) attempt %d failed: %s", env.id, env.type, attempt, failure.error)
             await ctx.drain()
-            await self.state.update(
+            return failure
+        await ctx.drain()
+        return result
+
+    async def retry_later(
+        self, env: Envelope, failure: Failure, retries: int, headers: Mapping[str, Any], attempt: int
+    ) -> None:
+        """Record ``retrying``, then park the task in the retry queue of its delay (confirmed)."""
+        delay = retry_delay_for(retries + 1, self.cfg.broker.retry_delays)
+        now = time.time()
+        await self._durably(
+            lambda: self.state.update(
+                env.id,
+                env.type,
+                "retrying",
+                {"error": failure.error, "next_attempt_at": now + delay, "attempt": attempt, "retries": retries + 1},
+                public=("error", "next_attempt_at", "attempt"),
+            )
+        )
+        retry_headers = {
+            "x-retries": retries + 1,
+            "x-first-failed-at": headers.get("x-first-failed-at") or now,
+            "x-last-error": failure.error,
+        }
+        await self.broker.publish(env, retry_queue_name(self.cfg.broker, delay), retry_headers)
+
+    async def give_up(self, env: Envelope, failure: Failure, retries: int, headers: Mapping[str, Any]) -> None:
+        """Send the task to the DLQ with why (confirmed), then record ``failed``."""
+        now = time.time()
+        attempts = await self._durably(lambda: self.state.attempts_of(env.id))
+        dlq_headers = {
+            "x-error": failure.error,
+            "x-traceback": failure.traceback,
+            "x-attempts": attempts or retries + 1,
+            "x-first-failed-at": headers.get("x-first-failed-at") or now,
+            "x-last-failed-at": now,
+        }
+        await self.broker.publish(env, self.cfg.broker.queue + DLQ_SUFFIX, dlq_headers)
+        await self._durably(
+            lambda: self.state.update(
                 env.id,
                 env.type,
                 "failed",
-                {"error": error, "finished_at": time.time()},
+                {"error": failure.error, "finished_at": now},
                 public=("error",),
                 ttl=self.cfg.redis.result_ttl,
             )
-            return
-        await ctx.drain()
-        await self.state.update(
-            env.id,
-            env.type,
-            "completed",
-            {"result": result, "finished_at": time.time()},
-            public=("result",),
-            ttl=self.cfg.redis.result_ttl,
         )
 
     async def drain(self) -> None:
@@ -1527,27 +2019,49 @@ class Worker:
             await asyncio.gather(*list(self.inflight), return_exceptions=True)
 
 
-def _describe_error(e: BaseException, ttype: TaskType | None) -> str:
-    if isinstance(e, TimeoutError) and ttype is not None and ttype.timeout:
-        return f"timed out after {ttype.timeout:g} s"
-    if isinstance(e, ValidationError | PermanentError):
-        return str(e)
-    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+def _int_header(headers: Mapping[str, Any], name: str) -> int:
+    value = headers.get(name)
+    try:
+        return int(value) if value is not None else 0
+    except (TypeError, ValueError):
+        return 0
 
 
-async def _connect_worker(cfg: Config, stop: asyncio.Event) -> aio_pika.abc.AbstractRobustConnection | None:
-    """Connect to RabbitMQ, retrying with backoff until connected or asked to stop."""
+async def _connect_worker(broker: Broker, stop: asyncio.Event) -> aio_pika.abc.AbstractRobustConnection | None:
+    """Connect to RabbitMQ, retrying with backoff and jitter until connected or asked to stop."""
     wlog = log.getChild("worker")
     delay = 0.5
     while not stop.is_set():
         try:
-            return await aio_pika.connect_robust(cfg.broker.url, timeout=cfg.broker.connect_timeout)
-        except (TimeoutError, aio_pika.exceptions.AMQPError, OSError) as e:
-            wlog.warning("RabbitMQ at %s unreachable (%s); retrying in %.1f s", redact_url(cfg.broker.url), e, delay)
+            return await broker.connect()
+        except BrokerUnavailable as e:
+            wait = delay * (1 + random.random() / 2)
+            wlog.warning("%s; retrying in %.1f s", e, wait)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+                await asyncio.wait_for(stop.wait(), wait)
             delay = min(delay * 2, 10.0)
     return None
+
+
+async def _watch_consumer(
+    broker: Broker, channel: aio_pika.abc.AbstractChannel, stop: asyncio.Event, limit: float
+) -> bool:
+    """Return True if the consumer has been down (connection or channel) longer than ``limit`` seconds.
+
+    Robust reconnection has had bugs where consumers silently were not restored;
+    exiting lets supervisord start a fresh process instead of idling half-alive.
+    """
+    down_since: float | None = None
+    while not stop.is_set():
+        if broker.connected and not channel.is_closed:
+            down_since = None
+        else:
+            down_since = down_since or time.monotonic()
+            if time.monotonic() - down_since > limit:
+                return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), min(1.0, limit / 4))
+    return False
 
 
 async def run_worker(cfg: Config) -> int:
@@ -1556,29 +2070,35 @@ async def run_worker(cfg: Config) -> int:
     load_handlers(cfg.handlers.modules)
     stop = _stop_event()
     state = RedisState(cfg.redis)
-    connection = await _connect_worker(cfg, stop)
+    broker = Broker(cfg.broker, role="worker")
+    connection = await _connect_worker(broker, stop)
     if connection is None:
         await state.close()
         return 0
+    code = 0
     try:
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=cfg.broker.prefetch)
         queue = await declare_queues(channel, cfg.broker)
-        worker = Worker(cfg, state, os.environ.get("ASYNCNODE_INSTANCE", ""))
+        worker = Worker(cfg, state, broker, os.environ.get("ASYNCNODE_INSTANCE", ""))
         heartbeat = asyncio.create_task(worker.heartbeat_loop())
         tag = await queue.consume(worker.on_message)
         wlog.info(
             "worker %s consuming %r from RabbitMQ %s (prefetch %d; types: %s)",
             worker.name,
             cfg.broker.queue,
-            broker_version(connection),
+            broker.version,
             cfg.broker.prefetch,
             ", ".join(sorted(REGISTRY)),
         )
-        await stop.wait()
+        if await _watch_consumer(broker, channel, stop, cfg.broker.no_consumer_exit):
+            wlog.error(
+                "no working consumer for %g s; exiting so that a fresh process takes over", cfg.broker.no_consumer_exit
+            )
+            code = 1
         wlog.info("stopping: finishing %d task(s) in hand", len(worker.inflight))
         worker.stopping = True
-        with contextlib.suppress(aio_pika.exceptions.AMQPError, OSError):
+        with contextlib.suppress(aio_pika.exceptions.AMQPError, OSError, RuntimeError):
             await queue.cancel(tag)
         await worker.drain()
         heartbeat.cancel()
@@ -1586,10 +2106,10 @@ async def run_worker(cfg: Config) -> int:
         with contextlib.suppress(RedisError, OSError):
             await state.forget_worker(worker.name)
     finally:
-        await connection.close()
+        await broker.close()
         await state.close()
     wlog.info("stopped after %d task(s)", worker.tasks_done)
-    return 0
+    return code
 
 
 # ============================================================================

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
@@ -9,19 +10,26 @@ from typing import Any
 
 import aiosmtplib
 
-from asyncnode import Field, TaskContext, ValidationError, task
+from asyncnode import Config, Field, PermanentError, TaskContext, ValidationError, task
 
 #: One bare address: no display name, no list, no spaces, exactly one "@".
 _ADDRESS = re.compile(r"[^@\s<>(),;:\"\[\]\\]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
 
 
-def validate_email(payload: dict[str, Any]) -> None:
-    """Refuse anything but one plain address, and CR/LF in headers (header injection)."""
+def recipient_allowed(address: str, allow: tuple[str, ...]) -> bool:
+    """Whether ``[smtp] allow`` (addresses or ``*@domain`` patterns; empty: any) admits ``address``."""
+    return not allow or any(fnmatch.fnmatchcase(address.lower(), pattern.lower()) for pattern in allow)
+
+
+def validate_email(payload: dict[str, Any], cfg: Config) -> None:
+    """Refuse anything but one plain, allowed address, and CR/LF in headers (header injection)."""
     for name in ("to", "subject"):
         if "\r" in payload[name] or "\n" in payload[name]:
             raise ValidationError(f"payload.{name} must not contain line breaks", name)
     if not _ADDRESS.fullmatch(payload["to"]):
         raise ValidationError("payload.to must be one e-mail address, like name@example.com", "to")
+    if not recipient_allowed(payload["to"], cfg.smtp.allow):
+        raise ValidationError("payload.to is not an allowed recipient ([smtp] allow)", "to")
 
 
 @task(
@@ -45,13 +53,23 @@ async def send_email(payload: dict[str, Any], ctx: TaskContext) -> dict[str, str
     msg["Message-ID"] = make_msgid(idstring=ctx.id.split("-")[0], domain=smtp.sender.rpartition("@")[2] or None)
     msg["X-Asyncnode-Task"] = ctx.id
     msg.set_content(payload["body"])
-    await aiosmtplib.send(
-        msg,
-        hostname=smtp.host,
-        port=smtp.port,
-        username=smtp.username or None,
-        password=smtp.password or None,
-        start_tls=smtp.starttls,
-        timeout=smtp.timeout,
-    )
+    try:
+        await aiosmtplib.send(
+            msg,
+            hostname=smtp.host,
+            port=smtp.port,
+            username=smtp.username or None,
+            password=smtp.password or None,
+            start_tls=smtp.starttls,
+            timeout=smtp.timeout,
+        )
+    except aiosmtplib.SMTPRecipientsRefused as e:
+        if all(r.code >= 500 for r in e.recipients):
+            raise PermanentError(f"SMTP server refused the recipient: {e.recipients[0].message}") from e
+        raise
+    except aiosmtplib.SMTPResponseException as e:
+        # 5xx is a permanent rejection; 4xx (and an unreachable server) are worth retrying.
+        if e.code >= 500:
+            raise PermanentError(f"SMTP server rejected the message: {e.code} {e.message}") from e
+        raise
     return {"to": payload["to"], "message_id": msg["Message-ID"]}

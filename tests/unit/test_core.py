@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,9 +18,12 @@ def _handlers() -> None:
     asyncnode.load_handlers(["handlers"])
 
 
-def check(body: Any) -> tuple[str, dict[str, Any]]:
-    ttype, payload = asyncnode.validate_submission(body, MAX_TEXT)
-    return ttype.name, payload
+CFG = asyncnode.Config(path=Path("test.toml"), api=asyncnode.ApiConfig(max_text=MAX_TEXT))
+
+
+def check(body: Any, cfg: asyncnode.Config = CFG) -> tuple[str, dict[str, Any]]:
+    sub = asyncnode.validate_submission(body, cfg)
+    return sub.type.name, sub.payload
 
 
 def test_builtin_task_types_are_registered() -> None:
@@ -42,6 +46,9 @@ def test_valid_submissions() -> None:
         ({"type": 3}, "'type' is required and must be a string", "type"),
         ({"type": "nope"}, "unknown task type 'nope' (known: ", "type"),
         ({"type": "reverse", "extra": 1}, "unknown key(s) in body: extra", None),
+        ({"type": "noop", "timeout": 0}, "'timeout' must be a number of seconds above 0 and at most 1500", "timeout"),
+        ({"type": "noop", "timeout": 1501}, "'timeout' must be", "timeout"),
+        ({"type": "noop", "timeout": "5"}, "'timeout' must be", "timeout"),
         ({"type": "reverse", "payload": []}, "'payload' must be a JSON object", "payload"),
         ({"type": "reverse", "payload": {}}, "payload.text is required", "text"),
         ({"type": "reverse", "payload": {"text": 5}}, "payload.text must be a string", "text"),

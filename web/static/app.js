@@ -3,6 +3,16 @@
 // Security notes: the page runs under a strict CSP (no inline script/style), and
 // data coming from the server or the user is only ever written with textContent or
 // attributes -- never innerHTML -- because task payloads/results may contain markup.
+//
+// DOM hooks (tests rely on them): #conn[data-state], #task-rows > tr[data-id][data-status]
+// with td.id/.type/.status/.progress/.attempts/.worker/.time/.result, span.badge.status-*,
+// #tasks-empty, #task-count, form.task-form[data-type] with [name][data-kind] fields,
+// #<field-id>-err and [role="status"]; the token dialog: #token-dialog, #token-form,
+// #token-input, #token-error, #token-submit, #token-cancel.
+//
+// Access token: when the server has `[api] token`, every /api/* call needs
+// `Authorization: Bearer <token>` and the socket needs /ws?token=<token>. The token is
+// asked for once (on the first 401) and kept in sessionStorage for this tab's session.
 'use strict';
 
 const MAX_ROWS = 200;    // rendered table rows cap
@@ -11,6 +21,7 @@ const WS_MIN = 500;      // reconnect backoff start (ms)
 const WS_MAX = 10000;    // reconnect backoff ceiling (ms)
 const RESULT_MAX = 500;  // chars of result/error shown in a cell (full text in title)
 const TERMINAL = new Set(['completed', 'failed', 'rejected']);
+const TOKEN_KEY = 'asyncnode.token'; // sessionStorage key of the API access token
 
 const tasks = new Map(); // id -> merged task object
 const rows = new Map();  // id -> <tr> currently in the table
@@ -19,18 +30,63 @@ let frameQueued = false;
 
 // ---------------------------------------------------------------- task state
 
-/** Merge a full task or a partial update into the store, honouring per-task seq. */
+/** A finite number from a number or numeric string (seq, attempt, times), else null. */
+function toNum(x) {
+  const v = typeof x === 'number' ? x : typeof x === 'string' && x.trim() !== '' ? Number(x) : NaN;
+  return Number.isFinite(v) ? v : null;
+}
+
+const isTime = (v) => typeof v === 'number' && Number.isFinite(v);
+
+/**
+ * Merge a full task or a partial update into the store, honouring per-task seq.
+ *
+ * Updates arrive twice and out of order (REST list, socket updates, the snapshot the
+ * server sends on every (re)connect), so a task only ever moves forward: data with a
+ * seq not above the one held is not applied, and neither is data without a seq once
+ * the task has a real one. Such stale data may still fill in a missing type/payload,
+ * and a real created_at always replaces one guessed from `ts`.
+ */
 function mergeTask(u) {
   if (!u || typeof u !== 'object' || Array.isArray(u) || typeof u.id !== 'string' || !u.id) return;
   const cur = tasks.get(u.id);
-  // Updates can arrive twice or out of order (socket vs. REST snapshot): only newer seq wins.
-  if (cur && typeof u.seq === 'number' && typeof cur.seq === 'number' && u.seq <= cur.seq) return;
+  if (cur) {
+    const have = toNum(cur.seq);
+    const got = toNum(u.seq);
+    const newer = have === null || cur._local ? true : got !== null && got > have;
+    if (!newer) {
+      let changed = false;
+      for (const k of ['type', 'payload']) {
+        if (cur[k] == null && u[k] != null) { cur[k] = u[k]; changed = true; }
+      }
+      if (isTime(u.created_at) && (cur._tsCreated || cur.created_at == null)) {
+        cur.created_at = u.created_at;
+        delete cur._tsCreated;
+        changed = true;
+      }
+      if (changed) markDirty(u.id);
+      return;
+    }
+  }
+  const prevStatus = cur ? cur.status : undefined;
   const t = Object.assign(cur || {}, u);
+  if (typeof u.status === 'string' && u.status !== prevStatus) {
+    // progress/note describe one running attempt: a new status (a retry, a new start,
+    // the end) must not keep showing the previous attempt's values.
+    if (!('progress' in u)) delete t.progress;
+    if (!('note' in u)) delete t.note;
+  }
+  if (isTime(u.created_at)) delete t._tsCreated;
   // Socket updates carry `ts` instead of explicit timestamps; derive what we can so that
   // ages/durations also work for tasks we first learned about over the socket.
-  if (typeof u.ts === 'number') {
-    if (t.created_at == null || t._local) t.created_at = u.ts; // replace client-clock guess
-    if (u.status === 'started' && t.started_at == null) t.started_at = u.ts;
+  if (isTime(u.ts)) {
+    if (t.created_at == null || t._local) { // none yet, or replace the client-clock guess
+      t.created_at = u.ts;
+      t._tsCreated = true;
+    }
+    if (u.status === 'started' && (t.started_at == null || (prevStatus !== 'started' && !isTime(u.started_at)))) {
+      t.started_at = u.ts; // a new attempt starts its own clock
+    }
     if (TERMINAL.has(u.status) && t.finished_at == null) t.finished_at = u.ts;
   }
   if (!u._local) delete t._local; // real server data has replaced the optimistic guess
@@ -125,11 +181,37 @@ function updateRow(tr, t) {
   renderResult(c[7], t, status);
 }
 
+const pad2 = (n) => String(n).padStart(2, '0');
+
+/** Local wall-clock HH:MM:SS of a unix time in seconds, or '' if it is not a time. */
+function clockTime(sec) {
+  const n = toNum(sec);
+  if (n === null) return '';
+  const d = new Date(n * 1000);
+  return `${pad2(d.getHours())}:${pad2(d.getMinutes())}:${pad2(d.getSeconds())}`;
+}
+
+/** "retry N at HH:MM:SS — error" for a task waiting for its next attempt. */
+function retryText(t) {
+  const n = toNum(t.attempt);
+  const at = clockTime(t.next_attempt_at);
+  let text = 'retry';
+  if (n !== null) text += ` ${n}`;
+  if (at) text += ` at ${at}`;
+  if (t.error != null && t.error !== '') {
+    text += ` \u2014 ${typeof t.error === 'string' ? t.error : JSON.stringify(t.error)}`;
+  }
+  return text;
+}
+
 function renderResult(cell, t, status) {
-  const failing = status === 'failed' || status === 'rejected' || status === 'retrying';
+  const failing = status === 'failed' || status === 'rejected';
   let text = '';
   let cls = '';
-  if (failing && t.error != null && t.error !== '') {
+  if (status === 'retrying') {
+    text = retryText(t);
+    cls = 'retry';
+  } else if (failing && t.error != null && t.error !== '') {
     text = typeof t.error === 'string' ? t.error : JSON.stringify(t.error);
     cls = 'error';
   } else if (t.result !== undefined && (t.result !== null || status === 'completed')) {
@@ -170,6 +252,183 @@ function timeText(t) {
   }
   if (t.status === 'started' && t.started_at != null) return `running ${fmtDur(now - t.started_at)}`;
   return t.created_at != null ? `${fmtDur(now - t.created_at)} ago` : '';
+}
+
+// ---------------------------------------------------------------- access token
+
+let memToken = '';      // fallback when sessionStorage is unavailable (blocked storage)
+let storageOk = true;
+
+/** The access token known for this session, or '' if none. */
+function getToken() {
+  if (storageOk) {
+    try { return sessionStorage.getItem(TOKEN_KEY) || ''; } catch (e) { storageOk = false; }
+  }
+  return memToken;
+}
+
+function setToken(token) {
+  memToken = token;
+  if (!storageOk) return;
+  try {
+    if (token) sessionStorage.setItem(TOKEN_KEY, token);
+    else sessionStorage.removeItem(TOKEN_KEY);
+  } catch (e) { storageOk = false; }
+}
+
+// One prompt at a time: every call that got a 401 waits on the same open dialog.
+const tokenPrompt = {
+  waiters: [],      // resolve functions of calls waiting for a token (null = dismissed)
+  checking: null,   // token submitted from the dialog whose first answer is still awaited
+  returnFocus: null,
+};
+
+const tokenEl = (name) => document.getElementById(`token-${name}`);
+
+function setTokenError(text) {
+  const err = tokenEl('error');
+  const input = tokenEl('input');
+  if (err) err.textContent = text;
+  if (input) {
+    if (text) input.setAttribute('aria-invalid', 'true');
+    else input.removeAttribute('aria-invalid');
+  }
+}
+
+function openTokenDialog() {
+  const dlg = tokenEl('dialog');
+  if (!dlg || dlg.open) return;
+  tokenPrompt.returnFocus = document.activeElement;
+  const input = tokenEl('input');
+  if (input) input.value = '';
+  setTokenError('');
+  try {
+    if (typeof dlg.showModal === 'function') dlg.showModal();
+    else dlg.setAttribute('open', '');
+  } catch (e) {
+    dlg.setAttribute('open', ''); // e.g. already open non-modally
+  }
+  if (input) input.focus();
+}
+
+function closeTokenDialog() {
+  const dlg = tokenEl('dialog');
+  if (!dlg || !dlg.open) return;
+  if (typeof dlg.close === 'function') dlg.close(); // fires 'close' -> onTokenDialogClosed
+  else { dlg.removeAttribute('open'); onTokenDialogClosed(); }
+}
+
+/** The dialog closed (token accepted, Cancel or Escape): release whoever still waits. */
+function onTokenDialogClosed() {
+  const dlg = tokenEl('dialog');
+  if (dlg && dlg.open) return; // reopened before this (asynchronous) event ran
+  tokenPrompt.checking = null;
+  for (const resolve of tokenPrompt.waiters.splice(0)) resolve(null);
+  const back = tokenPrompt.returnFocus;
+  tokenPrompt.returnFocus = null;
+  if (back && back !== document.body && document.contains(back) && typeof back.focus === 'function') {
+    back.focus();
+  }
+}
+
+/** Resolves with the token the user submits, or null if the dialog is dismissed. */
+function waitForToken() {
+  if (!tokenEl('dialog')) return Promise.resolve(null);
+  openTokenDialog();
+  return new Promise((resolve) => tokenPrompt.waiters.push(resolve));
+}
+
+function onTokenSubmit(ev) {
+  ev.preventDefault();
+  const input = tokenEl('input');
+  const value = input ? input.value.trim() : '';
+  if (!value) {
+    setTokenError('Enter the access token.');
+    if (input) input.focus();
+    return;
+  }
+  // An HTTP header can carry only this; anything else cannot be the server's token.
+  if (!/^[\x20-\x7e]+$/.test(value)) {
+    setTokenError('wrong token');
+    if (input) { input.focus(); input.select(); }
+    return;
+  }
+  setToken(value);
+  setTokenError('');
+  tokenPrompt.checking = value; // the next answer to a call made with it decides
+  const waiters = tokenPrompt.waiters.splice(0);
+  for (const resolve of waiters) resolve(value); // each waiting call retries with it
+  if (!waiters.length) verifyToken(); // nothing to retry: check the token ourselves
+  if (authBlocked && !sock) connect();
+}
+
+/** Check a token submitted while no call was waiting; on success catch up on tasks. */
+async function verifyToken() {
+  try {
+    const res = await api('/api/tasks?limit=1', { headers: { Accept: 'application/json' }, cache: 'no-store' });
+    if (res.status !== 401) loadTasks();
+  } catch (e) {
+    if (tokenEl('dialog') && tokenEl('dialog').open) setTokenError('Could not reach the server; try again.');
+  }
+}
+
+function initTokenDialog() {
+  const dlg = tokenEl('dialog');
+  if (!dlg) return;
+  const form = tokenEl('form') || dlg.querySelector('form');
+  if (form) form.addEventListener('submit', onTokenSubmit);
+  dlg.addEventListener('close', onTokenDialogClosed);
+  const cancel = tokenEl('cancel');
+  if (cancel) cancel.addEventListener('click', closeTokenDialog);
+  const input = tokenEl('input');
+  if (input) input.addEventListener('input', () => setTokenError(''));
+}
+
+/**
+ * fetch() for every /api/* call: adds `Authorization: Bearer <token>` when a token is
+ * known. On a 401 it asks for the token (one shared dialog for concurrent calls) and
+ * retries; a retry answered 401 again shows "wrong token" and keeps the dialog open.
+ * Resolves with the final Response (a 401 one only if the dialog was dismissed);
+ * rejects like fetch() on a network error.
+ */
+async function api(path, options = {}) {
+  let token = getToken();
+  for (;;) {
+    const headers = {};
+    const given = options.headers;
+    if (given && typeof given.forEach === 'function' && !Array.isArray(given)) {
+      given.forEach((v, k) => { headers[k] = v; }); // a Headers object
+    } else if (given) {
+      Object.assign(headers, Array.isArray(given) ? Object.fromEntries(given) : given);
+    }
+    if (token) headers.Authorization = `Bearer ${token}`;
+    let res;
+    try {
+      res = await fetch(path, Object.assign({}, options, { headers }));
+    } catch (e) {
+      if (token && tokenPrompt.checking === token) {
+        tokenPrompt.checking = null;
+        setTokenError('Could not reach the server; try again.');
+      }
+      throw e;
+    }
+    if (res.status !== 401) {
+      if (token && tokenPrompt.checking === token) closeTokenDialog(); // the token works
+      return res;
+    }
+    const now = getToken();
+    if (now !== token) { token = now; continue; } // set meanwhile (another call's prompt)
+    if (token && tokenPrompt.checking === token) {
+      tokenPrompt.checking = null;
+      setTokenError('wrong token');
+      openTokenDialog(); // (still open: keep it so)
+      const input = tokenEl('input');
+      if (input) { input.focus(); input.select(); }
+    }
+    const next = await waitForToken();
+    if (next === null) return res; // dismissed: the caller sees the 401
+    token = next;
+  }
 }
 
 // ---------------------------------------------------------------- forms
@@ -224,7 +483,7 @@ async function submitTask(form) {
   try {
     let res;
     try {
-      res = await fetch('/api/tasks', {
+      res = await api('/api/tasks', {
         method: 'POST',
         headers: { 'Content-Type': 'application/json', Accept: 'application/json' },
         body: JSON.stringify({ type, payload: collectPayload(form) }),
@@ -245,6 +504,8 @@ async function submitTask(form) {
         mergeTask({ id, type, status: body.status || 'pending', seq: -1,
           created_at: Date.now() / 1000, _local: true });
       }
+    } else if (res.status === 401) {
+      setStatus(form, 'Error: an access token is required to queue tasks.', 'error');
     } else if (res.status === 503) {
       setStatus(form, `Service unavailable${msg ? `: ${msg}` : ', try again shortly.'}`, 'error');
     } else if (res.status >= 400 && res.status < 500) {
@@ -271,7 +532,7 @@ function initForms() {
 
 async function loadTasks() {
   try {
-    const res = await fetch('/api/tasks?limit=100', { headers: { Accept: 'application/json' }, cache: 'no-store' });
+    const res = await api('/api/tasks?limit=100', { headers: { Accept: 'application/json' }, cache: 'no-store' });
     if (!res.ok) return;
     const data = await res.json();
     if (data && Array.isArray(data.items)) data.items.forEach(mergeTask);
@@ -282,6 +543,8 @@ function handleFrame(data) {
   if (typeof data !== 'string') return;
   let msg;
   try { msg = JSON.parse(data); } catch (e) { return; } // ignore garbage frames
+  // An array is several queued updates, or the snapshot of recent tasks the server sends
+  // on connect and after a Redis outage: the same update objects, merged by seq.
   if (Array.isArray(msg)) msg.forEach(mergeTask);
   else mergeTask(msg);
 }
@@ -290,6 +553,7 @@ let sock = null;
 let backoff = WS_MIN;
 let openedAt = 0;
 let reconnectTimer = 0;
+let authBlocked = false; // the socket needs a token and the prompt was dismissed
 
 function setConn(state, text) {
   const el = document.getElementById('conn');
@@ -301,11 +565,16 @@ function setConn(state, text) {
 function connect() {
   clearTimeout(reconnectTimer);
   reconnectTimer = 0;
-  const url = `${location.protocol === 'https:' ? 'wss:' : 'ws:'}//${location.host}/ws`;
+  authBlocked = false;
+  const token = getToken();
+  const query = token ? `?token=${encodeURIComponent(token)}` : '';
+  const url = `${location.protocol === 'https:' ? 'wss:' : 'ws:'}//${location.host}/ws${query}`;
   let s;
   try { s = new WebSocket(url); } catch (e) { scheduleReconnect(); return; }
   sock = s;
+  let opened = false;
   s.addEventListener('open', () => {
+    opened = true;
     openedAt = Date.now();
     setConn('live', 'live');
     loadTasks(); // catch up on anything missed while disconnected
@@ -315,8 +584,32 @@ function connect() {
   s.addEventListener('close', () => {
     if (sock !== s) return;
     sock = null;
-    scheduleReconnect();
+    if (opened) scheduleReconnect();
+    else onOpenFailed(token); // maybe refused for want of a (valid) token
   });
+}
+
+/**
+ * The socket never opened. A browser does not expose the upgrade's HTTP status, so ask
+ * the API: a 401 there means the token is missing or wrong, and api() prompts for it;
+ * once a new token is known reconnect at once, otherwise back off as usual.
+ */
+async function onOpenFailed(usedToken) {
+  setConn('reconnecting', 'reconnecting…');
+  let res;
+  try {
+    res = await api('/api/tasks?limit=1', { headers: { Accept: 'application/json' }, cache: 'no-store' });
+  } catch (e) {
+    res = null; // server unreachable: plain backoff
+  }
+  if (sock || reconnectTimer) return; // reconnected meanwhile (e.g. 'online', new token)
+  if (res && res.status === 401) { // prompt dismissed: wait for a token before retrying
+    authBlocked = true;
+    setConn('auth', 'access token required');
+    return;
+  }
+  if (res && getToken() !== usedToken) { backoff = WS_MIN; connect(); return; }
+  scheduleReconnect();
 }
 
 function scheduleReconnect() {
@@ -333,6 +626,7 @@ function scheduleReconnect() {
 // ---------------------------------------------------------------- boot
 
 function init() {
+  initTokenDialog();
   initForms();
   loadTasks();
   connect();

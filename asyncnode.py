@@ -2243,6 +2243,42 @@ async def run_check(cfg: Config, args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+async def run_dlq(cfg: Config, args: argparse.Namespace) -> int:
+    """``dlq list``, ``dlq requeue [ID ...]`` (all when no id) or ``dlq purge``."""
+    broker, state = Broker(cfg.broker, role="dlq"), RedisState(cfg.redis)
+    try:
+        if args.action == "list":
+            items, total = await broker.dead_letters(MAX_LIST_LIMIT)
+            for item in items:
+                when = item["failed_at"]
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if isinstance(when, float) else "?"
+                print(
+                    f"{item['id']}  {item['type'] or '?':<10}  {stamp}  attempts={item['attempts'] or '?'}  "
+                    f"{item['error']}"
+                )
+            print(f"{total} dead letter(s) in {cfg.broker.queue + DLQ_SUFFIX}")
+        elif args.action == "requeue":
+            count = 0
+            for task_id in args.ids or [None]:
+                n = await requeue_dead_letters(broker, state, task_id)
+                if task_id is not None and n == 0:
+                    print(f"asyncnode: no dead letter with id {task_id}", file=sys.stderr)
+                count += n
+            print(f"requeued {count} task(s)")
+        else:
+            print(f"purged {await broker.purge_dead_letters()} dead letter(s)")
+    except BrokerUnavailable as e:
+        print(f"asyncnode: {e}", file=sys.stderr)
+        return 1
+    except (RedisError, OSError) as e:
+        print(f"asyncnode: Redis at {redact_url(cfg.redis.url)} unavailable: {e}", file=sys.stderr)
+        return 1
+    finally:
+        await broker.close()
+        await state.close()
+    return 0
+
+
 # ============================================================================
 # Command line
 # ============================================================================
@@ -2254,6 +2290,7 @@ COMMANDS: Final[dict[str, Callable[[Config, argparse.Namespace], Any]]] = {
     "up": run_up,
     "ctl": run_ctl,
     "check": run_check,
+    "dlq": run_dlq,
 }
 
 
@@ -2274,19 +2311,23 @@ def _parser() -> argparse.ArgumentParser:
         "up": "run this host's instance under supervisord, in the foreground",
         "ctl": "status, restart or reload the processes started by up",
         "check": "validate config.toml and reach RabbitMQ, Redis and supervisord",
+        "dlq": "list, requeue or purge dead letters",
     }
     for command, helptext in commands.items():
         p = sub.add_parser(command, help=helptext, description=helptext)
         if command == "ctl":
             p.add_argument("action", choices=("status", "restart", "reload"))
+        if command == "dlq":
+            p.add_argument("action", choices=("list", "requeue", "purge"))
+            p.add_argument("ids", nargs="*", metavar="ID", help="task ids to requeue (default: all)")
         p.add_argument("--config", metavar="PATH", help="config file (default: $ASYNCNODE_CONFIG or ./config.toml)")
         p.add_argument(
             "--log-level",
-            default=os.environ.get("ASYNCNODE_LOG_LEVEL", "INFO"),
+            default=os.environ.get("ASYNCNODE_LOG_LEVEL", "INFO" if command in ("api", "worker") else "WARNING"),
             choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-            help="log level (default INFO)",
+            help="log level (default INFO for api and worker, WARNING otherwise; or $ASYNCNODE_LOG_LEVEL)",
         )
-        if command in COMMANDS:
+        if command in ("up", "ctl", "check"):
             p.add_argument("--instance", metavar="NAME", help="instance in config.toml (default: see README)")
             p.add_argument("--run-dir", metavar="DIR", help="run directory (default: ./run/<instance>)")
         if command == "up":
@@ -2296,7 +2337,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the chosen role; return the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "dlq" and args.ids and args.action != "requeue":
+        parser.error(f"dlq {args.action} takes no task ids")
     try:
         cfg = Config.from_toml(config_path(args.config))
         if args.command in ROLES:

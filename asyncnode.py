@@ -119,6 +119,8 @@ SNAPSHOT_FIELDS: Final = (
 )
 #: How many recent tasks a (re)connecting WebSocket client is sent.
 SNAPSHOT_SIZE: Final = 200
+#: Seconds between reconnection attempts of a robust RabbitMQ connection.
+RECONNECT_INTERVAL: Final = 1.0
 #: Seconds a worker keeps retrying a Redis write before it hands the task back to the queue.
 REDIS_PATIENCE: Final = 300.0
 #: Frames and characters of a traceback kept with a dead letter.
@@ -970,7 +972,9 @@ class Broker:
         """The robust connection, opened on first use; raise BrokerUnavailable if RabbitMQ cannot be reached."""
         if self._connection is None:
             try:
-                self._connection = await aio_pika.connect_robust(self.cfg.url, timeout=self.cfg.connect_timeout)
+                self._connection = await aio_pika.connect_robust(
+                    self.cfg.url, timeout=self.cfg.connect_timeout, reconnect_interval=RECONNECT_INTERVAL
+                )
             except (TimeoutError, aio_pika.exceptions.AMQPError, OSError) as e:
                 raise BrokerUnavailable(f"RabbitMQ unreachable: {e or type(e).__name__}") from None
             self.version = broker_version(self._connection)
@@ -1010,6 +1014,9 @@ class Broker:
         confirm within ``publish_timeout``; a broker in a memory or disk alarm blocks
         publishers silently, which the timeout turns into an answer.
         """
+        if self._connection is not None and not self.connected:
+            # Reconnecting: answer now rather than make the client wait out the timeout.
+            raise BrokerUnavailable("RabbitMQ connection lost; reconnecting")
         try:
             async with asyncio.timeout(self.cfg.publish_timeout):
                 channel = await self._ensure_channel()
@@ -1819,6 +1826,7 @@ class Worker:
         self.stopping = False
         self.inflight: set[asyncio.Task[None]] = set()
         self.in_hand: dict[str, float] = {}  # task id -> when it started, oldest first
+        self.running: dict[str, asyncio.Event] = {}  # task id -> set when its outcome is recorded
         self.tasks_done = 0
         self.log = log.getChild("worker")
 
@@ -1902,6 +1910,21 @@ class Worker:
     async def execute(self, env: Envelope, message: aio_pika.abc.AbstractIncomingMessage) -> bool:
         """Record started, run the handler, then record and route the outcome. Return True if already settled."""
         headers = message.headers or {}
+        if env.id in self.running:
+            # Redelivered while this process still runs it (RabbitMQ closed the channel on
+            # consumer_timeout and requeued it): do not run it twice; settle this copy
+            # once the run in hand has recorded its outcome.
+            self.log.warning("task %s redelivered while running here; waiting for the run in hand", env.id)
+            await self.running[env.id].wait()
+            return False
+        done = self.running[env.id] = asyncio.Event()
+        try:
+            return await self._execute(env, headers)
+        finally:
+            del self.running[env.id]
+            done.set()
+
+    async def _execute(self, env: Envelope, headers: Mapping[str, Any]) -> bool:
         status = await self._durably(lambda: self.state.status_of(env.id))
         if status in ("completed", "failed"):
             self.log.info("task %s is already %s; acknowledging the redelivery without running it", env.id, status)

@@ -1855,18 +1855,18 @@ class Worker:
             await asyncio.sleep(interval)
 
     async def on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        """Consumer callback: run the delivery (or hand it back when shutting down)."""
+        """Consumer callback: start running the delivery (or hand it back when shutting down).
+
+        The run gets a task of its own: the library cancels its per-delivery tasks
+        when the channel closes (a broker restart, a consumer_timeout), and a
+        handler must not be cut off half-way for that; its delivery comes back.
+        """
         if self.stopping:
             await self._settle(message.nack(requeue=True), "return")
             return
-        task = asyncio.current_task()
-        if task is not None:
-            self.inflight.add(task)
-        try:
-            await self.handle(message)
-        finally:
-            if task is not None:
-                self.inflight.discard(task)
+        task = asyncio.get_running_loop().create_task(self.handle(message))
+        self.inflight.add(task)
+        task.add_done_callback(self.inflight.discard)
 
     async def _settle(self, settle: Awaitable[Any], what: str) -> None:
         """Ack, nack or reject; after a reconnect the delivery tag is stale, and RabbitMQ redelivers the message."""
@@ -1897,45 +1897,47 @@ class Worker:
             await self._settle(message.reject(requeue=False), "reject")
             return
         try:
-            acked = await self.execute(env, message)
+            await self.execute(env, message.headers or {})
         except (RedisError, OSError, BrokerUnavailable) as e:
             # The outcome could not be recorded or moved on: hand the task back rather than lose it.
             self.log.error("task %s: %s; returning it to the queue", env.id, e)
             await self._settle(message.nack(requeue=True), "return")
             return
-        if not acked:
-            await self._settle(message.ack(), "ack")
+        except Exception:
+            self.log.exception("task %s: unexpected error; returning it to the queue", env.id)
+            await self._settle(message.nack(requeue=True), "return")
+            return
+        await self._settle(message.ack(), "ack")
         self.tasks_done += 1
 
-    async def execute(self, env: Envelope, message: aio_pika.abc.AbstractIncomingMessage) -> bool:
-        """Record started, run the handler, then record and route the outcome. Return True if already settled."""
-        headers = message.headers or {}
+    async def execute(self, env: Envelope, headers: Mapping[str, Any]) -> None:
+        """Record started, run the handler, then record and route the outcome (the caller acks)."""
         if env.id in self.running:
             # Redelivered while this process still runs it (RabbitMQ closed the channel on
             # consumer_timeout and requeued it): do not run it twice; settle this copy
             # once the run in hand has recorded its outcome.
             self.log.warning("task %s redelivered while running here; waiting for the run in hand", env.id)
             await self.running[env.id].wait()
-            return False
+            return
         done = self.running[env.id] = asyncio.Event()
         try:
-            return await self._execute(env, headers)
+            await self._execute(env, headers)
         finally:
             del self.running[env.id]
             done.set()
 
-    async def _execute(self, env: Envelope, headers: Mapping[str, Any]) -> bool:
+    async def _execute(self, env: Envelope, headers: Mapping[str, Any]) -> None:
         status = await self._durably(lambda: self.state.status_of(env.id))
         if status in ("completed", "failed"):
             self.log.info("task %s is already %s; acknowledging the redelivery without running it", env.id, status)
-            return False
+            return
         deliveries = _int_header(headers, "x-delivery-count")
         retries = _int_header(headers, "x-retries")
         if deliveries >= self.cfg.broker.delivery_limit - 1:
             # It was delivered this often without being settled: it keeps killing its worker.
             failure = Failure(f"worker died {deliveries} times running this task (delivery limit)", "", True)
             await self.give_up(env, failure, retries, headers)
-            return False
+            return
         written = await self._durably(
             lambda: self.state.update(
                 env.id,
@@ -1957,7 +1959,7 @@ class Worker:
                 await self.give_up(env, outcome, retries, headers)
             else:
                 await self.retry_later(env, outcome, retries, headers, attempt)
-            return False
+            return
         await self._durably(
             lambda: self.state.update(
                 env.id,
@@ -1968,7 +1970,6 @@ class Worker:
                 ttl=self.cfg.redis.result_ttl,
             )
         )
-        return False
 
     async def run(self, env: Envelope, attempt: int) -> JSON | Failure:
         """Run the handler; return its result, or a Failure."""

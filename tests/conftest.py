@@ -312,3 +312,7 @@ def ups() -> Iterator[Callable[..., Up]]:
     yield start
     for up in started:
         up.stop()
+
+
+# Private RabbitMQ/Redis instances for tests that stop or restart a service.
+from tests.privsvc import private_rabbit, private_redis  # noqa: E402, F401

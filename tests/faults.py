@@ -13,7 +13,7 @@ import json
 import random
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +156,12 @@ async def crash_soak(config: Path, workdir: Path, tasks: int, workers: int = 4, 
                     await asyncio.wait_for(stop.wait(), kill_every)
                 if stop.is_set():
                     return
-                i = rng.randrange(len(c.workers))
+                # Kill one that is consuming: on a loaded machine a fresh worker can take longer
+                # to start than the interval, and killing those would only test start-up.
+                ready = [i for i, w in enumerate(c.workers) if "consuming" in w.log()]
+                if not ready:
+                    continue
+                i = rng.choice(ready)
                 c.workers[i].signal(signal.SIGKILL)
                 kills += 1
                 await asyncio.to_thread(c.workers[i].popen.wait, 10)
@@ -187,3 +192,123 @@ async def crash_soak(config: Path, workdir: Path, tasks: int, workers: int = 4, 
 def figures_json(figures: Figures) -> str:
     """One line of JSON for logs and the README script."""
     return json.dumps(figures, sort_keys=True)
+
+
+class Load:
+    """Submits tasks continuously from a few concurrent clients, recording every answer and its latency."""
+
+    def __init__(self, c: Cluster, body: dict[str, Any], clients: int = 4, pause: float = 0.02) -> None:
+        self.c, self.body, self.clients, self.pause = c, body, clients, pause
+        self.answers: list[tuple[float, int, str | None, float]] = []  # (sent at, status, id, seconds)
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._client()) for _ in range(self.clients)]
+
+    async def _client(self) -> None:
+        while not self._stop.is_set():
+            sent = time.monotonic()
+            status, tid, seconds = await self.c.submit(self.body)
+            self.answers.append((sent, status, tid, seconds))
+            await asyncio.sleep(self.pause)  # the load's pace, not a synchronisation
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+    def accepted(self) -> list[str]:
+        return [tid for _, status, tid, _ in self.answers if status == 202 and tid]
+
+    async def wait_accepted_after(self, t: float, timeout: float) -> float:
+        """Wait until a request sent after ``t`` is accepted; return when it was sent."""
+
+        async def accepted() -> float | None:
+            later = [sent for sent, status, _, _ in self.answers if status == 202 and sent >= t]
+            return min(later) if later else None
+
+        return float(await wait_for(accepted, timeout, "a task accepted again"))
+
+    def figures(self) -> Figures:
+        statuses = [status for _, status, _, _ in self.answers]
+        return {
+            "submitted": len(statuses),
+            "accepted": statuses.count(202),
+            "refused_503": statuses.count(503),
+            "other_answers": len(statuses) - statuses.count(202) - statuses.count(503),
+            "slowest_answer_s": round(max(seconds for *_, seconds in self.answers), 2),
+        }
+
+
+async def outage(
+    c: Cluster, stop_service: Callable[[], Any], start_service: Callable[[], Any], seconds: float, body: dict[str, Any]
+) -> tuple[Load, Figures]:
+    """Submit continuously; take a service down for ``seconds``; bring it back; keep submitting until it recovers."""
+    load = Load(c, body)
+    load.start()
+    await wait_for(lambda: asyncio.sleep(0, len(load.accepted()) >= 20), 30, "20 tasks accepted before the outage")
+    down_at = time.monotonic()
+    await stop_service()
+    await asyncio.sleep(seconds)  # the length of the outage is the experiment
+    await start_service()
+    up_at = time.monotonic()
+    recovered_at = await load.wait_accepted_after(up_at, 60)
+    count = len(load.accepted())
+    await wait_for(lambda: asyncio.sleep(0, len(load.accepted()) >= count + 20), 30, "20 more tasks after recovery")
+    await load.stop()
+    figures = {
+        **load.figures(),
+        "outage_s": round(up_at - down_at, 1),
+        "recovery_s": round(max(0.0, recovered_at - up_at), 2),
+    }
+    return load, figures
+
+
+async def broker_outage(config: Path, workdir: Path, rabbit: Any, seconds: float = 3.0) -> Figures:
+    """RabbitMQ stopped and started again while tasks stream in: every 202 must complete."""
+    async with cluster(config, workdir, workers=2) as c:
+        load, figures = await outage(
+            c, rabbit.stop, rabbit.start, seconds, {"type": "sleep", "payload": {"seconds": 0.01}}
+        )
+        done = await c.wait_all(load.accepted(), timeout=120)
+        figures["completed"] = len(done)
+        figures["ran_more_than_once"] = sum(1 for t in done.values() if t["attempts"] > 1)
+        figures["workers_alive"] = sum(1 for w in c.workers if w.popen.poll() is None)
+        return figures
+
+
+async def redis_outage(config: Path, workdir: Path, redis: Any, seconds: float = 3.0) -> Figures:
+    """Redis stopped and started again while tasks stream in and a WebSocket client watches."""
+    async with cluster(config, workdir, workers=2) as c:
+        seen: dict[str, tuple[int, str]] = {}  # task id -> (seq, status) as the WebSocket client knows it
+        frames_after: list[float] = []
+        ws = await c.session.ws_connect(f"{c.base}/ws")
+
+        async def watch() -> None:
+            async for msg in ws:
+                data = json.loads(msg.data)
+                frames_after.append(time.monotonic())
+                for u in data if isinstance(data, list) else [data]:
+                    if u["seq"] > seen.get(u["id"], (0, ""))[0]:
+                        seen[u["id"]] = (u["seq"], u["status"])
+
+        watcher = asyncio.create_task(watch())
+        try:
+            load, figures = await outage(
+                c, redis.stop, redis.start, seconds, {"type": "sleep", "payload": {"seconds": 0.05}}
+            )
+            up_at = time.monotonic() - figures["recovery_s"]
+            accepted = load.accepted()
+            done = await c.wait_all(accepted, timeout=120)
+
+            async def browser_caught_up() -> bool:
+                return all(seen.get(tid, (0, ""))[1] == "completed" for tid in accepted)
+
+            await wait_for(browser_caught_up, 30, "the WebSocket client to see every task completed")
+        finally:
+            watcher.cancel()
+            await ws.close()
+        figures["completed"] = len(done)
+        figures["ws_frames_after_outage"] = sum(1 for t in frames_after if t > up_at)
+        figures["ran_more_than_once"] = sum(1 for t in done.values() if t["attempts"] > 1)
+        return figures

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.usefixtures("services")
 SOAK_TASKS = 1000 if os.environ.get("ASYNCNODE_SOAK") == "full" else 300
 
 
+@pytest.mark.timeout(300)
 async def test_crash_soak_loses_nothing(tag: str, tmp_path: Path) -> None:
     config = write_config(tmp_path / "config.toml", tag, broker={"delivery_limit": 20}, worker={"heartbeat": 1.0})
     try:

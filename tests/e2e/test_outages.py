@@ -1,0 +1,125 @@
+"""Outages against private RabbitMQ and Redis instances (the shared ones are never touched)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiohttp
+import pytest
+
+import asyncnode
+
+from tests.conftest import Proc, cleanup, queue_counts, wait_for, write_config
+from tests.faults import broker_outage, figures_json, redis_outage
+from tests.privsvc import PrivateRabbit, PrivateRedis
+
+pytestmark = pytest.mark.usefixtures("services")
+
+
+@pytest.mark.timeout(300)
+async def test_broker_restart_mid_stream(private_rabbit: PrivateRabbit, tag: str, tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "config.toml",
+        tag,
+        broker={"url": private_rabbit.url, "publish_timeout": 2.0, "connect_timeout": 1.0},
+    )
+    try:
+        figures = await broker_outage(config, tmp_path, private_rabbit, seconds=3.0)
+    finally:
+        await cleanup_private(tag, private_rabbit)
+    print(figures_json(figures))
+    assert figures["completed"] == figures["accepted"] > 40
+    assert figures["refused_503"] > 0  # the outage was seen
+    assert figures["other_answers"] == 0  # every request got 202 or 503
+    assert figures["slowest_answer_s"] < 4.0  # none hung (publish_timeout 2 s)
+    assert figures["workers_alive"] == 2  # they reconnected, no restart needed
+
+
+@pytest.mark.timeout(300)
+async def test_redis_restart_mid_stream(private_redis: PrivateRedis, tag: str, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.toml", tag, redis={"url": private_redis.url})
+    try:
+        figures = await redis_outage(config, tmp_path, private_redis, seconds=3.0)
+    finally:
+        await cleanup(tag)
+    print(figures_json(figures))
+    assert figures["completed"] == figures["accepted"] > 40
+    assert figures["refused_503"] > 0
+    assert figures["other_answers"] == 0
+    assert figures["ws_frames_after_outage"] > 0
+
+
+async def cleanup_private(tag: str, rabbit: PrivateRabbit) -> None:
+    """Keys live in the shared Redis; the queues die with the private broker."""
+    import redis.asyncio as aioredis
+
+    from tests.conftest import REDIS_URL
+
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{tag}:*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+    del rabbit
+
+
+@pytest.mark.timeout(300)
+async def test_task_longer_than_consumer_timeout_ends_once(
+    tag: str, tmp_path: Path, procs: Callable[..., Proc]
+) -> None:
+    rabbit = PrivateRabbit(tmp_path / "rabbit", consumer_timeout_ms=2000, channel_tick_interval_ms=500)
+    await rabbit.start()
+    try:
+        config = write_config(tmp_path / "config.toml", tag, broker={"url": rabbit.url})
+        cfg = asyncnode.Config.from_toml(config, env={})
+        procs("api", config)
+        worker = procs("worker", config)
+        base = f"http://127.0.0.1:{cfg.api.port}"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+
+            async def ready() -> bool:
+                try:
+                    async with http.get(f"{base}/readyz") as resp:
+                        return resp.status == 200 and (await queue_counts(cfg))[1] == 1
+                except (aiohttp.ClientError, aio_pika.exceptions.AMQPError):
+                    return False
+
+            await wait_for(ready, 30, "the API and the worker")
+            async with http.post(f"{base}/api/tasks", json={"type": "sleep", "payload": {"seconds": 4}}) as resp:
+                tid = (await resp.json())["id"]
+
+            async def task() -> dict[str, Any]:
+                async with http.get(f"{base}/api/tasks/{tid}") as resp:
+                    return dict(await resp.json())
+
+            # RabbitMQ closes the worker's channel ~2 s in and requeues the delivery; the worker
+            # finishes the run in hand and settles the redelivered copy without running it again.
+            await wait_for(lambda: _contains(worker.log, "redelivered while running here"), 30, "the redelivery")
+            await wait_for(lambda: _is(task, "completed"), 30, "the task completed")
+            await wait_for(lambda: _queue_empty(cfg), 30, "the queue to be empty")
+            final = await task()
+        assert final["attempts"] == 1 and final["result"]["slept"] >= 4
+        assert worker.popen.poll() is None, worker.log()  # it survived
+    finally:
+        await rabbit.stop()
+        await cleanup_private(tag, rabbit)
+
+
+async def _contains(log: Callable[[], str], text: str) -> bool:
+    return text in log()
+
+
+async def _is(task: Callable[[], Awaitable[dict[str, Any]]], status: str) -> bool:
+    return (await task())["status"] == status
+
+
+async def _queue_empty(cfg: asyncnode.Config) -> bool:
+    try:
+        return (await queue_counts(cfg))[0] == 0
+    except aio_pika.exceptions.AMQPError:
+        return False

@@ -11,7 +11,6 @@ import aiohttp
 import pytest
 
 import asyncnode
-
 from tests.conftest import Proc, cleanup, queue_counts, wait_for, write_config
 from tests.faults import broker_outage, figures_json, redis_outage
 from tests.privsvc import PrivateRabbit, PrivateRedis

@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint soak clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ run: install
 
 test: install
 	$(PY) -m pytest
+
+# Fault injection at full size (1,000-task crash soak, RabbitMQ and Redis outages): the README's figures.
+soak: install
+	$(PY) bench/reliability.py
 
 lint: install
 	$(VENV)/bin/ruff check .

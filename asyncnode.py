@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import errno
 import hmac
 import importlib
 import inspect
@@ -82,6 +83,8 @@ DLQ_SUFFIX: Final = ".dlq"
 #: Suffix, after ``[redis] key_prefix``, of the sorted set indexing recent tasks.
 #: Task ids are UUIDs, so ``~`` can never collide with a task's own key.
 RECENT_SUFFIX: Final = "~recent"
+#: What a task id looks like (a UUID); anything else is not a task, whatever Redis holds under it.
+TASK_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 #: Largest ``limit`` accepted by ``GET /api/tasks``.
 MAX_LIST_LIMIT: Final = 1000
 #: Updates a WebSocket client may have queued before it counts as too slow and is dropped.
@@ -624,6 +627,10 @@ def _check_field(f: Field, value: JSON, max_text: int) -> JSON:
     if f.type == "string":
         if not isinstance(value, str):
             raise ValidationError(f"{where} must be a string", f.name)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValidationError(f"{where} is not valid Unicode text (lone surrogate)", f.name) from None
         limit = min(f.max_length or max_text, max_text)
         if len(value) > limit:
             raise ValidationError(f"{where} is too long ({len(value)} characters; at most {limit})", f.name)
@@ -750,7 +757,8 @@ def token_matches(expected: str, authorization: str | None, query_token: str | N
     given = query_token or ""
     if authorization and authorization[:7].lower() == "bearer ":
         given = authorization[7:].strip()
-    return hmac.compare_digest(given.encode(), expected.encode())
+    # Header bytes that are not UTF-8 arrive as lone surrogates: compare them as bytes too.
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))
 
 
 def snapshot_update(task: Mapping[str, JSON]) -> str:
@@ -1359,6 +1367,11 @@ async def _error_middleware(request: web.Request, handler: _Handler) -> web.Stre
         return _json_error(e.status, message)
     except asyncio.CancelledError:
         raise
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:  # a static file name longer than the file system allows
+            return _json_error(404, "not found")
+        log.getChild("api").exception("unhandled error on %s %s", request.method, request.path)
+        return _json_error(500, "internal error")
     except Exception:
         log.getChild("api").exception("unhandled error on %s %s", request.method, request.path)
         return _json_error(500, "internal error")
@@ -1415,6 +1428,8 @@ async def api_submit(request: web.Request) -> web.Response:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         return _json_error(400, "body is not valid JSON")
+    except RecursionError:
+        return _json_error(400, "body is nested too deeply")
     try:
         sub = validate_submission(body, cfg)
     except ValidationError as e:
@@ -1448,7 +1463,7 @@ async def api_submit(request: web.Request) -> web.Response:
 async def api_get_task(request: web.Request) -> web.Response:
     """``GET /api/tasks/<id>``: one task, or 404."""
     tid = request.match_info["id"]
-    rec = await request.app[STATE_KEY].get(tid) if len(tid) <= 64 else None
+    rec = await request.app[STATE_KEY].get(tid) if TASK_ID.fullmatch(tid) else None
     if rec is None:
         return _json_error(404, f"no task with id {tid[:64]!r}")
     return web.json_response(rec)

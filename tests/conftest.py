@@ -75,7 +75,13 @@ def write_config(path: Path, tag: str, **sections: dict[str, Any]) -> Path:
             lines.extend(f"{k} = {json.dumps(v)}" for k, v in table.items())
         lines.append("")
     path.write_text("\n".join(lines))
+    broker = asyncnode.Config.from_toml(path, env={}).broker
+    _QUEUES.setdefault(tag, set()).update(asyncnode.retry_queue_name(broker, d) for d in broker.retry_delays)
     return path
+
+
+#: Retry queues each test's configs declared, so that cleanup() deletes them too.
+_QUEUES: dict[str, set[str]] = {}
 
 
 async def cleanup(tag: str) -> None:
@@ -83,7 +89,7 @@ async def cleanup(tag: str) -> None:
     connection = await aio_pika.connect(RABBIT_URL)
     async with connection:
         channel = await connection.channel()
-        for name in (tag, tag + asyncnode.DLQ_SUFFIX):
+        for name in (tag, tag + asyncnode.DLQ_SUFFIX, *sorted(_QUEUES.pop(tag, ()))):
             await channel.queue_delete(name, if_unused=False, if_empty=False)
     client = aioredis.from_url(REDIS_URL)
     try:

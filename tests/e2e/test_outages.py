@@ -38,11 +38,15 @@ async def test_broker_restart_mid_stream(private_rabbit: PrivateRabbit, tag: str
 
 
 @pytest.mark.timeout(300)
-async def test_redis_restart_mid_stream(private_redis: PrivateRedis, tag: str, tmp_path: Path) -> None:
-    config = write_config(tmp_path / "config.toml", tag, redis={"url": private_redis.url})
+async def test_redis_restart_mid_stream(tag: str, tmp_path: Path) -> None:
+    # Task state lives in Redis: like any deployment that must not lose it, this one persists (AOF).
+    redis = PrivateRedis(tmp_path / "redis", persistent=True)
+    await redis.start()
+    config = write_config(tmp_path / "config.toml", tag, redis={"url": redis.url})
     try:
-        figures = await redis_outage(config, tmp_path, private_redis, seconds=3.0)
+        figures = await redis_outage(config, tmp_path, redis, seconds=3.0)
     finally:
+        await redis.stop()
         await cleanup(tag)
     print(figures_json(figures))
     assert figures["completed"] == figures["accepted"] > 40

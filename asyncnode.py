@@ -122,6 +122,8 @@ SNAPSHOT_FIELDS: Final = (
 )
 #: How many recent tasks a (re)connecting WebSocket client is sent.
 SNAPSHOT_SIZE: Final = 200
+#: Seconds any one step of shutting down may take before it is given up.
+SHUTDOWN_STEP_TIMEOUT: Final = 5.0
 #: Seconds between reconnection attempts of a robust RabbitMQ connection.
 RECONNECT_INTERVAL: Final = 1.0
 #: Seconds a worker keeps retrying a Redis write before it hands the task back to the queue.
@@ -1117,10 +1119,10 @@ class Broker:
         return int(result.message_count or 0) if result else 0
 
     async def close(self) -> None:
-        """Close the connection, if any."""
+        """Close the connection, if any (bounded: the broker may be gone)."""
         if self._connection is not None:
-            with contextlib.suppress(aio_pika.exceptions.AMQPError, OSError, RuntimeError):
-                await self._connection.close()
+            with contextlib.suppress(aio_pika.exceptions.AMQPError, OSError, RuntimeError, TimeoutError):
+                await asyncio.wait_for(self._connection.close(), SHUTDOWN_STEP_TIMEOUT)
             self._connection = None
             self._channel = None
 
@@ -2137,8 +2139,9 @@ async def run_worker(cfg: Config) -> int:
             code = 1
         wlog.info("stopping: finishing %d task(s) in hand", len(worker.inflight))
         worker.stopping = True
-        with contextlib.suppress(aio_pika.exceptions.AMQPError, OSError, RuntimeError):
-            await queue.cancel(tag)
+        # Bounded: a robust channel would wait for a broker that may never come back.
+        with contextlib.suppress(aio_pika.exceptions.AMQPError, OSError, RuntimeError, TimeoutError):
+            await asyncio.wait_for(queue.cancel(tag), SHUTDOWN_STEP_TIMEOUT)
         await worker.drain()
         heartbeat.cancel()
         await asyncio.wait({heartbeat})

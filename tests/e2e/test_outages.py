@@ -126,3 +126,41 @@ async def _queue_empty(cfg: asyncnode.Config) -> bool:
         return (await queue_counts(cfg))[0] == 0
     except aio_pika.exceptions.AMQPError:
         return False
+
+
+@pytest.mark.timeout(300)
+async def test_worker_without_a_broker_for_too_long_exits_non_zero(
+    private_rabbit: PrivateRabbit, tag: str, tmp_path: Path, procs: Callable[..., Proc]
+) -> None:
+    config = write_config(tmp_path / "config.toml", tag, broker={"url": private_rabbit.url, "no_consumer_exit": 2.0})
+    cfg = asyncnode.Config.from_toml(config, env={})
+    worker = procs("worker", config)
+
+    async def consuming() -> bool:
+        try:
+            return (await queue_counts(cfg))[1] == 1
+        except aio_pika.exceptions.AMQPError:
+            return False
+
+    await wait_for(consuming, 30, "the worker to consume")
+    await private_rabbit.stop()
+    # supervisord restarts a process that exits; one that hangs half-alive would stay as it is.
+    assert await worker.wait(60) == 1, worker.log()
+    assert "no working consumer for 2 s" in worker.log()
+
+
+async def test_queue_declared_otherwise_is_a_clear_error(tag: str, tmp_path: Path, procs: Callable[..., Proc]) -> None:
+    config = write_config(tmp_path / "config.toml", tag)
+    cfg = asyncnode.Config.from_toml(config, env={})
+    connection = await aio_pika.connect(cfg.broker.url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(cfg.broker.queue, durable=True)  # a classic queue from an older setup
+    try:
+        worker = procs("worker", config)
+        assert await worker.wait(30) == 2
+        log = worker.log()
+        assert "one exists with other arguments" in log and "cannot become a quorum queue" in log
+        assert "Traceback" not in log
+    finally:
+        await cleanup(tag)

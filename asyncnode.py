@@ -138,8 +138,8 @@ READY_TIMEOUT: Final = 2.0
 #: Fields of a task that hold JSON rather than text in its Redis hash.
 JSON_FIELDS: Final = frozenset({"payload", "result"})
 #: Fields of a task that hold numbers in its Redis hash.
-FLOAT_FIELDS: Final = frozenset({"created_at", "started_at", "finished_at", "progress", "ts"})
-INT_FIELDS: Final = frozenset({"attempts", "seq"})
+FLOAT_FIELDS: Final = frozenset({"created_at", "started_at", "finished_at", "progress", "ts", "next_attempt_at"})
+INT_FIELDS: Final = frozenset({"attempts", "seq", "attempt", "retries"})
 
 JSON: TypeAlias = Any
 

@@ -62,11 +62,22 @@ async def run(tasks: int, outage: float) -> list[tuple[str, dict[str, Any]]]:
     return results
 
 
+COLUMNS = (
+    ("tasks accepted", lambda f: f.get("accepted", f.get("tasks"))),
+    ("completed", lambda f: f["completed"]),
+    ("fault", lambda f: f"{f['kills']} SIGKILLs" if "kills" in f else f"down {f['outage_s']} s"),
+    ("ran more than once", lambda f: f["ran_more_than_once"]),
+    ("answered 503", lambda f: f.get("refused_503", "-")),
+    ("other answers", lambda f: f.get("other_answers", "-")),
+    ("slowest answer", lambda f: f"{f['slowest_answer_s']} s" if "slowest_answer_s" in f else "-"),
+    ("first 202 after restart", lambda f: f"{f['recovery_s']} s" if "recovery_s" in f else "-"),
+)
+
+
 def table(results: list[tuple[str, dict[str, Any]]]) -> str:
-    keys = sorted({k for _, figures in results for k in figures})
-    lines = ["| scenario | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for name, figures in results:
-        lines.append(f"| {name} | " + " | ".join(str(figures.get(k, "")) for k in keys) + " |")
+    lines = ["| scenario | " + " | ".join(name for name, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for scenario, figures in results:
+        lines.append(f"| {scenario} | " + " | ".join(str(get(figures)) for _, get in COLUMNS) + " |")
     return "\n".join(lines)
 
 

@@ -1269,6 +1269,8 @@ class RedisState:
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.set(self._worker_key(worker_id), dumps(info), px=int(ttl * 1000))
             pipe.zadd(self.cfg.key_prefix + WORKERS_SUFFIX, {worker_id: time.time()})
+            # The index outlives its last worker by one TTL, no more.
+            pipe.pexpire(self.cfg.key_prefix + WORKERS_SUFFIX, int(ttl * 1000))
             await pipe.execute()
 
     async def forget_worker(self, worker_id: str) -> None:

@@ -72,6 +72,12 @@ INSTANCE_ROLES: Final = ("api", "worker")
 DEFAULT_INSTANCE: Final = "local"
 #: What an instance name may look like (it names directories and supervisord programs).
 INSTANCE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+#: Suffix, after ``[redis] key_prefix``, of the hash counting how many tasks reached each status.
+STATS_SUFFIX: Final = "~stats"
+#: Suffix, after a task's key, of the list of its changes of status (its timeline).
+HISTORY_SUFFIX: Final = "~history"
+#: Fields of an update kept in a task's timeline.
+HISTORY_FIELDS: Final = frozenset({"attempt", "attempts", "error", "worker", "next_attempt_at"})
 #: Suffix, after ``[redis] key_prefix``, of the sorted set of live workers and of each worker's heartbeat key.
 WORKERS_SUFFIX: Final = "~workers"
 #: Statuses a task can have.  ``rejected``: the broker never held it (the API answered 503).
@@ -85,6 +91,10 @@ DLQ_SUFFIX: Final = ".dlq"
 RECENT_SUFFIX: Final = "~recent"
 #: What a task id looks like (a UUID); anything else is not a task, whatever Redis holds under it.
 TASK_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+#: Most ids or types one WebSocket client may subscribe to.
+MAX_SUBSCRIBED: Final = 1000
+#: Seconds between the ``stats`` messages the API sends its WebSocket clients.
+STATS_INTERVAL: Final = 1.0
 #: Largest ``limit`` accepted by ``GET /api/tasks``.
 MAX_LIST_LIMIT: Final = 1000
 #: Updates a WebSocket client may have queued before it counts as too slow and is dropped.
@@ -763,6 +773,40 @@ def token_matches(expected: str, authorization: str | None, query_token: str | N
     return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))
 
 
+@dataclasses.dataclass(frozen=True)
+class Subscription:
+    """Which updates a WebSocket client wants: everything, or tasks by id or by type."""
+
+    ids: frozenset[str] = frozenset()
+    types: frozenset[str] = frozenset()
+    everything: bool = True
+
+    def wants(self, update: Mapping[str, Any]) -> bool:
+        """Whether ``update`` goes to this client (stats always do)."""
+        return self.everything or "id" not in update or update["id"] in self.ids or update.get("type") in self.types
+
+    @classmethod
+    def parse(cls, text: str) -> Subscription | None:
+        """``{"subscribe": "*"}``, ``{"subscribe": {"ids": [...], "types": [...]}}``; None if not one of those."""
+        try:
+            request = json.loads(text)
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(request, dict) or "subscribe" not in request:
+            return None
+        wanted = request["subscribe"]
+        if wanted == "*":
+            return cls()
+        if not isinstance(wanted, dict) or not set(wanted) <= {"ids", "types"}:
+            return None
+        lists = [wanted.get("ids", []), wanted.get("types", [])]
+        if not all(
+            isinstance(v, list) and len(v) <= MAX_SUBSCRIBED and all(isinstance(x, str) for x in v) for v in lists
+        ):
+            return None
+        return cls(frozenset(lists[0]), frozenset(lists[1]), everything=False)
+
+
 def snapshot_update(task: Mapping[str, JSON]) -> str:
     """A task's current state as an update message, for a client catching up."""
     update = {k: task.get(k) for k in SNAPSHOT_FIELDS}
@@ -975,6 +1019,7 @@ class Broker:
         self.log = log.getChild(role)
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._stats_channel: aio_pika.abc.AbstractChannel | None = None
         self._lock = asyncio.Lock()
         self.version: str | None = None
 
@@ -1118,6 +1163,21 @@ class Broker:
             result = await queue.purge() if queue else None
         return int(result.message_count or 0) if result else 0
 
+    async def queue_depths(self) -> dict[str, int]:
+        """Messages ready in the work queue and in the DLQ (for the dashboard)."""
+        await self._ensure_channel()  # declares the queues
+        connection = await self.connect()
+        try:
+            if self._stats_channel is None or self._stats_channel.is_closed:
+                self._stats_channel = await connection.channel()
+            depths = {}
+            for key, name in (("ready", self.cfg.queue), ("dlq", self.cfg.queue + DLQ_SUFFIX)):
+                queue = await self._stats_channel.declare_queue(name, passive=True)
+                depths[key] = queue.declaration_result.message_count or 0
+            return depths
+        except (aio_pika.exceptions.AMQPError, OSError, RuntimeError) as e:
+            raise BrokerUnavailable(f"RabbitMQ unreachable: {e or type(e).__name__}") from None
+
     async def close(self) -> None:
         """Close the connection, if any (bounded: the broker may be gone)."""
         if self._connection is not None:
@@ -1132,13 +1192,14 @@ class Broker:
 # ============================================================================
 
 # One state change = one round trip: check the guard, bump the sequence number
-# (and a counter such as attempts), write the fields, set the expiry and publish
-# the update with the sequence number spliced in.
-#   KEYS[1] task hash
+# (and a counter such as attempts), write the fields, set the expiry, append to the
+# task's history, count the status and publish the update with the sequence number
+# spliced in.
+#   KEYS[1] task hash; and for a change of status: KEYS[2] its history list, KEYS[3] the stats hash
 #   ARGV[1] channel; ARGV[2] update message without its closing brace
 #   ARGV[3] allowed current statuses, comma separated ('' = any)
 #   ARGV[4] expire seconds (0 = keep); ARGV[5] counter field to increment ('' = none)
-#   ARGV[6..] field, value pairs
+#   ARGV[6] status; ARGV[7] history entry (JSON); ARGV[8..] field, value pairs
 _UPDATE_LUA: Final = """
 if ARGV[3] ~= '' then
   local cur = redis.call('HGET', KEYS[1], 'status')
@@ -1153,8 +1214,15 @@ if ARGV[5] ~= '' then
   extra = ',"' .. ARGV[5] .. '":' .. count
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-if #ARGV >= 7 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
-if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
+if #ARGV >= 9 then redis.call('HSET', KEYS[1], unpack(ARGV, 8)) end
+if #KEYS >= 3 then
+  redis.call('RPUSH', KEYS[2], ARGV[7])
+  redis.call('HINCRBY', KEYS[3], ARGV[6], 1)
+end
+if tonumber(ARGV[4]) > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  if #KEYS >= 3 then redis.call('EXPIRE', KEYS[2], ARGV[4]) end
+end
 redis.call('PUBLISH', ARGV[1], ARGV[2] .. extra .. ',"seq":' .. seq .. '}')
 return {seq, count}
 """
@@ -1170,21 +1238,40 @@ class RedisState:
         )
         self._update = self.client.register_script(_UPDATE_LUA)
         self.recent_key = cfg.key_prefix + RECENT_SUFFIX
+        self.stats_key = cfg.key_prefix + STATS_SUFFIX
 
     def key(self, tid: str) -> str:
         """The hash holding task ``tid``."""
         return self.cfg.key_prefix + tid
 
+    def _write(
+        self,
+        tid: str,
+        ttype: str,
+        status: str,
+        fields: Mapping[str, JSON],
+        *,
+        public: Iterable[str] = (),
+        counter: str = "",
+        guard: Iterable[str] = (),
+        ttl: int = 0,
+        client: Any = None,
+    ) -> Awaitable[Any]:
+        """The one script call behind every write (see _UPDATE_LUA)."""
+        now = time.time()
+        extra = {k: fields.get(k) for k in public}
+        head = update_message(tid, ttype, status, now, extra)
+        progress_only = set(guard) == {"started"} and status == "started"
+        keys = [self.key(tid)] if progress_only else [self.key(tid), self.key(tid) + HISTORY_SUFFIX, self.stats_key]
+        entry = {"status": status, "ts": now, **{k: v for k, v in extra.items() if k in HISTORY_FIELDS}}
+        args: list[str | int] = [self.cfg.channel, head, ",".join(guard), ttl, counter, status, dumps(entry)]
+        return self._update(keys=keys, args=[*args, *encode_fields({**fields, "status": status})], client=client)
+
     async def create(self, tid: str, ttype: str, payload: dict[str, Any], now: float) -> int:
         """Record a new pending task, index it and publish it; return its sequence number."""
-        fields = {"id": tid, "type": ttype, "payload": payload, "status": "pending", "created_at": now, "attempts": 0}
-        head = update_message(tid, ttype, "pending", now, {"attempts": 0})
+        fields = {"id": tid, "type": ttype, "payload": payload, "created_at": now, "attempts": 0}
         async with self.client.pipeline(transaction=False) as pipe:
-            await self._update(
-                keys=[self.key(tid)],
-                args=[self.cfg.channel, head, "", 0, "", *encode_fields(fields)],
-                client=pipe,
-            )
+            await self._write(tid, ttype, "pending", fields, public=("attempts",), client=pipe)
             pipe.zadd(self.recent_key, {tid: now})
             pipe.zremrangebyrank(self.recent_key, 0, -self.cfg.max_recent - 1)
             res = await pipe.execute()
@@ -1208,13 +1295,7 @@ class RedisState:
         ``counter`` a field incremented by one (its new value is published too).
         Return (seq, counter value), or None when the guard did not match.
         """
-        now = time.time()
-        extra = {k: fields.get(k) for k in public}
-        head = update_message(tid, ttype, status, now, extra)
-        res = await self._update(
-            keys=[self.key(tid)],
-            args=[self.cfg.channel, head, ",".join(guard), ttl, counter, *encode_fields({**fields, "status": status})],
-        )
+        res = await self._write(tid, ttype, status, fields, public=public, counter=counter, guard=guard, ttl=ttl)
         return None if res is None else (int(res[0]), int(res[1]))
 
     async def reset(self, tid: str, ttype: str, payload: dict[str, Any]) -> None:
@@ -1222,24 +1303,27 @@ class RedisState:
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.hdel(self.key(tid), *RESET_FIELDS)
             pipe.persist(self.key(tid))
-            await self._update(
-                keys=[self.key(tid)],
-                args=[
-                    self.cfg.channel,
-                    update_message(tid, ttype, "pending", time.time(), {"attempts": 0}),
-                    "",
-                    0,
-                    "",
-                    *encode_fields({"id": tid, "type": ttype, "payload": payload, "attempts": 0, "status": "pending"}),
-                ],
-                client=pipe,
-            )
+            pipe.persist(self.key(tid) + HISTORY_SUFFIX)
+            fields = {"id": tid, "type": ttype, "payload": payload, "attempts": 0}
+            await self._write(tid, ttype, "pending", fields, public=("attempts",), client=pipe)
             await pipe.execute()
 
     async def get(self, tid: str) -> dict[str, JSON] | None:
         """The task ``tid`` as the API shows it, or None."""
-        raw = cast(dict[str, str], await self.client.hgetall(self.key(tid)))
-        return decode_record(tid, raw) if raw else None
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.key(tid))
+            pipe.lrange(self.key(tid) + HISTORY_SUFFIX, 0, -1)
+            raw, history = await pipe.execute()
+        if not raw:
+            return None
+        rec = decode_record(tid, raw)
+        rec["history"] = [json.loads(entry) for entry in history]
+        return rec
+
+    async def counters(self) -> dict[str, int]:
+        """How many tasks ever reached each status (for the dashboard's throughput)."""
+        raw = cast(dict[str, str], await self.client.hgetall(self.stats_key))
+        return {k: int(v) for k, v in raw.items()}
 
     async def attempts_of(self, tid: str) -> int:
         """How many runs of task ``tid`` have started."""
@@ -1311,12 +1395,13 @@ BROKER_KEY: Final = web.AppKey("broker", Broker)
 
 
 class WsClient:
-    """One connected WebSocket client with its own bounded buffer of updates."""
+    """One connected WebSocket client with its own bounded buffer of updates and its subscription."""
 
     def __init__(self, ws: web.WebSocketResponse) -> None:
         self.ws = ws
         self.pending: list[str] = []
         self.wake = asyncio.Event()
+        self.subscription: Subscription = Subscription()
 
     async def send_loop(self) -> None:
         """Send queued updates, batched into one frame per wake-up, until the socket closes."""
@@ -1335,8 +1420,14 @@ class UpdateHub:
         self.clients: set[WsClient] = set()
 
     def broadcast(self, message: str) -> None:
-        """Queue ``message`` for every client without awaiting any of them."""
+        """Queue ``message`` for every client that wants it, without awaiting any of them."""
+        update: dict[str, Any] | None = None
         for client in list(self.clients):
+            if not client.subscription.everything:
+                # Only clients watching some tasks pay for reading the update.
+                update = update if update is not None else json.loads(message)
+                if not client.subscription.wants(update):
+                    continue
             if len(client.pending) >= WS_CLIENT_BUFFER:
                 log.getChild("api").warning("dropping a WebSocket client that is %d updates behind", WS_CLIENT_BUFFER)
                 self.clients.discard(client)
@@ -1597,9 +1688,13 @@ async def ws_updates(request: web.Request) -> web.WebSocketResponse:
             client.wake.set()
     try:
         async for msg in ws:
-            # Clients have nothing to say yet; whatever they send is ignored, and
-            # an oversized or broken frame closes only this connection.
-            if msg.type == WSMsgType.ERROR:
+            # A client may say which updates it wants; anything else it sends is ignored,
+            # and an oversized or broken frame closes only this connection.
+            if msg.type == WSMsgType.TEXT:
+                subscription = Subscription.parse(msg.data)
+                if subscription is not None:
+                    client.subscription = subscription
+            elif msg.type == WSMsgType.ERROR:
                 break
     finally:
         hub.clients.discard(client)
@@ -1635,6 +1730,45 @@ async def _relay_updates(app: web.Application, subscribed: asyncio.Event) -> Non
             delay = min(delay * 2, 5.0)
 
 
+async def _stats_loop(app: web.Application) -> None:
+    """Every second while clients are connected, send them a ``stats`` message.
+
+    Rates are the differences of the per-status counters in Redis between two
+    samples; the queue depths come from RabbitMQ, the workers from their heartbeats.
+    """
+    state, broker, hub = app[STATE_KEY], app[BROKER_KEY], app[HUB_KEY]
+    previous: tuple[float, dict[str, int]] | None = None
+    while True:
+        await asyncio.sleep(STATS_INTERVAL)
+        if not hub.clients:
+            previous = None
+            continue
+        try:
+            counters, workers = await state.counters(), await state.workers()
+        except (RedisError, OSError):
+            continue
+        try:
+            depths: dict[str, int | None] = dict(await broker.queue_depths())
+        except BrokerUnavailable:
+            depths = {"ready": None, "dlq": None}
+        now = time.monotonic()
+        rates = {}
+        for name, status in (("completed", "completed"), ("failed", "failed"), ("submitted", "pending")):
+            elapsed = now - previous[0] if previous else 0.0
+            delta = counters.get(status, 0) - previous[1].get(status, 0) if previous else 0
+            rates[f"{name}_per_s"] = round(delta / elapsed, 2) if elapsed > 0 else 0.0
+        previous = (now, counters)
+        totals = {
+            "completed": counters.get("completed", 0),
+            "failed": counters.get("failed", 0),
+            "submitted": counters.get("pending", 0),
+            "retrying": counters.get("retrying", 0),
+        }
+        hub.broadcast(
+            dumps({"stats": {"ts": time.time(), **rates, "queue": depths, "totals": totals, "workers": workers}})
+        )
+
+
 async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
     app[STATE_KEY] = RedisState(app[CFG_KEY].redis)
     app[BROKER_KEY] = Broker(app[CFG_KEY].broker)
@@ -1646,6 +1780,7 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _relay_ctx(app: web.Application) -> AsyncIterator[None]:
     subscribed = asyncio.Event()
     relay = asyncio.create_task(_relay_updates(app, subscribed))
+    stats = asyncio.create_task(_stats_loop(app))
     # Serve only once subscribed, so no update published after the API answers is missed;
     # with Redis down, start anyway (submissions answer 503) and subscribe when it returns.
     with contextlib.suppress(TimeoutError):
@@ -1653,9 +1788,10 @@ async def _relay_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     # redis-py can swallow a cancellation that lands while it is connecting;
     # cancel again until the relay has really stopped.
-    while not relay.done():
-        relay.cancel()
-        await asyncio.wait({relay}, timeout=0.5)
+    for task in (relay, stats):
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.5)
 
 
 async def _close_websockets(app: web.Application) -> None:

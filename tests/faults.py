@@ -289,7 +289,7 @@ async def redis_outage(config: Path, workdir: Path, redis: Any, seconds: float =
                 data = json.loads(msg.data)
                 frames_after.append(time.monotonic())
                 for u in data if isinstance(data, list) else [data]:
-                    if u["seq"] > seen.get(u["id"], (0, ""))[0]:
+                    if "id" in u and u["seq"] > seen.get(u["id"], (0, ""))[0]:
                         seen[u["id"]] = (u["seq"], u["status"])
 
         watcher = asyncio.create_task(watch())

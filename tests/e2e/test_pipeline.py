@@ -142,6 +142,8 @@ class WsCollector:
             assert items, "empty batch frame"
             for item in items:
                 assert isinstance(item, dict), item
+                if "stats" in item:  # the dashboard's once-a-second figures, not a task update
+                    continue
                 self.updates.setdefault(item["id"], []).append(item)
             self.frames += 1
 

@@ -79,6 +79,8 @@ class Stack:
         async for msg in ws:
             data = json.loads(msg.data)
             for update in data if isinstance(data, list) else [data]:
+                if "id" not in update:  # a stats message
+                    continue
                 self.updates.setdefault(update["id"], []).append({**update, "seen": time.monotonic()})
 
     async def submit(self, body: dict[str, Any]) -> str:

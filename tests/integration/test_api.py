@@ -232,7 +232,7 @@ async def recv_updates(ws: aiohttp.ClientWebSocketResponse, want: Callable[[dict
         assert msg.type == aiohttp.WSMsgType.TEXT, msg
         data = json.loads(msg.data)
         for update in data if isinstance(data, list) else [data]:
-            if want(update):
+            if "id" in update and want(update):
                 return update
 
 

@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint soak clean
+.PHONY: install browser run test lint soak clean
 
 install: $(STAMP)
 
@@ -20,7 +20,14 @@ run: install
 	@echo "asyncnode: http://127.0.0.1:$${ASYNCNODE_API_PORT:-5000}/"
 	exec $(PY) asyncnode.py up
 
-test: install
+# The browser tests drive Debian's Chromium (Playwright's own browser download cannot work offline).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; \
+	  else echo "asyncnode: chromium is not installed: browser tests will be skipped (apt-get install chromium)"; fi; }
+
+test: install browser
 	$(PY) -m pytest
 
 # Fault injection at full size (1,000-task crash soak, RabbitMQ and Redis outages): the README's figures.

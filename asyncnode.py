@@ -36,7 +36,7 @@ import time
 import tomllib
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Final, TypeAlias, cast
 from urllib.parse import urlsplit, urlunsplit
@@ -80,9 +80,7 @@ HISTORY_SUFFIX: Final = "~history"
 HISTORY_FIELDS: Final = frozenset({"attempt", "attempts", "error", "worker", "next_attempt_at"})
 #: Suffix, after ``[redis] key_prefix``, of the sorted set of live workers and of each worker's heartbeat key.
 WORKERS_SUFFIX: Final = "~workers"
-#: Statuses a task can have.  ``rejected``: the broker never held it (the API answered 503).
-STATUSES: Final = ("pending", "started", "retrying", "completed", "failed", "rejected")
-#: Statuses after which nothing more happens to a task.
+#: Statuses after which nothing more happens to a task (``rejected``: the broker never held it; the API answered 503).
 TERMINAL: Final = frozenset({"completed", "failed", "rejected"})
 #: Suffix of the dead-letter queue's name (``<queue>.dlq``).
 DLQ_SUFFIX: Final = ".dlq"
@@ -150,6 +148,8 @@ JSON_FIELDS: Final = frozenset({"payload", "result"})
 #: Fields of a task that hold numbers in its Redis hash.
 FLOAT_FIELDS: Final = frozenset({"created_at", "started_at", "finished_at", "progress", "ts", "next_attempt_at"})
 INT_FIELDS: Final = frozenset({"attempts", "seq", "attempt", "retries"})
+#: What aio-pika raises when RabbitMQ is unreachable, goes away or refuses (a TimeoutError is an OSError).
+AMQP_ERRORS: Final = (aio_pika.exceptions.AMQPError, OSError, RuntimeError)
 
 JSON: TypeAlias = Any
 
@@ -396,9 +396,7 @@ def _build_section(path: Path, name: str, cls: type, table: dict[str, Any]) -> A
             raise ConfigError(f"{path}: [{name}] {key}: unknown key (known: {', '.join(fields)})")
     values: dict[str, Any] = {}
     for key, value in table.items():
-        f = fields[key]
-        where = f"{path}: [{name}] {key}"
-        values[key] = _check_value(where, str(f.type), value, f.metadata)
+        values[key] = _check_value(f"{path}: [{name}] {key}", str(fields[key].type), value, fields[key].metadata)
     return cls(**values)
 
 
@@ -515,11 +513,8 @@ class TaskType:
 
     def describe(self, max_text: int) -> dict[str, JSON]:
         """The type as JSON for ``/api/task-types`` and the page's forms."""
-        return {
-            "name": self.name,
-            "description": self.description,
-            "fields": [f.describe(max_text) for f in self.fields],
-        }
+        fields = [f.describe(max_text) for f in self.fields]
+        return {"name": self.name, "description": self.description, "fields": fields}
 
 
 #: Every registered task type by name.
@@ -534,11 +529,7 @@ def task(
     validate: Validator | None = None,
     timeout: float | None = None,
 ) -> Callable[[Handler], Handler]:
-    """Register the decorated function as the handler of task type ``name``.
-
-    The name is what travels on the queue, so it must stay stable when code
-    moves; registering a name twice is an error.
-    """
+    """Register the decorated function as the handler of task type ``name`` (stable: it travels on the queue)."""
 
     def register(func: Handler) -> Handler:
         if name in REGISTRY:
@@ -706,30 +697,16 @@ def encode_fields(fields: Mapping[str, JSON]) -> list[str]:
     """Flatten a task's fields to the strings stored in its Redis hash (None is skipped)."""
     flat: list[str] = []
     for key, value in fields.items():
-        if value is None:
-            continue
-        flat.append(key)
-        flat.append(dumps(value) if key in JSON_FIELDS else str(value) if not isinstance(value, str) else value)
+        if value is not None:
+            flat += [key, dumps(value) if key in JSON_FIELDS else str(value)]
     return flat
 
 
 def decode_record(tid: str, raw: Mapping[str, str]) -> dict[str, JSON]:
     """A task as the API shows it, from the strings of its Redis hash."""
-    rec: dict[str, JSON] = {
-        "id": tid,
-        "type": None,
-        "status": None,
-        "payload": None,
-        "result": None,
-        "error": None,
-        "attempts": 0,
-        "created_at": None,
-        "started_at": None,
-        "finished_at": None,
-        "worker": None,
-        "progress": None,
-        "seq": 0,
-    }
+    rec: dict[str, JSON] = {"id": tid, "type": None, "status": None, "payload": None, "result": None, "error": None}
+    rec |= {"attempts": 0, "created_at": None, "started_at": None, "finished_at": None, "worker": None}
+    rec |= {"progress": None, "seq": 0}
     for key, value in raw.items():
         if key in JSON_FIELDS:
             try:
@@ -746,11 +723,7 @@ def decode_record(tid: str, raw: Mapping[str, str]) -> dict[str, JSON]:
 
 
 def update_message(tid: str, ttype: str, status: str, ts: float, extra: Mapping[str, JSON]) -> str:
-    """An update as published on the channel, *without* its closing brace.
-
-    Redis appends the task's sequence number (and any counter it increments)
-    and the brace, so the number is assigned atomically with the write.
-    """
+    """An update as published, minus its closing brace: Redis appends the sequence number atomically with the write."""
     return dumps({"id": tid, "type": ttype, "status": status, "ts": ts, **extra})[:-1]
 
 
@@ -819,20 +792,23 @@ def batch_frame(messages: list[str]) -> str:
     return messages[0] if len(messages) == 1 else "[" + ",".join(messages) + "]"
 
 
+def _dead_lettering(cfg: BrokerConfig, target: str) -> dict[str, Any]:
+    """Arguments of a queue of ``cfg.queue_type`` that dead-letters into queue ``target``."""
+    args: dict[str, Any] = {"x-queue-type": cfg.queue_type, "x-dead-letter-exchange": ""}
+    args["x-dead-letter-routing-key"] = target
+    if cfg.queue_type == "quorum":
+        # At-least-once dead-lettering needs reject-publish overflow.
+        args |= {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+    return args
+
+
 def queue_arguments(cfg: BrokerConfig) -> dict[str, Any]:
     """The arguments the work queue is declared with."""
-    args: dict[str, Any] = {
-        "x-queue-type": cfg.queue_type,
-        "x-dead-letter-exchange": "",
-        "x-dead-letter-routing-key": cfg.queue + DLQ_SUFFIX,
-    }
+    args = _dead_lettering(cfg, cfg.queue + DLQ_SUFFIX)
     if cfg.queue_type == "quorum":
         # Quorum queues before RabbitMQ 4.0 have no default delivery limit; set one
         # so a message that kills every worker ends in the DLQ instead of looping.
-        # At-least-once dead-lettering needs reject-publish overflow.
         args["x-delivery-limit"] = cfg.delivery_limit
-        args["x-dead-letter-strategy"] = "at-least-once"
-        args["x-overflow"] = "reject-publish"
     return args
 
 
@@ -849,19 +825,9 @@ def retry_queue_name(cfg: BrokerConfig, delay: float) -> str:
 def retry_queue_arguments(cfg: BrokerConfig, delay: float) -> dict[str, Any]:
     """A retry queue: every message expires after ``delay`` and is dead-lettered back to the work queue.
 
-    One queue per delay, because a queue only expires messages at its head: with
-    one TTL per queue the head is always the next to expire.
+    One queue per delay, because a queue only expires messages at its head.
     """
-    args: dict[str, Any] = {
-        "x-queue-type": cfg.queue_type,
-        "x-message-ttl": round(delay * 1000),
-        "x-dead-letter-exchange": "",
-        "x-dead-letter-routing-key": cfg.queue,
-    }
-    if cfg.queue_type == "quorum":
-        args["x-dead-letter-strategy"] = "at-least-once"
-        args["x-overflow"] = "reject-publish"
-    return args
+    return {"x-message-ttl": round(delay * 1000), **_dead_lettering(cfg, cfg.queue)}
 
 
 def task_time_limit(cfg: BrokerConfig, task_timeout: float | None, type_timeout: float | None) -> float:
@@ -870,19 +836,30 @@ def task_time_limit(cfg: BrokerConfig, task_timeout: float | None, type_timeout:
     return min(chosen, cfg.task_timeout)
 
 
+def header_time(t: float) -> str:
+    """A time for a message header: AMQP tables would carry a float as 32 bits (2-minute steps)."""
+    return f"{t:.3f}"
+
+
+def _header_time(value: Any) -> float | None:
+    try:
+        return float(value.decode() if isinstance(value, bytes) else value)
+    except (TypeError, ValueError):
+        return None
+
+
 def dead_letter_info(message_id: str | None, body: bytes, headers: Mapping[str, Any]) -> dict[str, JSON]:
     """What ``GET /api/dlq`` shows of a dead-lettered message (ours, or one the broker dead-lettered)."""
-    try:
-        env: Envelope | None = Envelope.decode(body)
-    except EnvelopeError:
-        env = None
+    env: Envelope | None = None
+    with contextlib.suppress(EnvelopeError):
+        env = Envelope.decode(body)
     item: dict[str, JSON] = {
         "id": env.id if env else message_id,
         "type": env.type if env else None,
         "error": headers.get("x-error"),
         "attempts": headers.get("x-attempts"),
-        "failed_at": headers.get("x-last-failed-at"),
-        "first_failed_at": headers.get("x-first-failed-at"),
+        "failed_at": _header_time(headers.get("x-last-failed-at")),
+        "first_failed_at": _header_time(headers.get("x-first-failed-at")),
         "traceback": headers.get("x-traceback"),
     }
     deaths = headers.get("x-death") or []
@@ -903,8 +880,7 @@ def dead_letter_info(message_id: str | None, body: bytes, headers: Mapping[str, 
 
 
 def select_instance(cfg: Config, name: str | None, env: Mapping[str, str], hostname: str) -> tuple[str, InstanceConfig]:
-    """The instance this host runs: ``--instance``, else ``$ASYNCNODE_INSTANCE``, else the one
-    named like the host, else the only one."""
+    """This host's instance: ``--instance``, ``$ASYNCNODE_INSTANCE``, the one named like the host, or the only one."""
     chosen = name or env.get("ASYNCNODE_INSTANCE")
     known = ", ".join(cfg.instances)
     if chosen:
@@ -953,12 +929,10 @@ _SECTION: Final = re.compile(r"^\[([^\]]+)\][ \t]*$", re.MULTILINE)
 
 
 def render_supervisord(template: str, values: Mapping[str, str]) -> str:
-    """supervisord.conf with the instance's values filled in.
+    """supervisord.conf with every ``%(ENV_ASYNCNODE_X)s`` replaced by ``values[X]``.
 
-    Every ``%(ENV_ASYNCNODE_X)s`` becomes ``values[X]``.  ``[program:api]`` is dropped
-    when ``API_PROCS`` is 0, and ``[program:worker]`` becomes one program per worker
-    (``worker_00``, ``worker_01``, …) so that a reload which changes the count starts or
-    stops only the difference, leaving running workers and their tasks alone.
+    ``[program:api]`` is dropped when ``API_PROCS`` is 0; ``[program:worker]`` becomes one program per
+    worker (``worker_00``, …) so that a reload changing the count starts or stops only the difference.
     """
     text = _ENV_TOKEN.sub(lambda m: values[m.group(1)], template)
     starts = [m.start() for m in _SECTION.finditer(text)]
@@ -986,9 +960,8 @@ def render_supervisord(template: str, values: Mapping[str, str]) -> str:
 
 async def declare_queues(channel: aio_pika.abc.AbstractChannel, cfg: BrokerConfig) -> aio_pika.abc.AbstractQueue:
     """Declare the dead-letter queue and the work queue; return the work queue."""
-    dlq_args: dict[str, Any] = {"x-queue-type": cfg.queue_type}
     try:
-        await channel.declare_queue(cfg.queue + DLQ_SUFFIX, durable=True, arguments=dlq_args)
+        await channel.declare_queue(cfg.queue + DLQ_SUFFIX, durable=True, arguments={"x-queue-type": cfg.queue_type})
         for delay in sorted(set(cfg.retry_delays)):
             name = retry_queue_name(cfg, delay)
             await channel.declare_queue(name, durable=True, arguments=retry_queue_arguments(cfg, delay))
@@ -1008,11 +981,17 @@ def broker_version(connection: aio_pika.abc.AbstractConnection) -> str:
     return version.decode() if isinstance(version, bytes) else str(version)
 
 
-class Broker:
-    """RabbitMQ for every role: one robust connection, confirmed publishes, dead-letter operations.
+@contextlib.contextmanager
+def _broker_errors(what: str = "RabbitMQ unreachable") -> Iterator[None]:
+    """Turn any of AMQP_ERRORS raised inside into BrokerUnavailable("<what>: <error>")."""
+    try:
+        yield
+    except AMQP_ERRORS as e:
+        raise BrokerUnavailable(f"{what}: {e or type(e).__name__}") from None
 
-    It connects lazily, so the API starts (and answers 503) while RabbitMQ is down.
-    """
+
+class Broker:
+    """RabbitMQ for every role; it connects lazily, so the API starts (and answers 503) while RabbitMQ is down."""
 
     def __init__(self, cfg: BrokerConfig, role: str = "api") -> None:
         self.cfg = cfg
@@ -1049,13 +1028,12 @@ class Broker:
                 return self._channel
             connection = await self.connect()
             try:
-                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-                await declare_queues(channel, self.cfg)
+                with _broker_errors():
+                    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+                    await declare_queues(channel, self.cfg)
             except ConfigError as e:
                 self.log.error("%s", e)
                 raise BrokerUnavailable(str(e)) from None
-            except (TimeoutError, aio_pika.exceptions.AMQPError, OSError, RuntimeError) as e:
-                raise BrokerUnavailable(f"RabbitMQ unreachable: {e or type(e).__name__}") from None
             self._channel = channel
             return channel
 
@@ -1064,32 +1042,27 @@ class Broker:
     ) -> None:
         """Publish a task persistently (to the work queue by default) and wait for the confirm.
 
-        Raise BrokerUnavailable when RabbitMQ is unreachable, refuses (a full queue
-        nacks with reject-publish, an unroutable message is returned) or does not
-        confirm within ``publish_timeout``; a broker in a memory or disk alarm blocks
-        publishers silently, which the timeout turns into an answer.
+        Raise BrokerUnavailable when RabbitMQ is unreachable, refuses (a full queue nacks, an unroutable
+        message is returned) or does not confirm in time (a memory or disk alarm blocks publishers silently).
         """
         if self._connection is not None and not self.connected:
             # Reconnecting: answer now rather than make the client wait out the timeout.
             raise BrokerUnavailable("RabbitMQ connection lost; reconnecting")
-        try:
-            async with asyncio.timeout(self.cfg.publish_timeout):
-                channel = await self._ensure_channel()
-                message = aio_pika.Message(
-                    envelope.encode(),
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    content_type="application/json",
-                    message_id=envelope.id,
-                    type=envelope.type,
-                    headers=dict(headers or {}),
-                )
-                await channel.default_exchange.publish(
-                    message, routing_key=routing_key or self.cfg.queue, mandatory=True
-                )
-        except TimeoutError:
-            raise BrokerUnavailable(f"RabbitMQ did not confirm within {self.cfg.publish_timeout:g} s") from None
-        except (aio_pika.exceptions.AMQPError, aio_pika.exceptions.DeliveryError, OSError, RuntimeError) as e:
-            raise BrokerUnavailable(f"RabbitMQ refused the task: {e or type(e).__name__}") from None
+        message = aio_pika.Message(
+            envelope.encode(),
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            content_type="application/json",
+            message_id=envelope.id,
+            type=envelope.type,
+            headers=dict(headers or {}),
+        )
+        with _broker_errors("RabbitMQ refused the task"):
+            try:
+                async with asyncio.timeout(self.cfg.publish_timeout):
+                    channel = await self._ensure_channel()
+                    await channel.default_exchange.publish(message, routing_key or self.cfg.queue, mandatory=True)
+            except TimeoutError:
+                raise BrokerUnavailable(f"RabbitMQ did not confirm within {self.cfg.publish_timeout:g} s") from None
 
     async def check(self, timeout: float) -> None:
         """Raise BrokerUnavailable unless a channel to RabbitMQ is open (connecting if needed)."""
@@ -1100,22 +1073,17 @@ class Broker:
             raise BrokerUnavailable(f"RabbitMQ did not answer within {timeout:g} s") from None
 
     @contextlib.asynccontextmanager
-    async def _dlq(self) -> AsyncIterator[tuple[aio_pika.abc.AbstractQueue | None, int]]:
-        """The dead-letter queue on a channel of its own, and its depth.
-
-        Messages fetched from it and not acknowledged go back when the channel closes.
-        """
+    async def _dlq(self) -> AsyncIterator[tuple[aio_pika.abc.AbstractQueue, int]]:
+        """The DLQ on a channel of its own, and its depth (fetched messages not acknowledged go back on close)."""
         await self._ensure_channel()  # declares the queues
         connection = await self.connect()
-        try:
+        with _broker_errors():
             channel = await connection.channel()
-        except (aio_pika.exceptions.AMQPError, OSError, RuntimeError) as e:
-            raise BrokerUnavailable(f"RabbitMQ unreachable: {e or type(e).__name__}") from None
         try:
             queue = await channel.declare_queue(self.cfg.queue + DLQ_SUFFIX, passive=True)
             yield queue, queue.declaration_result.message_count or 0
         finally:
-            with contextlib.suppress(aio_pika.exceptions.AMQPError, OSError, RuntimeError):
+            with contextlib.suppress(*AMQP_ERRORS):
                 await channel.close()
 
     async def dead_letters(self, limit: int) -> tuple[list[dict[str, JSON]], int]:
@@ -1123,7 +1091,7 @@ class Broker:
         items = []
         async with self._dlq() as (queue, total):
             for _ in range(min(limit, total)):
-                message = await queue.get(no_ack=False, fail=False) if queue else None
+                message = await queue.get(no_ack=False, fail=False)
                 if message is None:
                     break
                 items.append(dead_letter_info(message.message_id, message.body, message.headers))
@@ -1136,22 +1104,20 @@ class Broker:
     ) -> int:
         """Run ``take`` on every dead letter ``wanted`` selects, then remove it from the DLQ; return how many.
 
-        A dead letter is acknowledged only after ``take`` returned, so a failure
-        (RabbitMQ or Redis gone) leaves it in the DLQ.
+        It is acknowledged only after ``take`` returned, so a failure (RabbitMQ or Redis gone) leaves it there.
         """
         taken = 0
         async with self._dlq() as (queue, total):
             for _ in range(total):
-                message = await queue.get(no_ack=False, fail=False) if queue else None
+                message = await queue.get(no_ack=False, fail=False)
                 if message is None:
                     break
                 item = dead_letter_info(message.message_id, message.body, message.headers)
                 if not wanted(item):
                     continue
-                try:
-                    env: Envelope | None = Envelope.decode(message.body)
-                except EnvelopeError:
-                    env = None
+                env: Envelope | None = None
+                with contextlib.suppress(EnvelopeError):
+                    env = Envelope.decode(message.body)
                 await take(env, item)
                 await message.ack()
                 taken += 1
@@ -1160,28 +1126,28 @@ class Broker:
     async def purge_dead_letters(self) -> int:
         """Drop every dead letter; return how many there were."""
         async with self._dlq() as (queue, _):
-            result = await queue.purge() if queue else None
+            result = await queue.purge()
         return int(result.message_count or 0) if result else 0
 
     async def queue_depths(self) -> dict[str, int]:
         """Messages ready in the work queue and in the DLQ (for the dashboard)."""
         await self._ensure_channel()  # declares the queues
         connection = await self.connect()
-        try:
+        depths = {}
+        with _broker_errors():
             if self._stats_channel is None or self._stats_channel.is_closed:
                 self._stats_channel = await connection.channel()
-            depths = {}
+            # On the underlying channel: a robust channel answers a repeated passive
+            # declare from its cache, with the depth it had the first time.
+            channel = await self._stats_channel.get_underlay_channel()
             for key, name in (("ready", self.cfg.queue), ("dlq", self.cfg.queue + DLQ_SUFFIX)):
-                queue = await self._stats_channel.declare_queue(name, passive=True)
-                depths[key] = queue.declaration_result.message_count or 0
-            return depths
-        except (aio_pika.exceptions.AMQPError, OSError, RuntimeError) as e:
-            raise BrokerUnavailable(f"RabbitMQ unreachable: {e or type(e).__name__}") from None
+                depths[key] = (await channel.queue_declare(name, passive=True)).message_count or 0
+        return depths
 
     async def close(self) -> None:
         """Close the connection, if any (bounded: the broker may be gone)."""
         if self._connection is not None:
-            with contextlib.suppress(aio_pika.exceptions.AMQPError, OSError, RuntimeError, TimeoutError):
+            with contextlib.suppress(*AMQP_ERRORS):
                 await asyncio.wait_for(self._connection.close(), SHUTDOWN_STEP_TIMEOUT)
             self._connection = None
             self._channel = None
@@ -1239,6 +1205,7 @@ class RedisState:
         self._update = self.client.register_script(_UPDATE_LUA)
         self.recent_key = cfg.key_prefix + RECENT_SUFFIX
         self.stats_key = cfg.key_prefix + STATS_SUFFIX
+        self.workers_key = cfg.key_prefix + WORKERS_SUFFIX
 
     def key(self, tid: str) -> str:
         """The hash holding task ``tid``."""
@@ -1289,11 +1256,9 @@ class RedisState:
         guard: Iterable[str] = (),
         ttl: int = 0,
     ) -> tuple[int, int] | None:
-        """Write a change of state and publish it in one round trip.
+        """Write a change of state and publish it in one round trip; return (seq, counter), or None if guarded out.
 
-        ``public`` names the fields that also go into the update message;
-        ``counter`` a field incremented by one (its new value is published too).
-        Return (seq, counter value), or None when the guard did not match.
+        ``public``: fields also put in the update message; ``counter``: a field incremented (and published).
         """
         res = await self._write(tid, ttype, status, fields, public=public, counter=counter, guard=guard, ttl=ttl)
         return None if res is None else (int(res[0]), int(res[1]))
@@ -1331,8 +1296,7 @@ class RedisState:
 
     async def status_of(self, tid: str) -> str | None:
         """Just the status of task ``tid``."""
-        status = cast(str | None, await self.client.hget(self.key(tid), "status"))
-        return status
+        return cast(str | None, await self.client.hget(self.key(tid), "status"))
 
     async def recent(self, limit: int) -> list[dict[str, JSON]]:
         """The most recent tasks, newest first (those already expired are skipped)."""
@@ -1346,34 +1310,33 @@ class RedisState:
         return [decode_record(tid, raw) for tid, raw in zip(ids, raws, strict=True) if raw]
 
     def _worker_key(self, worker_id: str) -> str:
-        return f"{self.cfg.key_prefix}{WORKERS_SUFFIX}:{worker_id}"
+        return f"{self.workers_key}:{worker_id}"
 
     async def beat(self, worker_id: str, info: Mapping[str, JSON], ttl: float) -> None:
         """Record a worker's heartbeat; it counts as gone ``ttl`` seconds after the last one."""
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.set(self._worker_key(worker_id), dumps(info), px=int(ttl * 1000))
-            pipe.zadd(self.cfg.key_prefix + WORKERS_SUFFIX, {worker_id: time.time()})
+            pipe.zadd(self.workers_key, {worker_id: time.time()})
             # The index outlives its last worker by one TTL, no more.
-            pipe.pexpire(self.cfg.key_prefix + WORKERS_SUFFIX, int(ttl * 1000))
+            pipe.pexpire(self.workers_key, int(ttl * 1000))
             await pipe.execute()
 
     async def forget_worker(self, worker_id: str) -> None:
         """Remove a worker's heartbeat at once (it stopped cleanly)."""
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.delete(self._worker_key(worker_id))
-            pipe.zrem(self.cfg.key_prefix + WORKERS_SUFFIX, worker_id)
+            pipe.zrem(self.workers_key, worker_id)
             await pipe.execute()
 
     async def workers(self) -> list[dict[str, JSON]]:
         """The live workers: those whose heartbeat key has not expired."""
-        index = self.cfg.key_prefix + WORKERS_SUFFIX
-        ids = cast(list[str], await self.client.zrange(index, 0, -1))
+        ids = cast(list[str], await self.client.zrange(self.workers_key, 0, -1))
         if not ids:
             return []
         raws = cast(list[str | None], await self.client.mget([self._worker_key(w) for w in ids]))
         gone = [w for w, raw in zip(ids, raws, strict=True) if raw is None]
         if gone:
-            await self.client.zrem(index, *gone)
+            await self.client.zrem(self.workers_key, *gone)
         return [json.loads(raw) for raw in raws if raw is not None]
 
     async def ping(self) -> None:
@@ -1456,18 +1419,12 @@ async def _error_middleware(request: web.Request, handler: _Handler) -> web.Stre
         if e.status < 400 or not request.path.startswith("/api/"):
             raise
         if e.status == 413:
-            message = f"request body too large (at most {request.app[CFG_KEY].api.client_max_size} bytes)"
-        else:
-            message = e.reason
-        return _json_error(e.status, message)
-    except asyncio.CancelledError:
-        raise
-    except OSError as e:
-        if e.errno == errno.ENAMETOOLONG:  # a static file name longer than the file system allows
+            size = request.app[CFG_KEY].api.client_max_size
+            return _json_error(413, f"request body too large (at most {size} bytes)")
+        return _json_error(e.status, e.reason)
+    except Exception as e:
+        if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:  # a static file name too long for the file system
             return _json_error(404, "not found")
-        log.getChild("api").exception("unhandled error on %s %s", request.method, request.path)
-        return _json_error(500, "internal error")
-    except Exception:
         log.getChild("api").exception("unhandled error on %s %s", request.method, request.path)
         return _json_error(500, "internal error")
 
@@ -1501,16 +1458,14 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
 @aiohttp_jinja2.template("index.html")
 async def page_index(request: web.Request) -> dict[str, Any]:
     """The browser page: a form per task type and the live task list."""
-    cfg = request.app[CFG_KEY]
-    types = [t.describe(cfg.api.max_text) for t in sorted(REGISTRY.values(), key=lambda t: t.name)]
+    types = [t.describe(request.app[CFG_KEY].api.max_text) for t in sorted(REGISTRY.values(), key=lambda t: t.name)]
     return {"title": "asyncnode", "version": __version__, "task_types": types}
 
 
 async def api_task_types(request: web.Request) -> web.Response:
     """``GET /api/task-types``: the registered types and the payload fields each expects."""
     max_text = request.app[CFG_KEY].api.max_text
-    items = [t.describe(max_text) for t in sorted(REGISTRY.values(), key=lambda t: t.name)]
-    return web.json_response({"items": items})
+    return web.json_response({"items": [t.describe(max_text) for t in sorted(REGISTRY.values(), key=lambda t: t.name)]})
 
 
 async def api_submit(request: web.Request) -> web.Response:
@@ -1543,14 +1498,8 @@ async def api_submit(request: web.Request) -> web.Response:
     except BrokerUnavailable as e:
         log.getChild("api").warning("refusing task %s: %s", tid, e)
         with contextlib.suppress(RedisError, OSError):
-            await state.update(
-                tid,
-                ttype.name,
-                "rejected",
-                {"error": str(e), "finished_at": time.time()},
-                public=("error",),
-                ttl=cfg.redis.result_ttl,
-            )
+            fields = {"error": str(e), "finished_at": time.time()}
+            await state.update(tid, ttype.name, "rejected", fields, public=("error",), ttl=cfg.redis.result_ttl)
         return _json_error(503, f"task not queued: {e}; retry later", id=tid)
     return web.json_response({"id": tid, "status": "pending"}, status=202, headers={"Location": f"/api/tasks/{tid}"})
 
@@ -1564,26 +1513,22 @@ async def api_get_task(request: web.Request) -> web.Response:
     return web.json_response(rec)
 
 
+def _query_limit(request: web.Request, default: int) -> int:
+    """The ``limit`` query parameter; a 400 unless it is an integer from 1 to MAX_LIST_LIMIT."""
+    with contextlib.suppress(ValueError):
+        if 1 <= (limit := int(request.query.get("limit", default))) <= MAX_LIST_LIMIT:
+            return limit
+    raise web.HTTPBadRequest(reason=f"limit must be an integer between 1 and {MAX_LIST_LIMIT}")
+
+
 async def api_list_tasks(request: web.Request) -> web.Response:
     """``GET /api/tasks?limit=N``: the most recent tasks, newest first."""
-    raw = request.query.get("limit", "50")
-    try:
-        limit = int(raw)
-        if not 1 <= limit <= MAX_LIST_LIMIT:
-            raise ValueError
-    except ValueError:
-        return _json_error(400, f"limit must be an integer between 1 and {MAX_LIST_LIMIT}")
-    return web.json_response({"items": await request.app[STATE_KEY].recent(limit)})
+    return web.json_response({"items": await request.app[STATE_KEY].recent(_query_limit(request, 50))})
 
 
 async def api_dlq_list(request: web.Request) -> web.Response:
     """``GET /api/dlq?limit=N``: dead letters, oldest first, with the total."""
-    try:
-        limit = int(request.query.get("limit", "100"))
-        if not 1 <= limit <= MAX_LIST_LIMIT:
-            raise ValueError
-    except ValueError:
-        return _json_error(400, f"limit must be an integer between 1 and {MAX_LIST_LIMIT}")
+    limit = _query_limit(request, 100)
     try:
         items, total = await request.app[BROKER_KEY].dead_letters(limit)
     except BrokerUnavailable as e:
@@ -1600,10 +1545,7 @@ async def requeue_dead_letters(broker: Broker, state: RedisState, task_id: str |
         await state.reset(env.id, env.type, env.payload)
         await broker.publish(env)
 
-    def wanted(item: dict[str, JSON]) -> bool:
-        return task_id is None or item["id"] == task_id
-
-    return await broker.take_dead_letters(wanted, take)
+    return await broker.take_dead_letters(lambda item: task_id is None or item["id"] == task_id, take)
 
 
 async def api_dlq_requeue(request: web.Request) -> web.Response:
@@ -1731,11 +1673,7 @@ async def _relay_updates(app: web.Application, subscribed: asyncio.Event) -> Non
 
 
 async def _stats_loop(app: web.Application) -> None:
-    """Every second while clients are connected, send them a ``stats`` message.
-
-    Rates are the differences of the per-status counters in Redis between two
-    samples; the queue depths come from RabbitMQ, the workers from their heartbeats.
-    """
+    """Every second while clients are connected, send them ``stats``: rates, queue depths and live workers."""
     state, broker, hub = app[STATE_KEY], app[BROKER_KEY], app[HUB_KEY]
     previous: tuple[float, dict[str, int]] | None = None
     while True:
@@ -1752,18 +1690,15 @@ async def _stats_loop(app: web.Application) -> None:
         except BrokerUnavailable:
             depths = {"ready": None, "dlq": None}
         now = time.monotonic()
-        rates = {}
-        for name, status in (("completed", "completed"), ("failed", "failed"), ("submitted", "pending")):
-            elapsed = now - previous[0] if previous else 0.0
-            delta = counters.get(status, 0) - previous[1].get(status, 0) if previous else 0
-            rates[f"{name}_per_s"] = round(delta / elapsed, 2) if elapsed > 0 else 0.0
-        previous = (now, counters)
-        totals = {
-            "completed": counters.get("completed", 0),
-            "failed": counters.get("failed", 0),
-            "submitted": counters.get("pending", 0),
-            "retrying": counters.get("retrying", 0),
+        names = {"completed": "completed", "failed": "failed", "submitted": "pending", "retrying": "retrying"}
+        totals = {name: counters.get(status, 0) for name, status in names.items()}
+        # Rates are the differences of the per-status counters between two samples.
+        elapsed = now - previous[0] if previous else 0.0
+        rates = {
+            f"{name}_per_s": round((totals[name] - previous[1][name]) / elapsed, 2) if previous and elapsed > 0 else 0.0
+            for name in ("completed", "failed", "submitted")
         }
+        previous = (now, totals)
         hub.broadcast(
             dumps({"stats": {"ts": time.time(), **rates, "queue": depths, "totals": totals, "workers": workers}})
         )
@@ -1860,13 +1795,8 @@ async def run_api(cfg: Config) -> int:
             cfg.smtp.host,
             cfg.smtp.port,
         )
-    alog.info(
-        "listening on http://%s:%d (RabbitMQ %s, Redis %s)",
-        cfg.api.host,
-        cfg.api.port,
-        redact_url(cfg.broker.url),
-        redact_url(cfg.redis.url),
-    )
+    urls = redact_url(cfg.broker.url), redact_url(cfg.redis.url)
+    alog.info("listening on http://%s:%d (RabbitMQ %s, Redis %s)", cfg.api.host, cfg.api.port, *urls)
     await stop.wait()
     alog.info("shutting down")
     await runner.cleanup()
@@ -1893,10 +1823,7 @@ class TaskContext:
         self._flusher: asyncio.Task[None] | None = None
 
     def progress(self, fraction: float, note: str | None = None) -> None:
-        """Report progress (0..1) with an optional note; callable from async and sync handlers.
-
-        Writes are coalesced: while one is in flight only the newest value is kept.
-        """
+        """Report progress (0..1) and a note, from async or sync handlers (writes coalesce: the newest wins)."""
         value = (min(max(float(fraction), 0.0), 1.0), note)
         if threading.get_ident() == getattr(self._loop, "_thread_id", None):
             self._set_progress(value)
@@ -1911,15 +1838,11 @@ class TaskContext:
     async def _flush_progress(self) -> None:
         while self._latest is not None:
             (fraction, note), self._latest = self._latest, None
+            fields = {"progress": fraction, "note": note}
             try:
                 # Guarded on "started": a late progress write never overwrites a final state.
                 await self._state.update(
-                    self.id,
-                    self.type,
-                    "started",
-                    {"progress": fraction, "note": note},
-                    public=("progress", "note"),
-                    guard=("started",),
+                    self.id, self.type, "started", fields, public=tuple(fields), guard=("started",)
                 )
             except (RedisError, OSError) as e:
                 self.log.warning("progress of %s not recorded: %s", self.id, e)
@@ -1933,8 +1856,7 @@ class TaskContext:
 async def run_handler(ttype: TaskType, payload: dict[str, Any], ctx: TaskContext, limit: float) -> JSON:
     """Run a handler under its time limit: coroutines on the loop, plain functions in a thread.
 
-    Past the limit a coroutine is cancelled; a thread cannot be, so it runs on
-    unobserved while the attempt counts as failed.
+    Past the limit a coroutine is cancelled; a thread cannot be, so it runs on unobserved (the attempt failed).
     """
     async with asyncio.timeout(limit):
         if ttype.is_async:
@@ -1964,10 +1886,8 @@ def describe_failure(e: BaseException, limit: float) -> Failure:
 class Worker:
     """Consumes the work queue: runs each task, reports every change of state, retries, dead-letters.
 
-    The order of every step is what makes a task impossible to lose: the next
-    home of a message (a retry queue, the DLQ) is confirmed by RabbitMQ and its
-    state is written to Redis before the delivery is acknowledged, so a crash at
-    any point leaves the task either still on its queue or already moved on.
+    No task can be lost: a delivery is acknowledged only once its next home (a retry queue, the DLQ) is
+    confirmed by RabbitMQ and its state written to Redis, so a crash leaves it on its queue or moved on.
     """
 
     def __init__(self, cfg: Config, state: RedisState, broker: Broker, instance: str = "") -> None:
@@ -2012,9 +1932,8 @@ class Worker:
     async def on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         """Consumer callback: start running the delivery (or hand it back when shutting down).
 
-        The run gets a task of its own: the library cancels its per-delivery tasks
-        when the channel closes (a broker restart, a consumer_timeout), and a
-        handler must not be cut off half-way for that; its delivery comes back.
+        The run gets a task of its own: the library cancels its per-delivery tasks when the channel closes
+        (a broker restart, a consumer_timeout), and a handler must not be cut off half-way for that.
         """
         if self.stopping:
             await self._settle(message.nack(requeue=True), "return")
@@ -2027,7 +1946,7 @@ class Worker:
         """Ack, nack or reject; after a reconnect the delivery tag is stale, and RabbitMQ redelivers the message."""
         try:
             await settle
-        except (aio_pika.exceptions.AMQPError, aio_pika.exceptions.MessageProcessError, OSError, RuntimeError) as e:
+        except AMQP_ERRORS as e:
             self.log.warning("could not %s a delivery (%s); RabbitMQ will redeliver it", what, e or type(e).__name__)
 
     async def _durably(self, write: Callable[[], Awaitable[Any]]) -> Any:
@@ -2043,6 +1962,10 @@ class Worker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    async def _record(self, env: Envelope, status: str, fields: Mapping[str, JSON], **options: Any) -> Any:
+        """Write a change of state of ``env``'s task durably (``options`` as for RedisState.update)."""
+        return await self._durably(lambda: self.state.update(env.id, env.type, status, fields, **options))
+
     async def handle(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         """Run one delivery to its end: completed, retried later, or dead-lettered; then acknowledge it."""
         try:
@@ -2053,13 +1976,12 @@ class Worker:
             return
         try:
             await self.execute(env, message.headers or {})
-        except (RedisError, OSError, BrokerUnavailable) as e:
+        except Exception as e:
             # The outcome could not be recorded or moved on: hand the task back rather than lose it.
-            self.log.error("task %s: %s; returning it to the queue", env.id, e)
-            await self._settle(message.nack(requeue=True), "return")
-            return
-        except Exception:
-            self.log.exception("task %s: unexpected error; returning it to the queue", env.id)
+            if isinstance(e, RedisError | OSError | BrokerUnavailable):
+                self.log.error("task %s: %s; returning it to the queue", env.id, e)
+            else:
+                self.log.exception("task %s: unexpected error; returning it to the queue", env.id)
             await self._settle(message.nack(requeue=True), "return")
             return
         await self._settle(message.ack(), "ack")
@@ -2093,17 +2015,8 @@ class Worker:
             failure = Failure(f"worker died {deliveries} times running this task (delivery limit)", "", True)
             await self.give_up(env, failure, retries, headers)
             return
-        written = await self._durably(
-            lambda: self.state.update(
-                env.id,
-                env.type,
-                "started",
-                {"worker": self.name, "started_at": time.time()},
-                public=("worker",),
-                counter="attempts",
-            )
-        )
-        attempt = written[1] if written else retries + 1
+        started = {"worker": self.name, "started_at": time.time()}
+        _, attempt = await self._record(env, "started", started, public=("worker",), counter="attempts")
         self.in_hand[env.id] = time.time()
         try:
             outcome = await self.run(env, attempt)
@@ -2115,16 +2028,8 @@ class Worker:
             else:
                 await self.retry_later(env, outcome, retries, headers, attempt)
             return
-        await self._durably(
-            lambda: self.state.update(
-                env.id,
-                env.type,
-                "completed",
-                {"result": outcome, "finished_at": time.time()},
-                public=("result",),
-                ttl=self.cfg.redis.result_ttl,
-            )
-        )
+        completed = {"result": outcome, "finished_at": time.time()}
+        await self._record(env, "completed", completed, public=("result",), ttl=self.cfg.redis.result_ttl)
 
     async def run(self, env: Envelope, attempt: int) -> JSON | Failure:
         """Run the handler; return its result, or a Failure."""
@@ -2137,13 +2042,9 @@ class Worker:
             payload = validate_payload(ttype, env.payload, self.cfg)
             result = await run_handler(ttype, payload, ctx, limit)
             dumps(result)  # a result that cannot be stored is a failure of the task, not of the worker
-        except asyncio.CancelledError:
-            raise
         except Exception as e:
-            failure = describe_failure(e, limit)
-            self.log.warning("task %s (%s) attempt %d failed: %s", env.id, env.type, attempt, failure.error)
-            await ctx.drain()
-            return failure
+            result = describe_failure(e, limit)
+            self.log.warning("task %s (%s) attempt %d failed: %s", env.id, env.type, attempt, result.error)
         await ctx.drain()
         return result
 
@@ -2153,18 +2054,11 @@ class Worker:
         """Record ``retrying``, then park the task in the retry queue of its delay (confirmed)."""
         delay = retry_delay_for(retries + 1, self.cfg.broker.retry_delays)
         now = time.time()
-        await self._durably(
-            lambda: self.state.update(
-                env.id,
-                env.type,
-                "retrying",
-                {"error": failure.error, "next_attempt_at": now + delay, "attempt": attempt, "retries": retries + 1},
-                public=("error", "next_attempt_at", "attempt"),
-            )
-        )
+        fields = {"error": failure.error, "next_attempt_at": now + delay, "attempt": attempt, "retries": retries + 1}
+        await self._record(env, "retrying", fields, public=("error", "next_attempt_at", "attempt"))
         retry_headers = {
             "x-retries": retries + 1,
-            "x-first-failed-at": headers.get("x-first-failed-at") or now,
+            "x-first-failed-at": headers.get("x-first-failed-at") or header_time(now),
             "x-last-error": failure.error,
         }
         await self.broker.publish(env, retry_queue_name(self.cfg.broker, delay), retry_headers)
@@ -2177,20 +2071,12 @@ class Worker:
             "x-error": failure.error,
             "x-traceback": failure.traceback,
             "x-attempts": attempts or retries + 1,
-            "x-first-failed-at": headers.get("x-first-failed-at") or now,
-            "x-last-failed-at": now,
+            "x-first-failed-at": headers.get("x-first-failed-at") or header_time(now),
+            "x-last-failed-at": header_time(now),
         }
         await self.broker.publish(env, self.cfg.broker.queue + DLQ_SUFFIX, dlq_headers)
-        await self._durably(
-            lambda: self.state.update(
-                env.id,
-                env.type,
-                "failed",
-                {"error": failure.error, "finished_at": now},
-                public=("error",),
-                ttl=self.cfg.redis.result_ttl,
-            )
-        )
+        failed = {"error": failure.error, "finished_at": now}
+        await self._record(env, "failed", failed, public=("error",), ttl=self.cfg.redis.result_ttl)
 
     async def drain(self) -> None:
         """Wait for every task in hand to finish and be acknowledged."""
@@ -2199,9 +2085,8 @@ class Worker:
 
 
 def _int_header(headers: Mapping[str, Any], name: str) -> int:
-    value = headers.get(name)
     try:
-        return int(value) if value is not None else 0
+        return int(headers.get(name) or 0)
     except (TypeError, ValueError):
         return 0
 
@@ -2227,8 +2112,7 @@ async def _watch_consumer(
 ) -> bool:
     """Return True if the consumer has been down (connection or channel) longer than ``limit`` seconds.
 
-    Robust reconnection has had bugs where consumers silently were not restored;
-    exiting lets supervisord start a fresh process instead of idling half-alive.
+    Robust reconnection has had bugs that silently lost consumers; a fresh process beats idling half-alive.
     """
     down_since: float | None = None
     while not stop.is_set():
@@ -2278,7 +2162,7 @@ async def run_worker(cfg: Config) -> int:
         wlog.info("stopping: finishing %d task(s) in hand", len(worker.inflight))
         worker.stopping = True
         # Bounded: a robust channel would wait for a broker that may never come back.
-        with contextlib.suppress(aio_pika.exceptions.AMQPError, OSError, RuntimeError, TimeoutError):
+        with contextlib.suppress(*AMQP_ERRORS):
             await asyncio.wait_for(queue.cancel(tag), SHUTDOWN_STEP_TIMEOUT)
         await worker.drain()
         heartbeat.cancel()
@@ -2350,19 +2234,15 @@ def run_up(cfg: Config, args: argparse.Namespace) -> int:
         return 0
     # exec, so that SIGTERM to `up` reaches supervisord itself and stops everything in order.
     os.execv(sys.executable, [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)])
-    return 1  # not reached
 
 
 def run_ctl(cfg: Config, args: argparse.Namespace) -> int:
     """``status``, ``restart`` or ``reload`` (re-read config.toml, apply the difference) the supervised processes."""
     name, inst = select_instance(cfg, args.instance, os.environ, socket.gethostname())
     run_dir = run_dir_for(cfg, name, args.run_dir)
-    conf = run_dir / "supervisord.conf"
-    if not (run_dir / "supervisor.sock").exists():
-        print(
-            f"asyncnode: instance {name!r} is not running (no {run_dir / 'supervisor.sock'}); start it with up",
-            file=sys.stderr,
-        )
+    conf, sock = run_dir / "supervisord.conf", run_dir / "supervisor.sock"
+    if not sock.exists():
+        print(f"asyncnode: instance {name!r} is not running (no {sock}); start it with up", file=sys.stderr)
         return 1
     command = {"status": ["status"], "restart": ["restart", "all"], "reload": ["update"]}[args.action]
     if args.action == "reload":
@@ -2529,9 +2409,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"asyncnode: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
-        stream=sys.stderr,
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s", stream=sys.stderr
     )
     try:
         if args.command in ROLES:

@@ -166,6 +166,7 @@ async def test_failing_task_is_retried_with_backoff_then_dead_lettered(stack: Ca
     assert (item["id"], item["type"], item["attempts"]) == (tid, "fail", 3)
     assert "attempt 3 failed on purpose" in item["error"] and "RuntimeError" in item["traceback"]
     assert item["failed_at"] >= item["first_failed_at"]
+    assert abs(item["failed_at"] - task["finished_at"]) < 1.0  # to the millisecond, not in 2-minute steps
 
 
 async def test_requeue_from_the_dlq_runs_the_task_again(stack: Callable[..., Any], tmp_path: Path) -> None:

@@ -83,6 +83,10 @@ async def test_stats_every_second_with_rates_depths_and_workers(client: Client, 
     last = stats[-1]
     assert last["totals"]["submitted"] == 3
     assert last["queue"] == {"ready": 3, "dlq": 0}
+    for _ in range(2):
+        await submit(client, {"type": "noop"})
+    later = [i["stats"] for i in await frames(ws, 2.5) if "stats" in i]
+    assert later[-1]["queue"]["ready"] == 5 and later[-1]["totals"]["submitted"] == 5  # fresh, not cached
     assert last["workers"] == []
     assert {"completed_per_s", "failed_per_s", "submitted_per_s", "ts"} <= set(last)
     assert any(s["submitted_per_s"] > 0 for s in stats) or stats[0]["totals"]["submitted"] == 3

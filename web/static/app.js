@@ -1,14 +1,65 @@
-// asyncnode browser client. Plain ES2020, no dependencies, no build step.
+// asyncnode browser client: a live dashboard. Plain ES2020, no dependencies, no build step.
 //
 // Security notes: the page runs under a strict CSP (no inline script/style), and
 // data coming from the server or the user is only ever written with textContent or
 // attributes -- never innerHTML -- because task payloads/results may contain markup.
+// The chart is drawn on a <canvas>; its colours come from the CSS custom properties.
 //
-// DOM hooks (tests rely on them): #conn[data-state], #task-rows > tr[data-id][data-status]
-// with td.id/.type/.status/.progress/.attempts/.worker/.time/.result, span.badge.status-*,
-// #tasks-empty, #task-count, form.task-form[data-type] with [name][data-kind] fields,
-// #<field-id>-err and [role="status"]; the token dialog: #token-dialog, #token-form,
-// #token-input, #token-error, #token-submit, #token-cancel.
+// DOM hooks (tests rely on them; keep them working). Every one is an id, class or data-*
+// attribute in web/templates/index.html or created here:
+//   Connection   #conn[data-state=connecting|live|reconnecting|auth] (role=status).
+//   Navigation   nav.section-nav links to #throughput, #workers, #tasks, #dlq, #submit;
+//                badges #nav-workers (live count), #nav-dlq (dead letters, hidden at 0).
+//   Summary      #summary[data-stale=true|false] (false while stats arrive, true before the
+//                first and after 5 s without one); figures hold the number only ("12",
+//                "0.5", "1,200"; "–" when unknown): #stat-completed, #stat-failed (per
+//                second), #stat-queue (ready), #stat-dlq, #stat-submitted (per second),
+//                #stat-completed-total, #stat-failed-total, #stat-workers (live),
+//                #stat-busy; #fig-failed[data-alert], #fig-dlq[data-alert] ("true" when > 0).
+//   Submit       form.task-form[data-type] with [name][data-kind] fields, #<field-id>-err,
+//                and [role="status"] output (inline 400/401/503/network messages).
+//   Tasks        table#task-table; #task-rows > tr[data-id][data-status] with
+//                td.id/.type/.status/.progress/.attempts/.worker/.time/.result; td.id holds
+//                button.open-task[data-task-id] (text: the short id); span.badge.status-<s>;
+//                <progress> and span.pct in td.progress; span.error/.retry/.note in
+//                td.result; #task-count, #tasks-empty (no tasks at all), #tasks-nomatch (none
+//                pass the filters); filters select#filter-status and select#filter-type
+//                ("" or "all" = all). A click on a row (outside its controls), Enter/Space on
+//                a focused row, or a click on any [data-task-id] element opens the details.
+//   Details      dialog#task-details ([open] while shown; Escape, #task-details-close or a
+//                backdrop click close it and focus returns to the opener), with
+//                #task-details-title, #detail-short, #detail-message (loading/404/errors),
+//                #detail-id, #detail-type, #detail-status (span.badge), #detail-attempts,
+//                #detail-worker, #detail-created, #detail-time (ticking),
+//                #detail-progress-block > #detail-progress, #detail-payload (pretty JSON),
+//                #detail-result-block > #detail-result, #detail-error-block > #detail-error,
+//                and ol#task-timeline > li[data-status] (time[datetime], span.badge,
+//                span.tl-meta "+Δ · attempt N", span.tl-error).
+//   Throughput   canvas#throughput-chart (role=img, aria-label, aria-describedby)
+//                #throughput-summary (visually hidden text, refreshed every 5 s),
+//                #chart-readout (values under the pointer), #chart-waiting (shown until the
+//                first stats message).
+//   Workers      table#worker-table; #worker-rows > tr[data-worker="<id>"][data-busy] with
+//                td.host (span.dot, span.host-name, span.gone-label), td.instance, td.pid,
+//                td.uptime, td.done, td.current (button.open-task[data-task-id] or "idle");
+//                a worker missing from the latest list gets class "gone" for 30 s, then
+//                goes; #worker-count, #workers-empty, #workers-error.
+//   Dead letters table#dlq-table (class "stale" while polling fails); #dlq-rows > tr[data-id]
+//                with td.id (button.open-task[data-task-id]), td.type, td.error (span.error,
+//                details.traceback > pre), td.attempts, td.failed, td.actions holding
+//                button.requeue, button.discard and span.row-error (inline error). Discard
+//                confirms inline: a first click arms the button (class "discard-confirm",
+//                data-armed="true", text "Confirm discard") and shows button.discard-cancel;
+//                a second click sends the DELETE; Escape or Cancel disarm it.
+//                #dlq-requeue-all, #dlq-total, #dlq-status (role=status, data-state
+//                ok/error/busy/confirm), #dlq-empty, #dlq-more, #dlq-heading.
+//   Token        #token-dialog, #token-form, #token-input, #token-error, #token-submit,
+//                #token-cancel.
+//
+// Server messages: a WebSocket frame is a JSON object or an array of them. A task update
+// has an "id"; a stats item is {"stats": {ts, completed_per_s, failed_per_s,
+// submitted_per_s, queue: {ready, dlq}, totals: {...}, workers?: [...]}} (no "id").
+// After the socket opens the page sends {"subscribe": "*"}.
 //
 // Access token: when the server has `[api] token`, every /api/* call needs
 // `Authorization: Bearer <token>` and the socket needs /ws?token=<token>. The token is
@@ -22,11 +73,49 @@ const WS_MAX = 10000;    // reconnect backoff ceiling (ms)
 const RESULT_MAX = 500;  // chars of result/error shown in a cell (full text in title)
 const TERMINAL = new Set(['completed', 'failed', 'rejected']);
 const TOKEN_KEY = 'asyncnode.token'; // sessionStorage key of the API access token
+const HIST_MAX = 50;     // status changes remembered per task (for the details timeline)
+
+const CHART_SPAN = 300;        // seconds of history in the throughput chart
+const CHART_MIN_GAP = 1000;    // ms between two data-driven chart redraws
+const SUMMARY_EVERY = 5000;    // ms between updates of the chart's text summary
+const STATS_STALE = 5000;      // ms without a stats message before the figures grey out
+const WORKERS_POLL = 2000;     // ms between GET /api/workers
+const WORKERS_VIA_STATS = 3500; // ms a worker list carried by stats makes polling unnecessary
+const WORKER_GONE_KEEP = 30000; // ms a worker missing from the list stays (greyed out)
+const DLQ_POLL = 3000;         // ms between GET /api/dlq
+const DLQ_LIMIT = 100;         // dead letters fetched per poll
 
 const tasks = new Map(); // id -> merged task object
 const rows = new Map();  // id -> <tr> currently in the table
 const dirty = new Set(); // ids changed since the last animation frame
 let frameQueued = false;
+const filter = { status: '', type: '' }; // task table filters ('' = all)
+
+const $ = (id) => document.getElementById(id);
+
+/** Set an element's text only when it differs (no needless DOM mutation). */
+function setText(el, text) {
+  if (el && el.textContent !== text) el.textContent = text;
+}
+
+/** Set a data-* attribute only when it differs. */
+function setData(el, key, value) {
+  if (el && el.dataset[key] !== value) el.dataset[key] = value;
+}
+
+/** Show or hide an element, touching the attribute only on a change (no style work). */
+function setHidden(el, hidden) {
+  if (el && el.hidden !== hidden) el.hidden = hidden;
+}
+
+/** Text of any JSON value: strings verbatim, the rest as JSON. */
+function asText(v, pretty) {
+  if (v === undefined) return '';
+  if (typeof v === 'string') return v;
+  try { return JSON.stringify(v, null, pretty ? 2 : undefined) ?? String(v); } catch (e) { return String(v); }
+}
+
+const shortId = (id) => String(id).slice(0, 8);
 
 // ---------------------------------------------------------------- task state
 
@@ -75,6 +164,17 @@ function mergeTask(u) {
     // the end) must not keep showing the previous attempt's values.
     if (!('progress' in u)) delete t.progress;
     if (!('note' in u)) delete t.note;
+    // Remember live status changes for the details timeline (merged with the server's
+    // history there); only socket updates carry the time of the change.
+    if (isTime(u.ts) && !u._local) {
+      const h = t._hist || (t._hist = []);
+      const entry = { status: u.status, ts: u.ts };
+      const attempt = toNum(u.attempt != null ? u.attempt : u.attempts);
+      if (attempt !== null) entry.attempt = attempt;
+      if (u.error != null && u.error !== '') entry.error = u.error;
+      h.push(entry);
+      if (h.length > HIST_MAX) h.splice(0, h.length - HIST_MAX);
+    }
   }
   if (isTime(u.created_at)) delete t._tsCreated;
   // Socket updates carry `ts` instead of explicit timestamps; derive what we can so that
@@ -102,36 +202,114 @@ function markDirty(id) {
 
 const byNewest = (a, b) => (b.created_at || 0) - (a.created_at || 0);
 
-// ---------------------------------------------------------------- rendering
+const isAll = (v) => !v || v === 'all';
+
+function matchesFilter(t) {
+  return (isAll(filter.status) || t.status === filter.status)
+    && (isAll(filter.type) || t.type === filter.type);
+}
+
+// ---------------------------------------------------------------- task table
 
 function flush() {
   frameQueued = false;
-  const body = document.getElementById('task-rows');
+  const body = $('task-rows');
   const ordered = [...tasks.values()].sort(byNewest); // stable: ties keep arrival order
   for (const t of ordered.splice(MAX_KEPT)) tasks.delete(t.id);
-  const visible = ordered.slice(0, MAX_ROWS);
+  const filtering = !isAll(filter.status) || !isAll(filter.type);
+  const matching = filtering ? ordered.filter(matchesFilter) : ordered;
+  const visible = matching.slice(0, MAX_ROWS);
   const keep = new Set();
-  visible.forEach((t, i) => {
-    let tr = rows.get(t.id);
-    if (!tr) { tr = createRow(t.id); rows.set(t.id, tr); dirty.add(t.id); }
-    if (dirty.has(t.id)) updateRow(tr, t);
-    keep.add(t.id);
-    // Move rows only when out of place, so unchanged rows keep focus/selection.
-    const at = body.children[i];
-    if (at !== tr) body.insertBefore(tr, at || null);
-  });
-  for (const [id, tr] of rows) if (!keep.has(id)) { tr.remove(); rows.delete(id); }
+  if (body) {
+    visible.forEach((t, i) => {
+      let tr = rows.get(t.id);
+      if (!tr) { tr = createRow(t.id); rows.set(t.id, tr); dirty.add(t.id); watchRow(tr); }
+      if (dirty.has(t.id)) updateRow(tr, t);
+      keep.add(t.id);
+      // Move rows only when out of place, so unchanged rows keep focus/selection.
+      const at = body.children[i];
+      if (at !== tr) body.insertBefore(tr, at || null);
+    });
+  }
+  for (const [id, tr] of rows) {
+    if (keep.has(id)) continue;
+    if (tr.contains(document.activeElement)) focusAfterRemoval(tr);
+    tr.remove();
+    rows.delete(id);
+    unwatchRow(tr);
+  }
+  if (details.id && dirty.has(details.id)) renderDetails();
   dirty.clear();
-  document.getElementById('tasks-empty').hidden = tasks.size > 0;
-  const count = document.getElementById('task-count');
+  const empty = $('tasks-empty');
+  setHidden(empty, tasks.size > 0);
+  const nomatch = $('tasks-nomatch');
+  setHidden(nomatch, !(tasks.size > 0 && matching.length === 0));
+  const count = $('task-count');
   if (count) {
-    count.textContent = tasks.size > visible.length
-      ? `showing ${visible.length} of ${tasks.size}`
-      : `${tasks.size} task${tasks.size === 1 ? '' : 's'}`;
+    let text;
+    if (filtering) {
+      text = matching.length > visible.length
+        ? `showing ${visible.length} of ${matching.length} matching (${tasks.size} kept)`
+        : `${matching.length} of ${tasks.size} match`;
+    } else {
+      text = tasks.size > visible.length
+        ? `showing ${visible.length} of ${tasks.size}`
+        : `${tasks.size} task${tasks.size === 1 ? '' : 's'}`;
+    }
+    setText(count, text);
   }
 }
 
+/** Keyboard focus is in a row about to disappear: keep it in the table, not on <body>. */
+function focusAfterRemoval(tr) {
+  const next = tr.nextElementSibling || tr.previousElementSibling;
+  const target = next && next.querySelector('button');
+  const heading = tr.closest('section') && tr.closest('section').querySelector('h2');
+  if (target) target.focus();
+  else if (heading) { if (!heading.hasAttribute('tabindex')) heading.tabIndex = -1; heading.focus(); }
+}
+
+// Ages tick only in rows that can be seen (the table scrolls inside its box), so that the
+// clock does not re-lay out 200 rows every second; a row coming into view is refreshed.
+const inView = typeof IntersectionObserver === 'function' ? new Set() : null;
+let rowObserver = null;
+
+function watchRow(tr) {
+  if (!inView) return;
+  if (!rowObserver) {
+    rowObserver = new IntersectionObserver((entries) => {
+      for (const e of entries) {
+        if (!e.isIntersecting) { inView.delete(e.target); continue; }
+        inView.add(e.target);
+        const t = tasks.get(e.target.dataset.id);
+        if (t) setText(e.target.cells[6], timeText(t));
+      }
+    }, { root: document.querySelector('#tasks .table-wrap'), rootMargin: '200px 0px' });
+  }
+  rowObserver.observe(tr);
+}
+
+function unwatchRow(tr) {
+  if (!inView) return;
+  inView.delete(tr);
+  if (rowObserver) rowObserver.unobserve(tr);
+}
+
 const COLS = ['id', 'type', 'status', 'progress', 'attempts', 'worker', 'time', 'result'];
+
+/** A button opening the details of task `id`, labelled with its short id. */
+function taskButton(id, cls = 'open-task') {
+  const btn = document.createElement('button');
+  btn.type = 'button';
+  btn.className = cls;
+  btn.dataset.taskId = id;
+  btn.title = `${id} (show details)`;
+  btn.setAttribute('aria-haspopup', 'dialog');
+  const code = document.createElement('code');
+  code.textContent = shortId(id);
+  btn.appendChild(code);
+  return btn;
+}
 
 function createRow(id) {
   const tr = document.createElement('tr');
@@ -141,43 +319,66 @@ function createRow(id) {
     td.className = name;
     tr.appendChild(td);
   }
-  const code = document.createElement('code');
-  code.textContent = id.slice(0, 8);
-  code.title = id;
-  tr.cells[0].appendChild(code);
+  tr.cells[0].appendChild(taskButton(id));
   return tr;
 }
 
+function badge(status) {
+  const span = document.createElement('span');
+  span.className = 'badge status-' + String(status).replace(/[^a-z0-9_-]/gi, '');
+  span.textContent = status;
+  return span;
+}
+
+function progressBar(progress) {
+  const v = Math.min(1, Math.max(0, progress));
+  const pct = `${Math.round(v * 100)}%`;
+  const bar = document.createElement('progress');
+  bar.max = 1;
+  bar.value = v;
+  bar.textContent = pct; // fallback content
+  bar.setAttribute('aria-label', `progress ${pct}`);
+  const label = document.createElement('span');
+  label.className = 'pct';
+  label.textContent = pct;
+  return [bar, label];
+}
+
+const hasProgress = (t, status) => status === 'started' && typeof t.progress === 'number' && isFinite(t.progress);
+
+/**
+ * Bring a row up to date, touching only what changed: at hundreds of updates a second
+ * most of them move a progress bar, and rebuilding cells would make the browser redo
+ * the table's layout for nothing.
+ */
 function updateRow(tr, t) {
   const status = String(t.status || 'unknown');
   const c = tr.cells;
-  tr.dataset.status = status;
-  c[1].textContent = t.type == null ? '' : String(t.type);
-
-  const badge = document.createElement('span');
-  badge.className = 'badge status-' + status.replace(/[^a-z0-9_-]/gi, '');
-  badge.textContent = status;
-  c[2].replaceChildren(badge);
-
-  if (status === 'started' && typeof t.progress === 'number' && isFinite(t.progress)) {
-    const v = Math.min(1, Math.max(0, t.progress));
-    const pct = `${Math.round(v * 100)}%`;
-    const bar = document.createElement('progress');
-    bar.max = 1;
-    bar.value = v;
-    bar.textContent = pct; // fallback content
-    bar.setAttribute('aria-label', `progress ${pct}`);
-    const label = document.createElement('span');
-    label.className = 'pct';
-    label.textContent = pct;
-    c[3].replaceChildren(bar, label);
-  } else {
+  if (tr.dataset.status !== status) tr.dataset.status = status;
+  setText(c[1], t.type == null ? '' : String(t.type));
+  const b = c[2].firstElementChild;
+  if (!b || b.textContent !== status) c[2].replaceChildren(badge(status));
+  if (hasProgress(t, status)) {
+    const bar = c[3].querySelector('progress');
+    if (bar) {
+      const v = Math.min(1, Math.max(0, t.progress));
+      const pct = `${Math.round(v * 100)}%`;
+      if (bar.value !== v) {
+        bar.value = v;
+        bar.textContent = pct;
+        bar.setAttribute('aria-label', `progress ${pct}`);
+      }
+      setText(c[3].querySelector('.pct'), pct);
+    } else {
+      c[3].replaceChildren(...progressBar(t.progress));
+    }
+  } else if (c[3].firstChild) {
     c[3].replaceChildren();
   }
-
-  c[4].textContent = t.attempts == null ? '' : String(t.attempts);
-  c[5].textContent = t.worker == null ? '' : String(t.worker);
-  c[6].textContent = timeText(t);
+  setText(c[4], t.attempts == null ? '' : String(t.attempts));
+  const worker = t.worker == null ? '' : String(t.worker);
+  if (c[5].textContent !== worker) { c[5].textContent = worker; c[5].title = worker; }
+  setText(c[6], timeText(t));
   renderResult(c[7], t, status);
 }
 
@@ -191,6 +392,21 @@ function clockTime(sec) {
   return `${pad2(d.getHours())}:${pad2(d.getMinutes())}:${pad2(d.getSeconds())}`;
 }
 
+/** HH:MM:SS.mmm, for timelines where changes come within the same second. */
+function clockTimeMs(sec) {
+  const n = toNum(sec);
+  if (n === null) return '';
+  return `${clockTime(n)}.${String(Math.floor((n * 1000) % 1000)).padStart(3, '0')}`;
+}
+
+/** "2024-05-01 13:04:05" local, for titles. */
+function fullTime(sec) {
+  const n = toNum(sec);
+  if (n === null) return '';
+  const d = new Date(n * 1000);
+  return `${d.getFullYear()}-${pad2(d.getMonth() + 1)}-${pad2(d.getDate())} ${clockTime(n)}`;
+}
+
 /** "retry N at HH:MM:SS — error" for a task waiting for its next attempt. */
 function retryText(t) {
   const n = toNum(t.attempt);
@@ -198,9 +414,7 @@ function retryText(t) {
   let text = 'retry';
   if (n !== null) text += ` ${n}`;
   if (at) text += ` at ${at}`;
-  if (t.error != null && t.error !== '') {
-    text += ` \u2014 ${typeof t.error === 'string' ? t.error : JSON.stringify(t.error)}`;
-  }
+  if (t.error != null && t.error !== '') text += ` \u2014 ${asText(t.error)}`;
   return text;
 }
 
@@ -212,17 +426,20 @@ function renderResult(cell, t, status) {
     text = retryText(t);
     cls = 'retry';
   } else if (failing && t.error != null && t.error !== '') {
-    text = typeof t.error === 'string' ? t.error : JSON.stringify(t.error);
+    text = asText(t.error);
     cls = 'error';
   } else if (t.result !== undefined && (t.result !== null || status === 'completed')) {
     // Strings are shown verbatim (not JSON-quoted) so text results read naturally.
-    text = typeof t.result === 'string' ? t.result : JSON.stringify(t.result);
+    text = asText(t.result);
   } else if (t.note) {
     text = String(t.note);
     cls = 'note';
   }
-  cell.title = text.length > RESULT_MAX ? text : '';
   const shown = text.length > RESULT_MAX ? text.slice(0, RESULT_MAX) + '…' : text;
+  const key = `${cls}\n${text}`;
+  if (cell._shown === key) return; // unchanged: leave the DOM alone
+  cell._shown = key;
+  cell.title = text.length > RESULT_MAX ? text : '';
   if (cls) {
     const span = document.createElement('span');
     span.className = cls;
@@ -240,7 +457,7 @@ function fmtDur(s) {
   if (s < 60) return `${Math.round(s)} s`;
   if (s < 3600) return `${Math.floor(s / 60)} m ${Math.floor(s % 60)} s`;
   if (s < 86400) return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} m`;
-  return `${Math.floor(s / 86400)} d`;
+  return `${Math.floor(s / 86400)} d ${Math.floor((s % 86400) / 3600)} h`;
 }
 
 /** Duration for finished tasks, running time for started ones, age otherwise. */
@@ -254,10 +471,1238 @@ function timeText(t) {
   return t.created_at != null ? `${fmtDur(now - t.created_at)} ago` : '';
 }
 
+function initFilters() {
+  const sel = { status: $('filter-status'), type: $('filter-type') };
+  // Every form's type is offered even if the template did not list it.
+  if (sel.type) {
+    const have = new Set([...sel.type.options].map((o) => o.value));
+    for (const form of document.querySelectorAll('form.task-form[data-type]')) {
+      const name = form.dataset.type;
+      if (have.has(name)) continue;
+      have.add(name);
+      const opt = document.createElement('option');
+      opt.value = name;
+      opt.textContent = name;
+      sel.type.appendChild(opt);
+    }
+  }
+  for (const key of ['status', 'type']) {
+    const el = sel[key];
+    if (!el) continue;
+    const apply = () => {
+      const v = el.value;
+      if (filter[key] === v) return;
+      filter[key] = v;
+      if (!frameQueued) { frameQueued = true; requestAnimationFrame(flush); }
+    };
+    el.addEventListener('change', apply);
+    el.addEventListener('input', apply);
+    filter[key] = el.value; // a value the browser restored on reload
+  }
+}
+
+// ---------------------------------------------------------------- task details
+
+const details = {
+  id: null,        // task shown, null when closed
+  fetched: null,   // GET /api/tasks/<id> answer (with history)
+  loading: false,
+  error: '',
+  req: 0,          // guards against answers for a task no longer shown
+  opener: null,    // element focused before opening (focus returns there)
+  shownStatus: undefined,
+  refetchTimer: 0,
+};
+
+/** The best view of the open task: the fetched record and live updates, newest wins. */
+function detailsView() {
+  const s = tasks.get(details.id);
+  const f = details.fetched;
+  if (!f) return s ? Object.assign({}, s) : { id: details.id };
+  if (!s || s._local) return Object.assign({}, f);
+  const sSeq = toNum(s.seq);
+  const fSeq = toNum(f.seq);
+  let v;
+  if (sSeq !== null && (fSeq === null || sSeq > fSeq)) {
+    v = Object.assign({}, f, s, { history: f.history });
+    if (s.status !== f.status) {
+      for (const k of ['progress', 'note']) if (!(k in s)) delete v[k];
+    }
+  } else {
+    v = Object.assign({}, s, f);
+  }
+  if (isTime(f.created_at)) { v.created_at = f.created_at; delete v._tsCreated; } // not a guess
+  return v;
+}
+
+function normEntry(e) {
+  if (!e || typeof e !== 'object' || typeof e.status !== 'string') return null;
+  const ts = toNum(e.ts);
+  if (ts === null) return null;
+  const out = { status: e.status, ts };
+  const attempt = toNum(e.attempt);
+  if (attempt !== null) out.attempt = attempt;
+  if (e.error != null && e.error !== '') out.error = e.error;
+  return out;
+}
+
+/** Every status change of the task: the server's history (or one rebuilt from its
+ *  timestamps for old tasks), then the changes seen live since. */
+function timelineEntries(v) {
+  let entries = Array.isArray(v.history) ? v.history.map(normEntry).filter(Boolean) : [];
+  if (!entries.length) {
+    const created = toNum(v.created_at);
+    const started = toNum(v.started_at);
+    const finished = toNum(v.finished_at);
+    if (created !== null && !v._tsCreated) entries.push({ status: 'pending', ts: created });
+    if (started !== null) entries.push({ status: 'started', ts: started });
+    if (finished !== null) {
+      const e = { status: TERMINAL.has(v.status) ? v.status : 'finished', ts: finished };
+      if (v.error != null && v.error !== '' && e.status !== 'completed') e.error = v.error;
+      entries.push(e);
+    }
+  }
+  const last = entries.reduce((m, e) => Math.max(m, e.ts), -Infinity);
+  const live = (tasks.get(v.id) || {})._hist || [];
+  for (const e of live) {
+    if (e.ts <= last) continue;
+    if (entries.some((x) => x.status === e.status && Math.abs(x.ts - e.ts) < 0.001)) continue;
+    entries.push(e);
+  }
+  return entries.sort((a, b) => a.ts - b.ts);
+}
+
+function renderTimeline(list, entries) {
+  // Progress updates re-render the details many times a second: rebuild only on change.
+  const key = `${details.loading}|${entries.map((e) => `${e.status}@${e.ts}#${e.attempt}`).join(',')}`;
+  if (list._key === key) return;
+  list._key = key;
+  const first = entries.length ? entries[0].ts : 0;
+  const items = entries.map((e, i) => {
+    const li = document.createElement('li');
+    li.dataset.status = e.status;
+    const time = document.createElement('time');
+    time.dateTime = new Date(e.ts * 1000).toISOString();
+    time.textContent = clockTimeMs(e.ts);
+    time.title = fullTime(e.ts);
+    li.append(time, ' ', badge(e.status));
+    const bits = [];
+    if (i > 0) bits.push(`+${fmtDur(e.ts - first)}`);
+    if (e.attempt != null) bits.push(`attempt ${e.attempt}`);
+    if (bits.length) {
+      const meta = document.createElement('span');
+      meta.className = 'tl-meta';
+      meta.textContent = ' ' + bits.join(' · ');
+      li.appendChild(meta);
+    }
+    if (e.error != null) {
+      const err = document.createElement('span');
+      err.className = 'error tl-error';
+      err.textContent = asText(e.error);
+      li.appendChild(err);
+    }
+    return li;
+  });
+  list.replaceChildren(...items);
+  if (!items.length) {
+    const li = document.createElement('li');
+    li.className = 'muted';
+    li.textContent = details.loading ? 'Loading…' : 'No status changes known.';
+    list.appendChild(li);
+  }
+}
+
+function renderDetails() {
+  if (!details.id) return;
+  const v = detailsView();
+  const status = v.status == null ? 'unknown' : String(v.status);
+  setText($('detail-short'), shortId(details.id));
+  setText($('detail-id'), details.id);
+  setText($('detail-type'), v.type == null ? '—' : String(v.type));
+  const st = $('detail-status');
+  if (st) {
+    const cur = st.firstElementChild;
+    if (!cur || cur.textContent !== status) st.replaceChildren(badge(status));
+  }
+  setText($('detail-attempts'), v.attempts == null ? '—' : String(v.attempts));
+  setText($('detail-worker'), v.worker == null ? '—' : String(v.worker));
+  setText($('detail-created'), v.created_at == null ? '—' : fullTime(v.created_at));
+  renderDetailsTime(v);
+
+  const progBlock = $('detail-progress-block');
+  if (progBlock) {
+    const show = hasProgress(v, status) || (status === 'started' && v.note);
+    setHidden(progBlock, !show);
+    const holder = $('detail-progress');
+    if (holder) {
+      const parts = hasProgress(v, status) ? progressBar(v.progress) : [];
+      if (v.note) {
+        const note = document.createElement('span');
+        note.className = 'note';
+        note.textContent = ' ' + String(v.note);
+        parts.push(note);
+      }
+      holder.replaceChildren(...parts);
+    }
+  }
+
+  const payload = $('detail-payload');
+  if (payload) {
+    if (v.payload !== undefined) setText(payload, asText(v.payload, true));
+    else setText(payload, details.loading ? 'Loading…' : '—');
+  }
+  const failing = status === 'failed' || status === 'rejected' || status === 'retrying';
+  const hasError = v.error != null && v.error !== '';
+  const resBlock = $('detail-result-block');
+  const errBlock = $('detail-error-block');
+  const showResult = !failing && v.result !== undefined && (v.result !== null || status === 'completed');
+  setHidden(resBlock, !showResult);
+  if (showResult) setText($('detail-result'), asText(v.result, true));
+  setHidden(errBlock, !(hasError && (failing || !showResult)));
+  if (hasError) {
+    let text = asText(v.error, true);
+    if (status === 'retrying') text = retryText(v);
+    setText($('detail-error'), text);
+  }
+  const list = $('task-timeline');
+  if (list) renderTimeline(list, timelineEntries(v));
+  const msg = $('detail-message');
+  if (msg) {
+    setText(msg, details.error || (details.loading && !details.fetched ? 'Loading…' : ''));
+    setData(msg, 'state', details.error ? 'error' : 'busy');
+  }
+  // A change of status may bring history the socket did not carry (errors, attempts).
+  if (details.fetched && !details.loading && details.shownStatus !== undefined
+      && details.shownStatus !== status && String(details.fetched.status) !== status) {
+    scheduleDetailsRefetch();
+  }
+  details.shownStatus = status;
+}
+
+function renderDetailsTime(v) {
+  let text = timeText(v) || '—';
+  if (v.status === 'retrying' && v.next_attempt_at != null) {
+    const left = toNum(v.next_attempt_at) - Date.now() / 1000;
+    text += ` · next attempt at ${clockTime(v.next_attempt_at)}${left > 0 ? ` (in ${fmtDur(left)})` : ''}`;
+  }
+  setText($('detail-time'), text);
+}
+
+function scheduleDetailsRefetch() {
+  if (details.refetchTimer) return;
+  details.refetchTimer = setTimeout(() => {
+    details.refetchTimer = 0;
+    if (details.id) fetchDetails();
+  }, 400);
+}
+
+async function fetchDetails() {
+  const id = details.id;
+  const req = ++details.req;
+  details.loading = true;
+  let res = null;
+  let body = null;
+  let failure = '';
+  try {
+    res = await api(`/api/tasks/${encodeURIComponent(id)}`, { headers: { Accept: 'application/json' }, cache: 'no-store' });
+    try { body = await res.json(); } catch (e) { /* non-JSON body */ }
+  } catch (e) {
+    failure = 'Network error: could not reach the server.';
+  }
+  if (req !== details.req || details.id !== id) return; // closed or another task shown
+  details.loading = false;
+  if (failure) details.error = details.fetched ? '' : failure;
+  else if (res.ok && body && typeof body === 'object' && !Array.isArray(body)) {
+    details.fetched = Object.assign({ id }, body);
+    details.error = '';
+  } else if (res.status === 404) {
+    details.error = 'The server no longer knows this task (expired or never recorded); showing what this page saw.';
+  } else if (res.status === 401) {
+    details.error = 'An access token is required to load this task.';
+  } else {
+    const msg = body && typeof body.error === 'string' ? `: ${body.error}` : '';
+    details.error = `Could not load the task (${res.status})${msg}.`;
+  }
+  renderDetails();
+}
+
+function showDialog(dlg, modal) {
+  try {
+    if (modal && typeof dlg.showModal === 'function') dlg.showModal();
+    else if (typeof dlg.show === 'function') dlg.show();
+    else dlg.setAttribute('open', '');
+  } catch (e) {
+    dlg.setAttribute('open', '');
+  }
+}
+
+/** Show the details of task `id`; `opener` gets the focus back on close. */
+function openDetails(id, opener) {
+  const dlg = $('task-details');
+  if (!dlg || typeof id !== 'string' || !id) return;
+  if (details.id === id && dlg.open) return;
+  clearTimeout(details.refetchTimer);
+  Object.assign(details, {
+    id, fetched: null, loading: true, error: '', shownStatus: undefined, refetchTimer: 0,
+  });
+  if (!dlg.open) details.opener = opener || document.activeElement;
+  renderDetails();
+  if (!dlg.open) showDialog(dlg, true);
+  const close = $('task-details-close');
+  if (close) close.focus();
+  fetchDetails();
+}
+
+function closeDetails() {
+  const dlg = $('task-details');
+  if (!dlg || !dlg.open) { onDetailsClosed(); return; }
+  if (typeof dlg.close === 'function') dlg.close(); // fires 'close' -> onDetailsClosed
+  else { dlg.removeAttribute('open'); onDetailsClosed(); }
+}
+
+function onDetailsClosed() {
+  const dlg = $('task-details');
+  if (dlg && dlg.open) return;
+  const id = details.id;
+  details.id = null;
+  details.fetched = null;
+  details.req++;
+  clearTimeout(details.refetchTimer);
+  details.refetchTimer = 0;
+  let back = details.opener;
+  details.opener = null;
+  if (!back || !document.contains(back)) {
+    // The row that opened it was re-rendered or dropped: its current button, if any.
+    back = id ? document.querySelector(`#task-rows button[data-task-id="${CSS_escape(id)}"]`) : null;
+  }
+  if (back && back !== document.body && typeof back.focus === 'function') back.focus();
+}
+
+/** CSS.escape where available (ids are UUIDs, but never trust that in a selector). */
+function CSS_escape(s) {
+  if (window.CSS && typeof window.CSS.escape === 'function') return window.CSS.escape(s);
+  return String(s).replace(/[^a-zA-Z0-9_-]/g, (c) => `\\${c.charCodeAt(0).toString(16)} `);
+}
+
+function initDetails() {
+  const dlg = $('task-details');
+  if (dlg) {
+    dlg.addEventListener('close', onDetailsClosed);
+    const close = $('task-details-close');
+    if (close) close.addEventListener('click', closeDetails);
+    // A click on the backdrop (the dialog box itself, outside its content) closes it.
+    dlg.addEventListener('click', (ev) => { if (ev.target === dlg) closeDetails(); });
+    // Escape: native for a modal dialog; this covers the fallback without showModal.
+    dlg.addEventListener('keydown', (ev) => {
+      if (ev.key === 'Escape' && !ev.defaultPrevented) { ev.preventDefault(); closeDetails(); }
+    });
+  }
+  // Anything carrying data-task-id opens that task (task ids, workers' tasks, dead letters).
+  document.addEventListener('click', (ev) => {
+    const el = ev.target;
+    if (!el || typeof el.closest !== 'function') return;
+    const opener = el.closest('[data-task-id]');
+    if (opener) { openDetails(opener.dataset.taskId, opener); return; }
+    const tr = el.closest('#task-rows > tr[data-id]');
+    if (!tr || el.closest('a, button, input, select, textarea, summary')) return;
+    // Selecting text in a row (to copy a result) is not a request to open it.
+    const sel = window.getSelection ? window.getSelection() : null;
+    if (sel && !sel.isCollapsed && String(sel).length && tr.contains(sel.anchorNode)) return;
+    openDetails(tr.dataset.id, tr.querySelector('button.open-task'));
+  });
+  const body = $('task-rows');
+  if (body) {
+    body.addEventListener('keydown', (ev) => {
+      if (ev.key !== 'Enter' && ev.key !== ' ') return;
+      const tr = ev.target;
+      if (!tr || tr.tagName !== 'TR' || !tr.dataset.id) return; // buttons handle their own
+      ev.preventDefault();
+      openDetails(tr.dataset.id, tr.querySelector('button.open-task') || tr);
+    });
+  }
+}
+
+// ---------------------------------------------------------------- live figures & chart
+
+const chart = {
+  samples: [],     // {ts, c, f, s, q, d} oldest first, CHART_SPAN seconds (+1 before)
+  lastRecv: 0,     // Date.now() when the newest sample arrived
+  lastDraw: 0,
+  timer: 0,
+  frame: false,
+  ctx: undefined,  // 2D context (null where canvas is unsupported)
+  w: 0, h: 0,      // CSS pixel size of the canvas
+  hoverX: null,
+  colors: null,
+  summaryAt: 0,
+  summaryDirty: false,
+};
+let statsAt = 0;   // Date.now() of the last stats message (0: none yet)
+
+const num = (x) => { const n = toNum(x); return n === null ? null : n; };
+
+/** A per-second rate: "12" from 12.0, "0.5", "1.3k" beyond 10,000. */
+function fmtRate(v) {
+  if (v === null || v === undefined) return '–';
+  if (v >= 10000) return `${(v / 1000).toFixed(1)}k`;
+  if (v >= 100) return String(Math.round(v));
+  return String(Math.round(v * 10) / 10);
+}
+
+const fmtCount = (v) => (v === null || v === undefined ? '–' : Math.round(v).toLocaleString('en-US'));
+
+function handleStats(st, msg) {
+  if (!st || typeof st !== 'object' || Array.isArray(st)) return;
+  const q = st.queue && typeof st.queue === 'object' ? st.queue : {};
+  const totals = st.totals && typeof st.totals === 'object' ? st.totals : {};
+  const ts = num(st.ts) !== null ? num(st.ts) : Date.now() / 1000;
+  const sample = {
+    ts,
+    c: num(st.completed_per_s), f: num(st.failed_per_s), s: num(st.submitted_per_s),
+    q: num(q.ready), d: num(q.dlq),
+  };
+  const list = chart.samples;
+  const last = list[list.length - 1];
+  // A live sample far behind the newest held: the server's clock was set back.
+  if (last && ts < last.ts - 60 && Math.abs(ts - Date.now() / 1000) < 30) list.length = 0;
+  const newest = !list.length || ts >= list[list.length - 1].ts;
+  if (newest) {
+    if (list.length && ts === list[list.length - 1].ts) list[list.length - 1] = sample;
+    else list.push(sample);
+  } else {
+    // Older than the newest (a catch-up snapshot after a reconnect): fill the gap in order.
+    const newestTs = list[list.length - 1].ts;
+    if (ts < newestTs - CHART_SPAN - 1) return;
+    let i = list.length - 1;
+    while (i >= 0 && list[i].ts > ts) i--;
+    if (i >= 0 && list[i].ts === ts) list[i] = sample;
+    else list.splice(i + 1, 0, sample);
+  }
+  const top = list[list.length - 1].ts;
+  let drop = 0;
+  while (drop < list.length - 2 && list[drop + 1].ts < top - CHART_SPAN) drop++;
+  if (drop) list.splice(0, drop);
+  chart.summaryDirty = true;
+  if (!newest) { requestChart(); return; } // the figures show the newest sample only
+  chart.lastRecv = Date.now();
+  statsAt = chart.lastRecv;
+
+  setText($('stat-completed'), fmtRate(sample.c));
+  setText($('stat-failed'), fmtRate(sample.f));
+  setText($('stat-submitted'), fmtRate(sample.s));
+  setText($('stat-completed-total'), fmtCount(num(totals.completed)));
+  setText($('stat-failed-total'), fmtCount(num(totals.failed)));
+  // null depths: RabbitMQ did not answer; show "unknown" rather than a stale number.
+  setText($('stat-queue'), fmtCount(sample.q));
+  if (!dlqFresh()) { // the dead-letter list's own total wins while it is polled
+    if (sample.d !== null) setDlqFigure(sample.d);
+    else setText($('stat-dlq'), '–');
+  }
+  const ff = $('fig-failed');
+  setData(ff, 'alert', String(!!sample.f));
+  setStale(false);
+  const waiting = $('chart-waiting');
+  setHidden(waiting, true);
+
+  const wl = msg && Array.isArray(msg.workers) ? msg.workers : Array.isArray(st.workers) ? st.workers : null;
+  if (wl) { workersViaStatsAt = Date.now(); applyWorkers(wl); }
+  requestChart();
+}
+
+/** Whether GET /api/dlq answered lately: its total then feeds #stat-dlq, so that the
+ *  figure always agrees with the table below (the stats' count is the fallback). */
+const dlqFresh = () => Date.now() - dlqPolledAt < 3 * DLQ_POLL + 1000;
+let dlqPolledAt = 0;
+
+function setDlqFigure(n) {
+  setText($('stat-dlq'), fmtCount(n));
+  const fig = $('fig-dlq');
+  setData(fig, 'alert', String(n > 0));
+  const nav = $('nav-dlq');
+  if (nav) { setText(nav, fmtCount(n)); setHidden(nav, !(n > 0)); }
+}
+
+function setStale(stale) {
+  const el = $('summary');
+  if (el && el.dataset.stale !== String(stale)) {
+    el.dataset.stale = String(stale);
+    el.title = stale ? 'No live figures at the moment' : '';
+  }
+}
+
+/** Redraw soon, but at most once per CHART_MIN_GAP for data-driven redraws. */
+function requestChart() {
+  if (chart.timer) return;
+  const wait = Math.max(0, chart.lastDraw + CHART_MIN_GAP - Date.now());
+  chart.timer = setTimeout(() => {
+    chart.timer = 0;
+    if (document.hidden) return; // redrawn on visibilitychange
+    drawChartSoon();
+  }, wait);
+}
+
+/** Redraw on the next frame (resizes, hover). */
+function drawChartSoon() {
+  if (chart.frame) return;
+  chart.frame = true;
+  requestAnimationFrame(() => { chart.frame = false; drawChart(); });
+}
+
+function cssVar(name, fallback) {
+  try {
+    const v = getComputedStyle(document.documentElement).getPropertyValue(name).trim();
+    return v || fallback;
+  } catch (e) { return fallback; }
+}
+
+function chartColors() {
+  if (!chart.colors) {
+    chart.colors = {
+      c: cssVar('--st-completed', '#15803d'),
+      f: cssVar('--st-failed', '#c62828'),
+      s: cssVar('--c-submitted', '#2f6fed'),
+      q: cssVar('--c-queue', '#64748b'),
+      grid: cssVar('--border', '#dde2e8'),
+      text: cssVar('--muted', '#5d6b7c'),
+      ink: cssVar('--text', '#1c2430'),
+    };
+  }
+  return chart.colors;
+}
+
+function chartContext(canvas) {
+  if (chart.ctx === undefined) {
+    try { chart.ctx = canvas.getContext ? canvas.getContext('2d') : null; } catch (e) { chart.ctx = null; }
+  }
+  return chart.ctx;
+}
+
+/** A round axis maximum at or above v: 1, 2, 5, 10, 20, 50… */
+function niceMax(v, floor) {
+  const x = Math.max(v, floor);
+  const p = Math.pow(10, Math.floor(Math.log10(x)));
+  for (const m of [1, 2, 5, 10]) if (m * p >= x) return m * p;
+  return 10 * p;
+}
+
+/** The time at the chart's right edge: the newest sample's, advanced by the time since. */
+function chartEnd() {
+  const list = chart.samples;
+  if (!list.length) return Date.now() / 1000;
+  return list[list.length - 1].ts + Math.max(0, Date.now() - chart.lastRecv) / 1000;
+}
+
+function chartLayout() {
+  const w = chart.w;
+  const h = chart.h;
+  const left = 46;
+  const right = 10;
+  const top = 10;
+  const axis = 18; // time labels at the bottom
+  const gap = 16;
+  const usable = h - top - axis - gap;
+  const rateH = Math.round(usable * 0.64);
+  return {
+    left, right: w - right, top, width: w - right - left,
+    rate: { top, bottom: top + rateH },
+    queue: { top: top + rateH + gap, bottom: h - axis },
+  };
+}
+
+function drawChart() {
+  chart.lastDraw = Date.now();
+  const canvas = $('throughput-chart');
+  if (!canvas || !chart.samples.length) return; // "Waiting for live figures…" until data
+  const ctx = chartContext(canvas);
+  if (!ctx) return;
+  if (!chart.w || !chart.h) measureChart(canvas);
+  if (chart.w < 40 || chart.h < 60) return;
+  const dpr = Math.max(1, Math.min(3, window.devicePixelRatio || 1));
+  const pw = Math.round(chart.w * dpr);
+  const ph = Math.round(chart.h * dpr);
+  if (canvas.width !== pw || canvas.height !== ph) { canvas.width = pw; canvas.height = ph; }
+  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  ctx.clearRect(0, 0, chart.w, chart.h);
+
+  const col = chartColors();
+  const L = chartLayout();
+  const end = chartEnd();
+  const start = end - CHART_SPAN;
+  const xOf = (ts) => L.left + ((ts - start) / CHART_SPAN) * L.width;
+  const shown = chart.samples.filter((p) => p.ts >= start - 2);
+  let rateMax = 0;
+  let queueMax = 0;
+  for (const p of shown) {
+    rateMax = Math.max(rateMax, p.c || 0, p.f || 0, p.s || 0);
+    queueMax = Math.max(queueMax, p.q || 0);
+  }
+  rateMax = niceMax(rateMax, 1);
+  queueMax = niceMax(queueMax, 5);
+
+  ctx.font = '11px system-ui, -apple-system, "Segoe UI", Roboto, sans-serif';
+  ctx.lineWidth = 1;
+  // Horizontal grid and value labels, per pane.
+  const pane = (p, max, unit) => {
+    ctx.textAlign = 'right';
+    ctx.textBaseline = 'middle';
+    for (const frac of [0, 0.5, 1]) {
+      const y = Math.round(p.bottom - frac * (p.bottom - p.top)) + 0.5;
+      ctx.strokeStyle = col.grid;
+      ctx.setLineDash(frac === 0 ? [] : [3, 3]);
+      ctx.beginPath(); ctx.moveTo(L.left, y); ctx.lineTo(L.right, y); ctx.stroke();
+      ctx.fillStyle = col.text;
+      ctx.fillText(`${fmtRate(max * frac)}${unit}`, L.left - 6, y);
+    }
+    ctx.setLineDash([]);
+  };
+  pane(L.rate, rateMax, '/s');
+  pane(L.queue, queueMax, '');
+  // Vertical grid every minute, labelled at the bottom.
+  ctx.textAlign = 'center';
+  ctx.textBaseline = 'alphabetic';
+  for (let k = 0; k <= CHART_SPAN / 60; k++) {
+    const x = Math.round(xOf(end - k * 60)) + 0.5;
+    ctx.strokeStyle = col.grid;
+    ctx.setLineDash([2, 4]);
+    ctx.beginPath(); ctx.moveTo(x, L.rate.top); ctx.lineTo(x, L.queue.bottom); ctx.stroke();
+    ctx.setLineDash([]);
+    ctx.fillStyle = col.text;
+    ctx.textAlign = k === 0 ? 'right' : 'center';
+    ctx.fillText(k === 0 ? 'now' : `−${k}m`, k === 0 ? L.right : x, chart.h - 4);
+  }
+  ctx.save();
+  ctx.beginPath();
+  ctx.rect(L.left, 0, L.width, chart.h);
+  ctx.clip();
+  // Lines break where samples are missing (disconnected), instead of inventing values.
+  const yIn = (p, max, v) => p.bottom - (Math.min(v, max) / max) * (p.bottom - p.top);
+  const series = (key, p, max, color, opts = {}) => {
+    ctx.strokeStyle = color;
+    ctx.lineWidth = opts.width || 2;
+    ctx.setLineDash(opts.dash || []);
+    ctx.lineJoin = 'round';
+    let run = [];
+    const runs = [];
+    let prev = null;
+    for (const s of shown) {
+      const v = s[key];
+      if (v === null || (prev && s.ts - prev.ts > 3.5)) { if (run.length) runs.push(run); run = []; }
+      if (v !== null) run.push([xOf(s.ts), yIn(p, max, v)]);
+      prev = s;
+    }
+    if (run.length) runs.push(run);
+    for (const r of runs) {
+      if (opts.fill) {
+        ctx.globalAlpha = 0.16;
+        ctx.fillStyle = color;
+        ctx.beginPath();
+        ctx.moveTo(r[0][0], p.bottom);
+        for (const [x, y] of r) ctx.lineTo(x, y);
+        ctx.lineTo(r[r.length - 1][0], p.bottom);
+        ctx.closePath();
+        ctx.fill();
+        ctx.globalAlpha = 1;
+      }
+      ctx.beginPath();
+      r.forEach(([x, y], i) => (i ? ctx.lineTo(x, y) : ctx.moveTo(x, y)));
+      if (r.length === 1) ctx.lineTo(r[0][0] + 1, r[0][1]);
+      ctx.stroke();
+    }
+    ctx.setLineDash([]);
+  };
+  series('s', L.rate, rateMax, col.s, { width: 1.5, dash: [4, 3] });
+  series('c', L.rate, rateMax, col.c, { fill: true });
+  series('f', L.rate, rateMax, col.f);
+  series('q', L.queue, queueMax, col.q, { fill: true });
+  ctx.restore();
+  // Hover: a vertical rule and the values at that time (also written to #chart-readout).
+  const readout = $('chart-readout');
+  let text = '';
+  if (chart.hoverX !== null && shown.length && chart.hoverX >= L.left && chart.hoverX <= L.right) {
+    const t = start + ((chart.hoverX - L.left) / L.width) * CHART_SPAN;
+    let best = null;
+    for (const s of shown) if (!best || Math.abs(s.ts - t) < Math.abs(best.ts - t)) best = s;
+    if (best && Math.abs(best.ts - t) < 3) {
+      const x = Math.round(xOf(best.ts)) + 0.5;
+      ctx.strokeStyle = col.ink;
+      ctx.globalAlpha = 0.5;
+      ctx.beginPath(); ctx.moveTo(x, L.rate.top); ctx.lineTo(x, L.queue.bottom); ctx.stroke();
+      ctx.globalAlpha = 1;
+      const dot = (key, p, max, color) => {
+        if (best[key] === null) return;
+        ctx.fillStyle = color;
+        ctx.beginPath(); ctx.arc(x, yIn(p, max, best[key]), 3, 0, Math.PI * 2); ctx.fill();
+      };
+      dot('c', L.rate, rateMax, col.c);
+      dot('f', L.rate, rateMax, col.f);
+      dot('q', L.queue, queueMax, col.q);
+      text = `${clockTime(best.ts)} — completed ${fmtRate(best.c)}/s · failed ${fmtRate(best.f)}/s · `
+        + `submitted ${fmtRate(best.s)}/s · queue ${fmtCount(best.q)}`;
+    }
+  }
+  setText(readout, text || '\u00a0');
+}
+
+function measureChart(canvas) {
+  const box = canvas.parentElement || canvas;
+  chart.w = box.clientWidth || canvas.clientWidth || 0;
+  chart.h = canvas.clientHeight || 0;
+}
+
+/** The text alternative of the chart, refreshed every few seconds. */
+function updateChartSummary() {
+  const el = $('throughput-summary');
+  if (!el || !chart.summaryDirty) return;
+  chart.summaryDirty = false;
+  chart.summaryAt = Date.now();
+  const list = chart.samples;
+  if (!list.length) return;
+  const lastTs = list[list.length - 1].ts;
+  const pts = list.filter((p) => p.ts >= lastTs - CHART_SPAN);
+  const stat = (key) => {
+    const vals = pts.map((p) => p[key]).filter((v) => v !== null);
+    if (!vals.length) return null;
+    return { avg: vals.reduce((a, b) => a + b, 0) / vals.length, max: Math.max(...vals), now: vals[vals.length - 1] };
+  };
+  const span = lastTs - pts[0].ts;
+  const mins = Math.round(span / 60);
+  const over = span < 90 ? `${Math.max(1, Math.round(span))} seconds` : `${mins} minutes`;
+  const parts = [];
+  const c = stat('c');
+  const f = stat('f');
+  const q = stat('q');
+  const d = stat('d');
+  if (c) parts.push(`completed ${fmtRate(c.now)} per second now, ${fmtRate(c.avg)} on average, peak ${fmtRate(c.max)}`);
+  if (f) parts.push(`failed ${fmtRate(f.now)} per second now, peak ${fmtRate(f.max)}`);
+  if (q) parts.push(`queue depth ${fmtCount(q.now)}, peak ${fmtCount(q.max)}`);
+  const dead = dlqFresh() ? dlq.total : d && d.now;
+  if (dead !== null && dead !== undefined) parts.push(`${fmtCount(dead)} dead letter${dead === 1 ? '' : 's'}`);
+  setText(el, `Throughput over the last ${over}, as of ${clockTime(lastTs)}: ${parts.join('; ')}.`);
+}
+
+function initChart() {
+  const canvas = $('throughput-chart');
+  if (!canvas) return;
+  const box = canvas.parentElement || canvas;
+  if (typeof ResizeObserver === 'function') {
+    // Sizes come from the observer, so drawing never forces a layout.
+    new ResizeObserver((entries) => {
+      for (const e of entries) {
+        chart.w = Math.round(e.contentRect.width);
+        chart.h = Math.round(canvas.clientHeight || e.contentRect.height);
+      }
+      drawChartSoon();
+    }).observe(box);
+  } else {
+    window.addEventListener('resize', () => { chart.w = 0; chart.h = 0; drawChartSoon(); });
+  }
+  canvas.addEventListener('pointermove', (ev) => {
+    chart.hoverX = ev.offsetX;
+    drawChartSoon();
+  });
+  canvas.addEventListener('pointerleave', () => { chart.hoverX = null; drawChartSoon(); });
+  drawChartSoon();
+}
+
+// ---------------------------------------------------------------- workers
+
+const workers = new Map(); // worker id -> {tr, data, recvAt, goneAt, cur}
+let workersViaStatsAt = 0; // Date.now() of the last worker list carried by a stats message
+
+const WORKER_COLS = ['host', 'instance', 'pid', 'uptime', 'done', 'current'];
+
+function workerId(w) {
+  if (w.id != null && w.id !== '') return String(w.id);
+  if (w.host == null && w.pid == null) return '';
+  return `${w.host == null ? '?' : w.host}:${w.instance == null ? '' : w.instance}:${w.pid == null ? '?' : w.pid}`;
+}
+
+function createWorkerRow(id) {
+  const tr = document.createElement('tr');
+  tr.dataset.worker = id;
+  for (const name of WORKER_COLS) {
+    const td = document.createElement('td');
+    td.className = name;
+    if (name === 'pid' || name === 'done') td.classList.add('num');
+    tr.appendChild(td);
+  }
+  const host = tr.cells[0];
+  const dot = document.createElement('span');
+  dot.className = 'dot';
+  dot.setAttribute('aria-hidden', 'true');
+  const name = document.createElement('span');
+  name.className = 'host-name';
+  const gone = document.createElement('span');
+  gone.className = 'gone-label';
+  gone.textContent = 'gone';
+  gone.hidden = true;
+  host.append(dot, name, gone);
+  return tr;
+}
+
+/** Seconds the worker has been up: measured on the server's clock, then ticking locally. */
+function workerUptime(e) {
+  const started = toNum(e.data.started_at);
+  if (started === null) return null;
+  const ts = toNum(e.data.ts);
+  const base = ts !== null ? ts : e.recvAt;
+  const since = e.goneAt ? (e.goneAt / 1000 - e.recvAt) : (Date.now() / 1000 - e.recvAt);
+  return Math.max(0, base - started + Math.max(0, since));
+}
+
+function updateWorkerRow(e) {
+  const w = e.data;
+  const c = e.tr.cells;
+  const name = c[0].querySelector('.host-name');
+  setText(name, w.host == null ? '?' : String(w.host));
+  c[0].title = workerId(w);
+  setText(c[1], w.instance == null ? '' : String(w.instance));
+  setText(c[2], w.pid == null ? '' : String(w.pid));
+  const up = workerUptime(e);
+  setText(c[3], up === null ? '' : fmtDur(up));
+  c[3].title = w.started_at == null ? '' : `since ${fullTime(w.started_at)}`;
+  setText(c[4], w.tasks_done == null ? '' : fmtCount(num(w.tasks_done)));
+  const inHand = num(w.in_hand) || 0;
+  const cur = typeof w.current === 'string' && w.current ? w.current : '';
+  const key = `${cur}|${inHand}`;
+  setData(e.tr, 'busy', String(!!cur || inHand > 0));
+  if (e.cur !== key) { // rebuilt only on change, so a focused button stays put
+    e.cur = key;
+    const parts = [];
+    if (cur) parts.push(taskButton(cur, 'open-task task-link'));
+    if (inHand > 1 || (!cur && inHand > 0)) {
+      const more = document.createElement('span');
+      more.className = 'muted more';
+      more.textContent = cur ? ` +${inHand - 1}` : `${inHand} in hand`;
+      parts.push(more);
+    }
+    if (!parts.length) {
+      const idle = document.createElement('span');
+      idle.className = 'muted';
+      idle.textContent = 'idle';
+      parts.push(idle);
+    }
+    c[5].replaceChildren(...parts);
+  }
+}
+
+function setWorkerGone(e, gone) {
+  e.tr.classList.toggle('gone', gone);
+  const label = e.tr.querySelector('.gone-label');
+  setHidden(label, !gone);
+  if (gone) e.tr.title = 'No heartbeat in the latest list';
+  else e.tr.removeAttribute('title');
+}
+
+/** Apply the latest list of live workers (from GET /api/workers or a stats message). */
+function applyWorkers(items) {
+  if (!Array.isArray(items)) return;
+  const now = Date.now();
+  const seen = new Set();
+  for (const w of items) {
+    if (!w || typeof w !== 'object' || Array.isArray(w)) continue;
+    const id = workerId(w);
+    if (!id || seen.has(id)) continue;
+    seen.add(id);
+    let e = workers.get(id);
+    if (!e) { e = { tr: createWorkerRow(id), cur: null, goneAt: 0 }; workers.set(id, e); }
+    e.data = w;
+    e.recvAt = now / 1000;
+    if (e.goneAt) { e.goneAt = 0; setWorkerGone(e, false); }
+    updateWorkerRow(e);
+  }
+  for (const e of workers.values()) {
+    if (!seen.has(e.tr.dataset.worker) && !e.goneAt) { e.goneAt = now; setWorkerGone(e, true); }
+  }
+  renderWorkers();
+}
+
+const workerOrder = (a, b) => {
+  const k = (e) => [String(e.data.host ?? ''), String(e.data.instance ?? ''), Number(e.data.pid) || 0];
+  const [ah, ai, ap] = k(a);
+  const [bh, bi, bp] = k(b);
+  return ah.localeCompare(bh) || ai.localeCompare(bi) || ap - bp;
+};
+
+/** Drop workers gone for long enough, then put rows in order and refresh the counts. */
+function renderWorkers() {
+  const body = $('worker-rows');
+  const now = Date.now();
+  for (const [id, e] of workers) {
+    if (e.goneAt && now - e.goneAt >= WORKER_GONE_KEEP) {
+      if (e.tr.contains(document.activeElement)) focusAfterRemoval(e.tr);
+      e.tr.remove();
+      workers.delete(id);
+    }
+  }
+  const list = [...workers.values()].sort(workerOrder);
+  if (body) {
+    list.forEach((e, i) => {
+      const at = body.children[i];
+      if (at !== e.tr) body.insertBefore(e.tr, at || null);
+    });
+  }
+  const live = list.filter((e) => !e.goneAt);
+  const busy = live.filter((e) => e.tr.dataset.busy === 'true').length;
+  const gone = list.length - live.length;
+  setText($('worker-count'), `${live.length} live${busy ? `, ${busy} busy` : ''}${gone ? `, ${gone} gone` : ''}`);
+  setText($('stat-workers'), String(live.length));
+  setText($('stat-busy'), String(busy));
+  const nav = $('nav-workers');
+  if (nav) { setText(nav, String(live.length)); setHidden(nav, false); }
+  const empty = $('workers-empty');
+  setHidden(empty, list.length > 0);
+}
+
+/** Every second: uptimes tick, and gone workers leave after WORKER_GONE_KEEP. */
+function tickWorkers() {
+  for (const e of workers.values()) {
+    const up = workerUptime(e);
+    if (up !== null) setText(e.tr.cells[3], fmtDur(up));
+  }
+  if ([...workers.values()].some((e) => e.goneAt)) renderWorkers();
+}
+
+function setInlineError(el, text) {
+  if (!el) return;
+  setText(el, text);
+  setHidden(el, !text);
+}
+
+async function pollWorkers() {
+  if (Date.now() - workersViaStatsAt < WORKERS_VIA_STATS) return; // stats carry them
+  let res;
+  try {
+    res = await api('/api/workers', { headers: { Accept: 'application/json' }, cache: 'no-store' });
+  } catch (e) {
+    setInlineError($('workers-error'), 'Network error: could not load the workers.');
+    return;
+  }
+  let body = null;
+  try { body = await res.json(); } catch (e) { /* non-JSON body */ }
+  if (Date.now() - workersViaStatsAt < WORKERS_VIA_STATS) return; // a stats list came meanwhile
+  if (res.ok && body && Array.isArray(body.items)) {
+    setInlineError($('workers-error'), '');
+    applyWorkers(body.items);
+  } else if (res.status === 401) {
+    setInlineError($('workers-error'), 'An access token is required to list the workers.');
+  } else {
+    const msg = body && typeof body.error === 'string' ? `: ${body.error}` : '';
+    setInlineError($('workers-error'), `Could not load the workers (${res.status})${msg}.`);
+  }
+}
+
+// ---------------------------------------------------------------- dead letters
+
+const dlq = {
+  rows: new Map(),  // key -> {tr, item, sig, busy, armed}
+  total: null,
+  busyAll: false,
+  version: 0,       // bumped by every action, so an older poll answer cannot resurrect rows
+};
+const DLQ_COLS = ['id', 'type', 'error', 'attempts', 'failed', 'actions'];
+const ERROR_MAX = 300; // chars of a dead letter's error shown in the row (full text in title)
+
+function dlqStatus(text, state, fromPoll = false) {
+  const el = $('dlq-status');
+  if (!el) return;
+  el.textContent = text;
+  el.dataset.state = state || '';
+  el.dataset.poll = String(fromPoll); // a poll's own error is cleared by the next good poll
+}
+
+function createDlqRow(entry) {
+  const tr = document.createElement('tr');
+  for (const name of DLQ_COLS) {
+    const td = document.createElement('td');
+    td.className = name;
+    if (name === 'attempts') td.classList.add('num');
+    tr.appendChild(td);
+  }
+  const actions = tr.cells[5];
+  const mk = (cls, text) => {
+    const b = document.createElement('button');
+    b.type = 'button';
+    b.className = `btn btn-small ${cls}`;
+    b.textContent = text;
+    return b;
+  };
+  const requeue = mk('requeue', 'Requeue');
+  const discard = mk('btn-danger-outline discard', 'Discard');
+  const cancel = mk('btn-secondary discard-cancel', 'Cancel');
+  cancel.hidden = true;
+  const err = document.createElement('span');
+  err.className = 'row-error error';
+  err.hidden = true;
+  actions.append(requeue, discard, cancel, err);
+  requeue.addEventListener('click', () => dlqAction(entry, 'requeue'));
+  discard.addEventListener('click', () => {
+    if (entry.armed) dlqAction(entry, 'discard');
+    else armDiscard(entry, true);
+  });
+  cancel.addEventListener('click', () => { armDiscard(entry, false); discard.focus(); });
+  tr.addEventListener('keydown', (ev) => {
+    if (ev.key === 'Escape' && entry.armed) { ev.preventDefault(); armDiscard(entry, false); discard.focus(); }
+  });
+  entry.tr = tr;
+  entry.el = { requeue, discard, cancel, err };
+  return tr;
+}
+
+/** The inline confirmation: the Discard button itself becomes "Confirm discard". */
+function armDiscard(entry, armed) {
+  entry.armed = armed;
+  const { discard, cancel } = entry.el;
+  discard.classList.toggle('discard-confirm', armed);
+  if (armed) discard.dataset.armed = 'true';
+  else delete discard.dataset.armed;
+  const id = entry.item.id == null ? '' : shortId(entry.item.id);
+  discard.textContent = armed ? 'Confirm discard' : 'Discard';
+  discard.setAttribute('aria-label', armed ? `Confirm: discard dead letter ${id} for good` : `Discard dead letter ${id}`);
+  cancel.hidden = !armed;
+  if (armed) dlqStatus(`Discard ${id}? It cannot be undone. Press Confirm discard, or Cancel.`, 'confirm');
+  else if ($('dlq-status') && $('dlq-status').dataset.state === 'confirm') dlqStatus('', '');
+}
+
+function setRowError(entry, text) {
+  const { err } = entry.el;
+  err.textContent = text;
+  err.hidden = !text;
+}
+
+function updateDlqRow(entry) {
+  const it = entry.item;
+  const c = entry.tr.cells;
+  const id = typeof it.id === 'string' && it.id ? it.id : '';
+  entry.tr.dataset.id = id;
+  c[0].replaceChildren(id ? taskButton(id) : Object.assign(document.createElement('span'), { className: 'muted', textContent: '(no id)' }));
+  c[1].textContent = it.type == null ? '' : String(it.type);
+  const errText = it.error == null ? '' : asText(it.error);
+  const errSpan = document.createElement('span');
+  errSpan.className = 'error';
+  errSpan.textContent = errText.length > ERROR_MAX ? errText.slice(0, ERROR_MAX) + '…' : errText;
+  if (errText.length > ERROR_MAX) errSpan.title = errText;
+  const parts = [errSpan];
+  if (it.traceback != null && it.traceback !== '') {
+    const det = document.createElement('details');
+    det.className = 'traceback';
+    const sum = document.createElement('summary');
+    sum.textContent = 'traceback';
+    const pre = document.createElement('pre');
+    pre.className = 'code-block';
+    pre.textContent = asText(it.traceback);
+    det.append(sum, pre);
+    parts.push(det);
+  }
+  c[2].replaceChildren(...parts);
+  c[3].textContent = it.attempts == null ? '' : String(it.attempts);
+  renderDlqTime(entry);
+  const first = toNum(it.first_failed_at);
+  c[4].title = [
+    it.failed_at != null ? `last failed ${fullTime(it.failed_at)}` : '',
+    first !== null && first !== toNum(it.failed_at) ? `first failed ${fullTime(first)}` : '',
+  ].filter(Boolean).join('; ');
+  const short = id ? shortId(id) : '';
+  entry.el.requeue.disabled = !id || entry.busy;
+  entry.el.discard.disabled = !id || entry.busy;
+  entry.el.requeue.setAttribute('aria-label', `Requeue dead letter ${short}`);
+  if (!entry.armed) entry.el.discard.setAttribute('aria-label', `Discard dead letter ${short}`);
+}
+
+function renderDlqTime(entry) {
+  const at = toNum(entry.item.failed_at);
+  const cell = entry.tr.cells[4];
+  if (at === null) { setText(cell, ''); return; }
+  const ago = Date.now() / 1000 - at; // may be slightly negative: clocks differ
+  setText(cell, `${clockTime(at)} · ${ago < 1 ? 'just now' : `${fmtDur(ago)} ago`}`);
+}
+
+function dlqKeyed(items) {
+  const counts = new Map();
+  return items.filter((it) => it && typeof it === 'object' && !Array.isArray(it)).map((it, i) => {
+    const base = typeof it.id === 'string' && it.id ? it.id : `#${i}`;
+    const n = (counts.get(base) || 0) + 1;
+    counts.set(base, n);
+    return [n === 1 ? base : `${base}~${n}`, it];
+  });
+}
+
+function applyDlq(items, total) {
+  const body = $('dlq-rows');
+  const keyed = dlqKeyed(items);
+  const seen = new Set();
+  for (const [key, item] of keyed) {
+    seen.add(key);
+    let entry = dlq.rows.get(key);
+    if (!entry) {
+      entry = { key, item, sig: '', busy: false, armed: false };
+      createDlqRow(entry);
+      dlq.rows.set(key, entry);
+    }
+    entry.item = item;
+    const sig = JSON.stringify(item);
+    if (sig !== entry.sig) { entry.sig = sig; updateDlqRow(entry); }
+  }
+  for (const [key, entry] of dlq.rows) if (!seen.has(key) && !entry.busy) removeDlqRow(key);
+  // Newest failure first; rows move only when out of place (focus and open tracebacks stay).
+  const ordered = [...dlq.rows.values()].sort((a, b) => (toNum(b.item.failed_at) || 0) - (toNum(a.item.failed_at) || 0));
+  if (body) {
+    ordered.forEach((e, i) => {
+      const at = body.children[i];
+      if (at !== e.tr) body.insertBefore(e.tr, at || null);
+    });
+  }
+  setDlqTotal(toNum(total) !== null ? toNum(total) : keyed.length);
+}
+
+function setDlqTotal(total) {
+  dlq.total = total;
+  setText($('dlq-total'), fmtCount(total));
+  setDlqFigure(total);
+  const all = $('dlq-requeue-all');
+  if (all) all.disabled = dlq.busyAll || !(total > 0);
+  const empty = $('dlq-empty');
+  setHidden(empty, dlq.rows.size > 0 || total > 0);
+  const more = $('dlq-more');
+  if (more) {
+    const shown = dlq.rows.size;
+    setHidden(more, !(total > shown));
+    setText(more, total > shown ? `Showing ${shown} of ${fmtCount(total)} dead letters (the oldest ${DLQ_LIMIT} are fetched).` : '');
+  }
+}
+
+function removeDlqRow(key) {
+  const entry = dlq.rows.get(key);
+  if (!entry) return;
+  if (entry.tr.contains(document.activeElement)) {
+    const next = entry.tr.nextElementSibling || entry.tr.previousElementSibling;
+    const btn = next && next.querySelector('button.requeue:not([disabled])');
+    if (btn) btn.focus();
+    else if ($('dlq-heading')) $('dlq-heading').focus();
+  }
+  entry.tr.remove();
+  dlq.rows.delete(key);
+}
+
+async function dlqCall(path, method) {
+  let res;
+  try {
+    res = await api(path, { method, headers: { Accept: 'application/json' } });
+  } catch (e) {
+    return { ok: false, status: 0, text: 'Network error: could not reach the server.' };
+  }
+  let body = null;
+  try { body = await res.json(); } catch (e) { /* non-JSON body */ }
+  const msg = body && typeof body.error === 'string' ? body.error : '';
+  let text = '';
+  if (!res.ok) {
+    if (res.status === 401) text = 'An access token is required.';
+    else if (res.status === 503) text = `Unavailable${msg ? `: ${msg}` : ', try again shortly.'}`;
+    else text = msg || `Request failed (${res.status}).`;
+  }
+  return { ok: res.ok, status: res.status, body, text };
+}
+
+async function dlqAction(entry, kind) {
+  const id = entry.item.id;
+  if (entry.busy || typeof id !== 'string' || !id) return;
+  entry.busy = true;
+  dlq.version++;
+  entry.el.requeue.disabled = true;
+  entry.el.discard.disabled = true;
+  setRowError(entry, '');
+  entry.tr.setAttribute('aria-busy', 'true');
+  const path = kind === 'requeue' ? `/api/dlq/${encodeURIComponent(id)}/requeue` : `/api/dlq/${encodeURIComponent(id)}`;
+  const r = await dlqCall(path, kind === 'requeue' ? 'POST' : 'DELETE');
+  dlq.version++; // and a poll sent while this ran may predate it too
+  entry.busy = false;
+  entry.tr.removeAttribute('aria-busy');
+  const short = shortId(id);
+  if (r.ok || r.status === 404) {
+    if (entry.armed) armDiscard(entry, false);
+    removeDlqRow(entry.key);
+    if (dlq.total !== null) setDlqTotal(Math.max(0, dlq.total - 1));
+    dlqStatus(r.ok
+      ? (kind === 'requeue' ? `Requeued ${short}: it runs again as a fresh task.` : `Discarded ${short}.`)
+      : `${short} was no longer in the dead-letter queue.`, r.ok ? 'ok' : 'error');
+  } else {
+    entry.el.requeue.disabled = false;
+    entry.el.discard.disabled = false;
+    setRowError(entry, `${kind === 'requeue' ? 'Requeue' : 'Discard'} failed: ${r.text}`);
+    dlqStatus(`${kind === 'requeue' ? 'Requeue' : 'Discard'} of ${short} failed: ${r.text}`, 'error');
+  }
+  pollers.dlq && pollers.dlq.now();
+}
+
+async function requeueAll() {
+  const btn = $('dlq-requeue-all');
+  if (dlq.busyAll) return;
+  dlq.busyAll = true;
+  dlq.version++;
+  if (btn) btn.disabled = true;
+  dlqStatus('Requeueing every dead letter…', 'busy');
+  const r = await dlqCall('/api/dlq/requeue', 'POST');
+  dlq.version++;
+  dlq.busyAll = false;
+  if (r.ok) {
+    const n = r.body && toNum(r.body.requeued) !== null ? toNum(r.body.requeued) : null;
+    dlqStatus(n === null ? 'Requeued.' : `Requeued ${n} task${n === 1 ? '' : 's'}.`, 'ok');
+  } else {
+    dlqStatus(`Requeue all failed: ${r.text}`, 'error');
+  }
+  if (btn) btn.disabled = !(dlq.total > 0);
+  pollers.dlq && pollers.dlq.now();
+}
+
+async function pollDlq() {
+  const version = dlq.version;
+  let res;
+  try {
+    res = await api(`/api/dlq?limit=${DLQ_LIMIT}`, { headers: { Accept: 'application/json' }, cache: 'no-store' });
+  } catch (e) {
+    setDlqStale('Network error: could not load the dead letters.');
+    return;
+  }
+  let body = null;
+  try { body = await res.json(); } catch (e) { /* non-JSON body */ }
+  if (version !== dlq.version) { pollers.dlq.again = true; return; } // an action ran meanwhile: ask again
+  if (res.ok && body && Array.isArray(body.items)) {
+    setDlqStale('');
+    dlqPolledAt = Date.now();
+    applyDlq(body.items, body.total);
+  } else if (res.status === 401) {
+    setDlqStale('An access token is required to list the dead letters.');
+  } else {
+    const msg = body && typeof body.error === 'string' ? `: ${body.error}` : '';
+    setDlqStale(`Could not load the dead letters (${res.status})${msg}.`);
+  }
+}
+
+/** A failed poll keeps the last rows, greyed out, with the reason above them. */
+function setDlqStale(text) {
+  const table = $('dlq-table');
+  if (table) table.classList.toggle('stale', !!text);
+  const el = $('dlq-status');
+  if (text) dlqStatus(text, 'error', true);
+  else if (el && el.dataset.poll === 'true') dlqStatus('', '');
+}
+
+function tickDlq() {
+  for (const e of dlq.rows.values()) renderDlqTime(e);
+}
+
+function initDlq() {
+  const all = $('dlq-requeue-all');
+  if (all) all.addEventListener('click', requeueAll);
+}
+
 // ---------------------------------------------------------------- access token
 
 let memToken = '';      // fallback when sessionStorage is unavailable (blocked storage)
 let storageOk = true;
+// Set when a 401 reached a caller because the prompt was dismissed: background polls then
+// pause (instead of prompting again every few seconds) until a token is entered.
+let needToken = false;
 
 /** The access token known for this session, or '' if none. */
 function getToken() {
@@ -354,6 +1799,7 @@ function onTokenSubmit(ev) {
     return;
   }
   setToken(value);
+  needToken = false;
   setTokenError('');
   tokenPrompt.checking = value; // the next answer to a call made with it decides
   const waiters = tokenPrompt.waiters.splice(0);
@@ -366,7 +1812,7 @@ function onTokenSubmit(ev) {
 async function verifyToken() {
   try {
     const res = await api('/api/tasks?limit=1', { headers: { Accept: 'application/json' }, cache: 'no-store' });
-    if (res.status !== 401) loadTasks();
+    if (res.status !== 401) { loadTasks(); pollAllNow(); }
   } catch (e) {
     if (tokenEl('dialog') && tokenEl('dialog').open) setTokenError('Could not reach the server; try again.');
   }
@@ -426,7 +1872,7 @@ async function api(path, options = {}) {
       if (input) { input.focus(); input.select(); }
     }
     const next = await waitForToken();
-    if (next === null) return res; // dismissed: the caller sees the 401
+    if (next === null) { needToken = true; return res; } // dismissed: the caller sees the 401
     token = next;
   }
 }
@@ -528,6 +1974,7 @@ function initForms() {
   }
 }
 
+
 // ---------------------------------------------------------------- server sync
 
 async function loadTasks() {
@@ -539,14 +1986,23 @@ async function loadTasks() {
   } catch (e) { /* offline: the next (re)connect fetches again */ }
 }
 
+/** One item of a frame: a stats message (no "id") or a task update. */
+function handleItem(item) {
+  if (item && typeof item === 'object' && !Array.isArray(item) && !('id' in item) && 'stats' in item) {
+    handleStats(item.stats, item);
+  } else {
+    mergeTask(item);
+  }
+}
+
 function handleFrame(data) {
   if (typeof data !== 'string') return;
   let msg;
   try { msg = JSON.parse(data); } catch (e) { return; } // ignore garbage frames
   // An array is several queued updates, or the snapshot of recent tasks the server sends
   // on connect and after a Redis outage: the same update objects, merged by seq.
-  if (Array.isArray(msg)) msg.forEach(mergeTask);
-  else mergeTask(msg);
+  if (Array.isArray(msg)) msg.forEach(handleItem);
+  else handleItem(msg);
 }
 
 let sock = null;
@@ -556,7 +2012,7 @@ let reconnectTimer = 0;
 let authBlocked = false; // the socket needs a token and the prompt was dismissed
 
 function setConn(state, text) {
-  const el = document.getElementById('conn');
+  const el = $('conn');
   if (!el) return;
   el.dataset.state = state;
   el.textContent = text;
@@ -577,7 +2033,12 @@ function connect() {
     opened = true;
     openedAt = Date.now();
     setConn('live', 'live');
+    // Everything: task updates of every type, and the stats pushed every second.
+    try {
+      if (typeof s.send === 'function') s.send(JSON.stringify({ subscribe: '*' }));
+    } catch (e) { /* closing already: 'close' follows */ }
     loadTasks(); // catch up on anything missed while disconnected
+    pollAllNow();
   });
   s.addEventListener('message', (ev) => handleFrame(ev.data));
   // 'error' is always followed by 'close', so reconnect only from 'close'.
@@ -623,22 +2084,85 @@ function scheduleReconnect() {
   reconnectTimer = setTimeout(connect, delay);
 }
 
+// ---------------------------------------------------------------- polling
+
+const pollers = {}; // name -> {now(), again, busy}
+let pollingStarted = false;
+
+const tokenDialogOpen = () => { const d = tokenEl('dialog'); return !!(d && d.open); };
+
+/**
+ * Call `run` every `every` ms, one call at a time. Paused while the tab is hidden, while
+ * the token prompt is open, and after a dismissed prompt (until a token is entered).
+ */
+function makePoller(name, every, run) {
+  const p = { busy: false, again: false };
+  const tick = async (forced) => {
+    if (p.busy) { if (forced) p.again = true; return; }
+    if (document.hidden || needToken || tokenDialogOpen()) return;
+    p.busy = true;
+    try { await run(); } catch (e) { /* each poller reports its own errors */ }
+    p.busy = false;
+    if (p.again) { p.again = false; tick(false); }
+  };
+  p.now = () => { if (pollingStarted) tick(true); };
+  setInterval(() => tick(false), every); // an interval: one pending call at most, no drift
+  pollers[name] = p;
+  return p;
+}
+
+function pollAllNow() {
+  for (const p of Object.values(pollers)) p.now();
+}
+
+function startPolling() {
+  if (pollingStarted) return;
+  pollingStarted = true;
+  makePoller('workers', WORKERS_POLL, pollWorkers);
+  makePoller('dlq', DLQ_POLL, pollDlq);
+  pollAllNow();
+}
+
+// ---------------------------------------------------------------- clock
+
+/** Once a second: ages, durations and uptimes tick; the chart scrolls; staleness shows. */
+function tick() {
+  if (document.hidden) return;
+  for (const tr of inView || rows.values()) {
+    const t = tasks.get(tr.dataset.id);
+    if (t) setText(tr.cells[6], timeText(t));
+  }
+  if (details.id) renderDetailsTime(detailsView());
+  tickWorkers();
+  tickDlq();
+  if (statsAt) {
+    setStale(Date.now() - statsAt > STATS_STALE);
+    requestChart();
+  }
+  if (Date.now() - chart.summaryAt >= SUMMARY_EVERY) updateChartSummary();
+}
+
 // ---------------------------------------------------------------- boot
 
 function init() {
   initTokenDialog();
   initForms();
-  loadTasks();
+  initFilters();
+  initDetails();
+  initChart();
+  initDlq();
+  // Background polls start once the first call settled, so a server asking for a token
+  // prompts once (for that call and the socket's probe) rather than for every poll.
+  loadTasks().finally(startPolling);
   connect();
-  window.addEventListener('online', () => { if (!sock) connect(); });
-  // Keep ages/durations fresh without re-rendering whole rows.
-  setInterval(() => {
+  window.addEventListener('online', () => { if (!sock) connect(); pollAllNow(); });
+  document.addEventListener('visibilitychange', () => {
     if (document.hidden) return;
-    for (const [id, tr] of rows) {
-      const t = tasks.get(id);
-      if (t) tr.cells[6].textContent = timeText(t);
-    }
-  }, 1000);
+    tick();
+    drawChartSoon();
+    pollAllNow();
+  });
+  setInterval(tick, 1000);
 }
 
 if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', init);

@@ -1,0 +1,213 @@
+"""The dashboard in a real browser (Playwright driving Debian's Chromium) against real processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from tests.conftest import ROOT, Proc, cleanup, free_port, write_config
+from tests.faults import Cluster
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-quic",
+    "--disable-sync",
+]
+
+pytestmark = [pytest.mark.usefixtures("services"), pytest.mark.timeout(180)]
+
+
+class Inbox:
+    """An SMTP server keeping what it receives."""
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.messages.append(envelope)
+        return "250 OK"
+
+
+@pytest.fixture
+async def stack(tag: str, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
+    inbox = Controller(Inbox(), hostname="127.0.0.1", port=free_port())
+    inbox.start()
+    # The screenshot shows what a user has: the built-in task types only.
+    builtin = request.node.get_closest_marker("builtin_only") is not None
+    config = write_config(
+        tmp_path / "config.toml",
+        tag,
+        broker={"retry_delays": [0.2], "max_retries": 0 if builtin else 1},
+        handlers={"modules": ["handlers"] if builtin else ["handlers", "tests.fault_handlers"]},
+        smtp={"host": "127.0.0.1", "port": inbox.port},
+        worker={"heartbeat": 0.5},
+    )
+    cluster = Cluster(config, tmp_path)
+    try:
+        await cluster.start(workers=2)
+        yield cluster
+    finally:
+        await cluster.close()
+        inbox.stop()
+        await cleanup(tag)
+
+
+@pytest.fixture
+async def page(stack: Cluster) -> AsyncIterator[Any]:
+    if not Path(CHROMIUM).exists():
+        reason = f"{CHROMIUM} not installed (apt-get install chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        context = await browser.new_context(viewport={"width": 1400, "height": 1000})
+        page = await context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        await page.goto(stack.base + "/")
+        await page.wait_for_selector("#conn[data-state=live]", timeout=10_000)
+        yield page
+        assert not errors, errors
+        await browser.close()
+
+
+def row(page: Any, tid: str) -> Any:
+    return page.locator(f'tbody#task-rows tr[data-id="{tid}"]')
+
+
+async def wait_row(page: Any, tid: str, status: str, timeout: float = 15) -> None:
+    await page.locator(f'tbody#task-rows tr[data-id="{tid}"][data-status="{status}"]').wait_for(timeout=timeout * 1000)
+
+
+async def submitted_id(page: Any, form: str) -> str:
+    """Submit a form and return the id the page reports."""
+    status = page.locator(f"#form-{form} .form-status")
+    await page.click(f"#form-{form} button[type=submit]")
+    await page.wait_for_function(
+        "el => /queued [0-9a-f]{8}/.test(el.textContent)", arg=await status.element_handle(), timeout=10_000
+    )
+    short = re.search(r"queued ([0-9a-f]{8})", await status.text_content() or "")
+    assert short
+    locator = page.locator(f'tbody#task-rows tr[data-id^="{short.group(1)}"]')
+    await locator.first.wait_for(timeout=10_000)
+    return str(await locator.first.get_attribute("data-id"))
+
+
+async def test_each_form_runs_its_task_live(page: Any, stack: Cluster) -> None:
+    await page.fill("#form-reverse [name=text]", "stressed")
+    reverse = await submitted_id(page, "reverse")
+    await page.fill("#form-sentiment [name=text]", "What a wonderful, happy day!")
+    sentiment = await submitted_id(page, "sentiment")
+    await page.fill("#form-email [name=to]", "ops@example.com")
+    await page.fill("#form-email [name=subject]", "hello")
+    await page.fill("#form-email [name=body]", "from the browser")
+    email = await submitted_id(page, "email")
+    await page.fill("#form-sleep [name=seconds]", "0.3")
+    sleep = await submitted_id(page, "sleep")
+    noop = await submitted_id(page, "noop")
+    for tid in (reverse, sentiment, email, sleep, noop):
+        await wait_row(page, tid, "completed", 15)
+    assert await row(page, reverse).locator("td.result").text_content() == "desserts"
+    assert "positive" in (await row(page, sentiment).locator("td.result").text_content() or "")
+    assert "ops@example.com" in (await row(page, email).locator("td.result").text_content() or "")
+    # The statuses went through started: the page saw every step, without a reload.
+    for tid in (reverse, sleep):
+        task = (await stack.tasks([tid]))[tid]
+        assert [h["status"] for h in task["history"]] == ["pending", "started", "completed"]
+
+
+async def test_a_task_from_another_client_appears(page: Any, stack: Cluster) -> None:
+    status, tid, _ = await stack.submit({"type": "reverse", "payload": {"text": "elsewhere"}})
+    assert status == 202 and tid
+    await wait_row(page, tid, "completed", 15)
+    assert await row(page, tid).locator("td.result").text_content() == "erehwesle"
+
+
+async def test_progress_bar_moves(page: Any, stack: Cluster) -> None:
+    _, tid, _ = await stack.submit({"type": "sleep", "payload": {"seconds": 3}})
+    bar = row(page, tid).locator("progress")
+    await bar.wait_for(timeout=10_000)
+    first = float(await bar.get_attribute("value") or 0)
+    await page.wait_for_function(
+        "([el, v]) => el && Number(el.value) > v", arg=[await bar.element_handle(), first], timeout=10_000
+    )
+    await wait_row(page, tid, "completed", 10)
+
+
+async def test_hostile_text_is_shown_as_text(page: Any, stack: Cluster) -> None:
+    text = """<script>window.pwned=1</script><img src=x onerror="window.pwned=2"> "quotes" 'too'"""
+    _, tid, _ = await stack.submit({"type": "reverse", "payload": {"text": text}})
+    await wait_row(page, tid, "completed", 15)
+    assert await row(page, tid).locator("td.result").text_content() == text[::-1]
+    assert await page.evaluate("window.pwned") is None
+    assert await page.locator("tbody#task-rows script, tbody#task-rows img").count() == 0
+
+
+async def test_failed_task_shows_its_error_and_requeue_from_the_page(page: Any, stack: Cluster, tmp_path: Path) -> None:
+    flag = tmp_path / "fixed"
+    _, tid, _ = await stack.submit({"type": "fail_until", "payload": {"flag": str(flag)}})
+    await wait_row(page, tid, "failed", 15)
+    assert "flag not set yet" in (await row(page, tid).locator(".error").text_content() or "")
+    dead = page.locator(f'tbody#dlq-rows tr[data-id="{tid}"]')
+    await dead.wait_for(timeout=15_000)
+    flag.touch()
+    await dead.locator("button.requeue").click()
+    await wait_row(page, tid, "completed", 15)
+    await dead.wait_for(state="detached", timeout=15_000)
+
+
+async def test_api_restart_disconnects_reconnects_and_catches_up(page: Any, stack: Cluster) -> None:
+    assert stack.api is not None
+    _, tid, _ = await stack.submit({"type": "sleep", "payload": {"seconds": 2}})
+    assert tid
+    await wait_row(page, tid, "started")
+    stack.api.signal(signal.SIGTERM)
+    assert await stack.api.wait(20) == 0
+    await page.wait_for_selector("#conn:not([data-state=live])", timeout=10_000)
+    # While the API is away the worker finishes the task: nobody relays that update.
+    await stack.wait_all([tid], timeout=30)
+    assert await row(page, tid).get_attribute("data-status") == "started"
+    stack.api = Proc("api", stack.config, stack.workdir / "api-again.log")
+    stack.all.append(stack.api)
+    await page.wait_for_selector("#conn[data-state=live]", timeout=30_000)
+    await wait_row(page, tid, "completed")  # caught up after reconnecting
+
+
+@pytest.mark.builtin_only
+async def test_screenshot_with_every_state(page: Any, stack: Cluster) -> None:
+    bodies = [
+        {"type": "reverse", "payload": {"text": "Hello, asyncnode"}},
+        {"type": "sentiment", "payload": {"text": "This dashboard is great!"}},
+        {"type": "noop"},
+        {"type": "email", "payload": {"to": "ops@example.com", "subject": "Report", "body": "All good."}},
+        {"type": "sleep", "payload": {"seconds": 5}, "timeout": 0.2},  # over its time limit: fails
+        {"type": "sentiment", "payload": {"text": "The queue was slow and I hated waiting."}},
+        {"type": "sleep", "payload": {"seconds": 5}, "timeout": 0.2},
+        {"type": "sleep", "payload": {"seconds": 8}},
+        {"type": "sleep", "payload": {"seconds": 8}},
+        {"type": "sleep", "payload": {"seconds": 8}},
+    ]
+    for body in bodies:
+        assert (await stack.submit(body))[0] == 202
+    await page.locator("tbody#dlq-rows tr[data-id]").nth(1).wait_for(timeout=20_000)
+    await page.locator("tbody#task-rows tr[data-status=started] progress").first.wait_for(timeout=20_000)
+    await page.locator("tbody#task-rows tr[data-status=pending]").first.wait_for(timeout=20_000)
+    target = ROOT / "docs" / "dashboard.png"
+    await page.screenshot(path=str(target), full_page=True)
+    assert target.stat().st_size > 10_000

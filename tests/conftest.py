@@ -84,13 +84,14 @@ def write_config(path: Path, tag: str, **sections: dict[str, Any]) -> Path:
 _QUEUES: dict[str, set[str]] = {}
 
 
-async def cleanup(tag: str) -> None:
-    """Delete the queues and keys a test made under ``tag``."""
-    connection = await aio_pika.connect(RABBIT_URL)
-    async with connection:
-        channel = await connection.channel()
-        for name in (tag, tag + asyncnode.DLQ_SUFFIX, *sorted(_QUEUES.pop(tag, ()))):
-            await channel.queue_delete(name, if_unused=False, if_empty=False)
+async def cleanup(tag: str, *, queues: bool = True) -> None:
+    """Delete the queues (unless they lived on a private broker) and keys a test made under ``tag``."""
+    if queues:
+        connection = await aio_pika.connect(RABBIT_URL)
+        async with connection:
+            channel = await connection.channel()
+            for name in (tag, tag + asyncnode.DLQ_SUFFIX, *sorted(_QUEUES.pop(tag, ()))):
+                await channel.queue_delete(name, if_unused=False, if_empty=False)
     client = aioredis.from_url(REDIS_URL)
     try:
         keys = [k async for k in client.scan_iter(match=f"{tag}:*", count=1000)]

@@ -28,7 +28,7 @@ async def test_broker_restart_mid_stream(private_rabbit: PrivateRabbit, tag: str
     try:
         figures = await broker_outage(config, tmp_path, private_rabbit, seconds=3.0)
     finally:
-        await cleanup_private(tag, private_rabbit)
+        await cleanup(tag, queues=False)
     print(figures_json(figures))
     assert figures["completed"] == figures["accepted"] > 40
     assert figures["refused_503"] > 0  # the outage was seen
@@ -53,22 +53,6 @@ async def test_redis_restart_mid_stream(tag: str, tmp_path: Path) -> None:
     assert figures["refused_503"] > 0
     assert figures["other_answers"] == 0
     assert figures["ws_frames_after_outage"] > 0
-
-
-async def cleanup_private(tag: str, rabbit: PrivateRabbit) -> None:
-    """Keys live in the shared Redis; the queues die with the private broker."""
-    import redis.asyncio as aioredis
-
-    from tests.conftest import REDIS_URL
-
-    client = aioredis.from_url(REDIS_URL)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{tag}:*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
-    del rabbit
 
 
 @pytest.mark.timeout(300)
@@ -110,7 +94,7 @@ async def test_task_longer_than_consumer_timeout_ends_once(
         assert worker.popen.poll() is None, worker.log()  # it survived
     finally:
         await rabbit.stop()
-        await cleanup_private(tag, rabbit)
+        await cleanup(tag, queues=False)
 
 
 async def _contains(log: Callable[[], str], text: str) -> bool:

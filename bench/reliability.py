@@ -40,15 +40,17 @@ async def run(tasks: int, outage: float) -> list[tuple[str, dict[str, Any]]]:
 
         rabbit = PrivateRabbit(work / "rabbit")
         await rabbit.start()
+        tag = f"soak-{uuid.uuid4().hex[:8]}"
         try:
             config = write_config(
                 work / "broker.toml",
-                "outage",
+                tag,
                 broker={"url": rabbit.url, "publish_timeout": 2.0, "connect_timeout": 1.0},
             )
             results.append(("RabbitMQ outage", await broker_outage(config, work, rabbit, seconds=outage)))
         finally:
             await rabbit.stop()
+            await cleanup(tag, queues=False)  # its queues died with the private broker; its keys did not
 
         redis = PrivateRedis(work / "redis", persistent=True)
         await redis.start()

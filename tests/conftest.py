@@ -101,10 +101,31 @@ async def cleanup(tag: str, *, queues: bool = True) -> None:
         await client.aclose()
 
 
+#: Every tag handed out in this session, swept once more at its end.
+_TAGS: set[str] = set()
+
+
 @pytest.fixture
 def tag() -> str:
     """A name unique to this test: its queue, key prefix and channel derive from it."""
-    return f"test-{uuid.uuid4().hex[:12]}"
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    _TAGS.add(name)
+    return name
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sweep() -> Iterator[None]:
+    """A process a test stopped late may have declared its queues again after the test's
+    own cleanup: delete every tag's queues and keys once more when the session ends."""
+    yield
+    if _TAGS and _reachable("127.0.0.1", 5672) and _reachable("127.0.0.1", 6379):
+        asyncio.run(_sweep_all(sorted(_TAGS)))
+
+
+async def _sweep_all(tags: list[str]) -> None:
+    for name in tags:
+        with contextlib.suppress(Exception):
+            await cleanup(name)
 
 
 @pytest.fixture

@@ -130,6 +130,8 @@ SNAPSHOT_FIELDS: Final = (
 )
 #: How many recent tasks a (re)connecting WebSocket client is sent.
 SNAPSHOT_SIZE: Final = 200
+#: Attempts a worker makes to start consuming before it gives up (and supervisord restarts it).
+START_ATTEMPTS: Final = 8
 #: Seconds any one step of shutting down may take before it is given up.
 SHUTDOWN_STEP_TIMEOUT: Final = 5.0
 #: Seconds between reconnection attempts of a robust RabbitMQ connection.
@@ -2127,6 +2129,38 @@ async def _watch_consumer(
     return False
 
 
+async def _start_consuming(
+    connection: aio_pika.abc.AbstractRobustConnection,
+    cfg: BrokerConfig,
+    callback: Callable[[aio_pika.abc.AbstractIncomingMessage], Awaitable[None]],
+) -> tuple[aio_pika.abc.AbstractChannel, aio_pika.abc.AbstractQueue, str]:
+    """Open the consuming channel, declare the queues and consume, retrying while RabbitMQ is not ready.
+
+    Workers starting together race to declare a new quorum queue, and RabbitMQ 3.10 can
+    answer a consume on it with INTERNAL_ERROR until its leader is elected.
+    """
+    delay = 0.2
+    for attempt in range(1, START_ATTEMPTS + 1):
+        channel: aio_pika.abc.AbstractChannel | None = None
+        try:
+            channel = await connection.channel()
+            await channel.set_qos(prefetch_count=cfg.prefetch)
+            queue = await declare_queues(channel, cfg)
+            return channel, queue, await queue.consume(callback)
+        except AMQP_ERRORS as e:
+            if channel is not None:  # a robust channel left open would be restored, consumerless, for ever
+                with contextlib.suppress(*AMQP_ERRORS, TimeoutError):
+                    await asyncio.wait_for(channel.close(), SHUTDOWN_STEP_TIMEOUT)
+            if attempt == START_ATTEMPTS:
+                raise
+            log.getChild("worker").warning("cannot consume yet (%s); retrying in %.1f s", e or type(e).__name__, delay)
+            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(connection.connected.wait(), cfg.connect_timeout)
+            delay = min(delay * 2, 5.0)
+    raise AssertionError("unreachable")
+
+
 async def run_worker(cfg: Config) -> int:
     """Consume tasks until SIGTERM/SIGINT; then stop consuming, finish the tasks in hand and exit 0."""
     wlog = log.getChild("worker")
@@ -2140,12 +2174,9 @@ async def run_worker(cfg: Config) -> int:
         return 0
     code = 0
     try:
-        channel = await connection.channel()
-        await channel.set_qos(prefetch_count=cfg.broker.prefetch)
-        queue = await declare_queues(channel, cfg.broker)
         worker = Worker(cfg, state, broker, os.environ.get("ASYNCNODE_INSTANCE", ""))
+        channel, queue, tag = await _start_consuming(connection, cfg.broker, worker.on_message)
         heartbeat = asyncio.create_task(worker.heartbeat_loop())
-        tag = await queue.consume(worker.on_message)
         wlog.info(
             "worker %s consuming %r from RabbitMQ %s (prefetch %d; types: %s)",
             worker.name,

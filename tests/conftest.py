@@ -90,7 +90,7 @@ async def cleanup(tag: str, *, queues: bool = True) -> None:
         connection = await aio_pika.connect(RABBIT_URL)
         async with connection:
             channel = await connection.channel()
-            for name in (tag, tag + asyncnode.DLQ_SUFFIX, *sorted(_QUEUES.pop(tag, ()))):
+            for name in (tag, tag + asyncnode.DLQ_SUFFIX, *sorted(_QUEUES.get(tag, ()))):
                 await channel.queue_delete(name, if_unused=False, if_empty=False)
     client = aioredis.from_url(REDIS_URL)
     try:

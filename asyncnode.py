@@ -1224,14 +1224,15 @@ class RedisState:
         counter: str = "",
         guard: Iterable[str] = (),
         ttl: int = 0,
+        timeline: bool = True,
         client: Any = None,
     ) -> Awaitable[Any]:
-        """The one script call behind every write (see _UPDATE_LUA)."""
+        """The one script call behind every write (see _UPDATE_LUA); ``timeline``: a change of status
+        (appended to the task's history and counted), not a progress report."""
         now = time.time()
         extra = {k: fields.get(k) for k in public}
         head = update_message(tid, ttype, status, now, extra)
-        progress_only = set(guard) == {"started"} and status == "started"
-        keys = [self.key(tid)] if progress_only else [self.key(tid), self.key(tid) + HISTORY_SUFFIX, self.stats_key]
+        keys = [self.key(tid), self.key(tid) + HISTORY_SUFFIX, self.stats_key] if timeline else [self.key(tid)]
         entry = {"status": status, "ts": now, **{k: v for k, v in extra.items() if k in HISTORY_FIELDS}}
         args: list[str | int] = [self.cfg.channel, head, ",".join(guard), ttl, counter, status, dumps(entry)]
         return self._update(keys=keys, args=[*args, *encode_fields({**fields, "status": status})], client=client)
@@ -1257,12 +1258,16 @@ class RedisState:
         counter: str = "",
         guard: Iterable[str] = (),
         ttl: int = 0,
+        timeline: bool = True,
     ) -> tuple[int, int] | None:
         """Write a change of state and publish it in one round trip; return (seq, counter), or None if guarded out.
 
-        ``public``: fields also put in the update message; ``counter``: a field incremented (and published).
+        ``public``: fields also put in the update message; ``counter``: a field incremented (and published);
+        ``timeline``: False for a progress report, which is neither history nor a status to count.
         """
-        res = await self._write(tid, ttype, status, fields, public=public, counter=counter, guard=guard, ttl=ttl)
+        res = await self._write(
+            tid, ttype, status, fields, public=public, counter=counter, guard=guard, ttl=ttl, timeline=timeline
+        )
         return None if res is None else (int(res[0]), int(res[1]))
 
     async def reset(self, tid: str, ttype: str, payload: dict[str, Any]) -> None:
@@ -1844,7 +1849,7 @@ class TaskContext:
             try:
                 # Guarded on "started": a late progress write never overwrites a final state.
                 await self._state.update(
-                    self.id, self.type, "started", fields, public=tuple(fields), guard=("started",)
+                    self.id, self.type, "started", fields, public=tuple(fields), guard=("started",), timeline=False
                 )
             except (RedisError, OSError) as e:
                 self.log.warning("progress of %s not recorded: %s", self.id, e)

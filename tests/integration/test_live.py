@@ -96,7 +96,9 @@ async def test_task_timeline(client: Client) -> None:
     tid = await submit(client, {"type": "reverse", "payload": {"text": "abc"}})
     state = client.app[asyncnode.STATE_KEY]
     await state.update(tid, "reverse", "started", {"worker": "h:1"}, public=("worker",), counter="attempts")
-    await state.update(tid, "reverse", "started", {"progress": 0.5}, public=("progress",), guard=("started",))
+    ctx = asyncnode.TaskContext(tid, "reverse", 1, client.app[asyncnode.CFG_KEY], state)
+    ctx.progress(0.5, "half way")  # a progress report is not a change of status: not in the timeline
+    await ctx.drain()
     await state.update(
         tid,
         "reverse",

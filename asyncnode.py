@@ -3,11 +3,13 @@
 A client submits a task to the aiohttp API; the API records it in Redis and
 hands it to RabbitMQ with a publisher confirm; worker processes run it and
 report every change of state through Redis; the API relays each change to
-browsers over a WebSocket.
+browsers over a WebSocket.  With no RabbitMQ and Redis configured, the same
+program runs embedded: one SQLite file shared by the processes of one host.
 
 The file is cut into sections in dependency order (each uses only those above
-it): constants, errors, config, handler registry, pure core, adapters
-(RabbitMQ, Redis), role ``api``, role ``worker``, command line.
+it): constants, errors, config, handler registry, pure core, the backend
+interface and its adapters (RabbitMQ, Redis, embedded SQLite), role ``api``,
+role ``worker``, command line.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ import json
 import logging
 import math
 import os
+import queue
 import random
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -38,7 +42,7 @@ import traceback
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Final, TypeAlias, cast
+from typing import Any, ClassVar, Final, Protocol, TypeAlias, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
@@ -152,6 +156,18 @@ FLOAT_FIELDS: Final = frozenset({"created_at", "started_at", "finished_at", "pro
 INT_FIELDS: Final = frozenset({"attempts", "seq", "attempt", "retries"})
 #: What aio-pika raises when RabbitMQ is unreachable, goes away or refuses (a TimeoutError is an OSError).
 AMQP_ERRORS: Final = (aio_pika.exceptions.AMQPError, OSError, RuntimeError)
+#: What the task store raises while it is unavailable (Redis away; the SQLite file locked past its busy timeout).
+STORE_ERRORS: Final = (RedisError, OSError, sqlite3.OperationalError)
+#: Seconds an embedded process waits for the SQLite write lock before the operation fails.
+SQLITE_BUSY_TIMEOUT: Final = 10.0
+#: Shortest and longest pause between polls of the SQLite file for work or updates (idle backs off to the longest).
+SQLITE_POLL: Final = (0.002, 0.025)
+#: Seconds between an embedded worker's checks for tasks held by processes that died.
+LEASE_CHECK_INTERVAL: Final = 0.5
+#: Updates the SQLite file keeps for the API to tail (older ones are pruned).
+UPDATES_KEPT: Final = 20_000
+#: Seconds between prunes of expired and surplus finished tasks from the SQLite file.
+PRUNE_INTERVAL: Final = 5.0
 
 JSON: TypeAlias = Any
 
@@ -200,9 +216,9 @@ def _opt(default: Any, doc: str, **rules: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class BrokerConfig:
-    """``[broker]``: the RabbitMQ connection and the work queue."""
+    """``[broker]``: the RabbitMQ connection and the work queue (its queue keys apply to both backends)."""
 
-    url: str = _opt("amqp://guest:guest@127.0.0.1:5672/", "AMQP URL ($RABBIT_URL)")
+    url: str = _opt("", "AMQP URL ($RABBIT_URL); with [redis] url set too: use RabbitMQ and Redis")
     queue: str = _opt("tasks", "work queue; dead letters go to <queue>.dlq", nonempty=True)
     queue_type: str = _opt("quorum", "RabbitMQ queue type", choices=("quorum", "classic"))
     prefetch: int = _opt(1, "unacknowledged deliveries per worker process", min=1, max=65535)
@@ -217,13 +233,26 @@ class BrokerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RedisConfig:
-    """``[redis]``: task state and the update channel."""
+    """``[redis]``: task state and updates (key_prefix, result_ttl and max_recent apply to both backends)."""
 
-    url: str = _opt("redis://127.0.0.1:6379/0", "Redis URL ($REDIS_URL)")
+    url: str = _opt("", "Redis URL ($REDIS_URL); with [broker] url set too: use RabbitMQ and Redis")
     channel: str = _opt("task_updates", "pub/sub channel carrying task updates", nonempty=True)
     key_prefix: str = _opt("task:", "a task's hash is <key_prefix><id>", nonempty=True)
     result_ttl: int = _opt(86400, "seconds a finished task is kept (0 = for ever)", min=0)
     max_recent: int = _opt(10000, "tasks kept in the recent-tasks index", min=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddedConfig:
+    """``[embedded]``: the SQLite file used when neither [broker] url nor [redis] url is set."""
+
+    path: str = _opt("asyncnode.db", "SQLite file shared by this host's processes (relative to config.toml)")
+    lease_timeout: float = _opt(30.0, "seconds before a task whose worker stopped renewing it is redelivered", min=1.0)
+    synchronous: str = _opt(
+        "full",
+        "the API's commits; full: a 202 survives power loss; normal: survives crashes",
+        choices=("full", "normal"),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,6 +315,7 @@ class Config:
     path: Path
     broker: BrokerConfig = BrokerConfig()
     redis: RedisConfig = RedisConfig()
+    embedded: EmbeddedConfig = EmbeddedConfig()
     api: ApiConfig = ApiConfig()
     smtp: SmtpConfig = SmtpConfig()
     handlers: HandlersConfig = HandlersConfig()
@@ -297,6 +327,7 @@ class Config:
     SECTIONS: ClassVar[dict[str, type]] = {
         "broker": BrokerConfig,
         "redis": RedisConfig,
+        "embedded": EmbeddedConfig,
         "api": ApiConfig,
         "smtp": SmtpConfig,
         "handlers": HandlersConfig,
@@ -342,8 +373,24 @@ class Config:
             if value:
                 sections[section][key] = _from_env(var, value, cls.SECTIONS[section], key, path)
         built = {name: _build_section(path, name, cls.SECTIONS[name], sections[name]) for name in cls.SECTIONS}
+        if bool(built["broker"].url) != bool(built["redis"].url):
+            given, missing = ("broker", "redis") if built["broker"].url else ("redis", "broker")
+            raise ConfigError(
+                f"{path}: [{given}] url is set but [{missing}] url is not: set both to use RabbitMQ and Redis, "
+                "or neither to run embedded on one SQLite file"
+            )
         instances = _build_instances(path, raw.get("instances"), built["api"])
         return cls(path=path, instances=instances, **built)
+
+    @property
+    def embedded_mode(self) -> bool:
+        """Whether this deployment runs embedded (no RabbitMQ and Redis URLs)."""
+        return not self.broker.url
+
+    @property
+    def database(self) -> Path:
+        """The embedded SQLite file (``[embedded] path`` is relative to config.toml's folder)."""
+        return (self.path.resolve().parent / self.embedded.path).resolve()
 
 
 def _from_env(var: str, value: str, section: type, key: str, path: Path) -> Any:
@@ -704,11 +751,16 @@ def encode_fields(fields: Mapping[str, JSON]) -> list[str]:
     return flat
 
 
-def decode_record(tid: str, raw: Mapping[str, str]) -> dict[str, JSON]:
-    """A task as the API shows it, from the strings of its Redis hash."""
+def blank_record(tid: str) -> dict[str, JSON]:
+    """Every field a task shows, with the value it has before anything set it."""
     rec: dict[str, JSON] = {"id": tid, "type": None, "status": None, "payload": None, "result": None, "error": None}
     rec |= {"attempts": 0, "created_at": None, "started_at": None, "finished_at": None, "worker": None}
-    rec |= {"progress": None, "seq": 0}
+    return rec | {"progress": None, "seq": 0}
+
+
+def decode_record(tid: str, raw: Mapping[str, str]) -> dict[str, JSON]:
+    """A task as the API shows it, from the strings of its Redis hash."""
+    rec = blank_record(tid)
     for key, value in raw.items():
         if key in JSON_FIELDS:
             try:
@@ -956,6 +1008,154 @@ def render_supervisord(template: str, values: Mapping[str, str]) -> str:
 
 
 # ============================================================================
+# Backend interface
+# ============================================================================
+# The roles talk to two objects: a TaskQueue (RabbitMQ, or the embedded file's
+# messages) and a TaskStore (Redis, or the embedded file's tasks and updates).
+# open_backend() at the end of the adapters picks the pair the config names.
+
+
+class Delivery(Protocol):
+    """One delivery of a task to a worker; settled exactly once by ack, nack or reject."""
+
+    body: bytes
+    headers: Mapping[str, Any]
+
+    async def ack(self) -> None:
+        """Done with: remove it from the queue."""
+
+    async def nack(self, requeue: bool = True) -> None:
+        """Hand it back to the queue, as delivered once more."""
+
+    async def reject(self, requeue: bool = False) -> None:
+        """Refuse it: it goes to the dead-letter queue."""
+
+
+class TaskQueue(Protocol):
+    """Where tasks wait: publish, consume with ack/nack, retry later, dead-letter, and inspect."""
+
+    name: str  # what /readyz calls it
+
+    async def connect(self) -> Any:
+        """Open the connection (raise BrokerUnavailable if it cannot be reached)."""
+
+    async def publish(
+        self, envelope: Envelope, routing_key: str | None = None, headers: Mapping[str, Any] | None = None
+    ) -> None:
+        """Queue a task durably; return only once it is safe (raise BrokerUnavailable otherwise)."""
+
+    async def publish_later(self, envelope: Envelope, delay: float, headers: Mapping[str, Any]) -> None:
+        """Queue a task to be delivered after ``delay`` seconds, without holding a worker meanwhile."""
+
+    async def dead_letter(self, envelope: Envelope, headers: Mapping[str, Any]) -> None:
+        """Put a task in the dead-letter queue, with why in its headers."""
+
+    async def start_consuming(self, callback: Callable[[Delivery], Awaitable[None]]) -> None:
+        """Deliver tasks to ``callback``, up to ``[broker] prefetch`` unsettled at once."""
+
+    async def wait_consuming(self, stop: asyncio.Event) -> bool:
+        """Wait for ``stop``; return True early if consuming has been impossible for ``no_consumer_exit`` seconds."""
+
+    async def stop_consuming(self) -> None:
+        """Take no more deliveries (those in hand may still be settled)."""
+
+    async def check(self, timeout: float) -> None:
+        """Raise BrokerUnavailable unless the queue answers within ``timeout`` seconds."""
+
+    async def dead_letters(self, limit: int) -> tuple[list[dict[str, JSON]], int]:
+        """Up to ``limit`` dead letters, oldest first, and how many there are."""
+
+    async def take_dead_letters(
+        self,
+        wanted: Callable[[dict[str, JSON]], bool],
+        take: Callable[[Envelope | None, dict[str, JSON]], Awaitable[None]],
+    ) -> int:
+        """Run ``take`` on each dead letter ``wanted`` selects, then remove it; return how many."""
+
+    async def purge_dead_letters(self) -> int:
+        """Drop every dead letter; return how many there were."""
+
+    async def queue_depths(self) -> dict[str, int]:
+        """Tasks ready in the work queue and in the dead-letter queue."""
+
+    async def report(self) -> str:
+        """One line for ``check``: what the queue is and holds (raise BrokerUnavailable if unreachable)."""
+
+    def describe(self) -> str:
+        """What the queue is, for the log."""
+
+    async def close(self) -> None:
+        """Close, bounded in time."""
+
+
+class TaskStore(Protocol):
+    """Task state, updates and heartbeats: every change of state is one atomic write that also publishes it."""
+
+    name: str  # what /readyz calls it
+    label: str  # what an error message calls it
+
+    async def create(self, tid: str, ttype: str, payload: dict[str, Any], now: float) -> int:
+        """Record a new pending task and publish it; return its sequence number."""
+
+    async def update(
+        self,
+        tid: str,
+        ttype: str,
+        status: str,
+        fields: Mapping[str, JSON],
+        *,
+        public: Iterable[str] = (),
+        counter: str = "",
+        guard: Iterable[str] = (),
+        ttl: int = 0,
+        timeline: bool = True,
+    ) -> tuple[int, int] | None:
+        """Write and publish a change of state; return (seq, counter), or None if ``guard`` kept it out."""
+
+    async def reset(self, tid: str, ttype: str, payload: dict[str, Any]) -> None:
+        """Make a dead-lettered task pending again as if new."""
+
+    async def get(self, tid: str) -> dict[str, JSON] | None:
+        """One task with its history, or None."""
+
+    async def recent(self, limit: int) -> list[dict[str, JSON]]:
+        """The most recent tasks, newest first."""
+
+    async def status_of(self, tid: str) -> str | None:
+        """Just the status of a task."""
+
+    async def attempts_of(self, tid: str) -> int:
+        """How many runs of a task have started."""
+
+    async def counters(self) -> dict[str, int]:
+        """How many tasks ever reached each status."""
+
+    def follow(self) -> AsyncIterator[str | None]:
+        """Every update from now on, as published; None first and after each resubscription (a gap is possible)."""
+
+    async def beat(self, worker_id: str, info: Mapping[str, JSON], ttl: float) -> None:
+        """Record a worker's heartbeat, alive for ``ttl`` seconds."""
+
+    async def forget_worker(self, worker_id: str) -> None:
+        """Remove a worker's heartbeat (it stopped cleanly)."""
+
+    async def workers(self) -> list[dict[str, JSON]]:
+        """The live workers."""
+
+    async def ping(self) -> None:
+        """Raise one of STORE_ERRORS unless the store answers."""
+
+    async def report(self) -> str:
+        """One line for ``check`` (raise one of STORE_ERRORS if unreachable)."""
+
+    def describe(self) -> str:
+        """What the store is, for the log."""
+
+    async def close(self) -> None:
+        """Close."""
+
+
+# ============================================================================
 # Adapter: RabbitMQ
 # ============================================================================
 
@@ -993,10 +1193,13 @@ def _broker_errors(what: str = "RabbitMQ unreachable") -> Iterator[None]:
 
 
 class Broker:
-    """RabbitMQ for every role; it connects lazily, so the API starts (and answers 503) while RabbitMQ is down."""
+    """The TaskQueue on RabbitMQ; it connects lazily, so the API starts (and answers 503) while RabbitMQ is down."""
+
+    name = "rabbitmq"
 
     def __init__(self, cfg: BrokerConfig, role: str = "api") -> None:
         self.cfg = cfg
+        self._consumer: tuple[aio_pika.abc.AbstractChannel, aio_pika.abc.AbstractQueue, str] | None = None
         self.log = log.getChild(role)
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
@@ -1065,6 +1268,93 @@ class Broker:
                     await channel.default_exchange.publish(message, routing_key or self.cfg.queue, mandatory=True)
             except TimeoutError:
                 raise BrokerUnavailable(f"RabbitMQ did not confirm within {self.cfg.publish_timeout:g} s") from None
+
+    async def publish_later(self, envelope: Envelope, delay: float, headers: Mapping[str, Any]) -> None:
+        """Park a task in the retry queue of ``delay``: its TTL dead-letters it back to the work queue."""
+        await self.publish(envelope, retry_queue_name(self.cfg, delay), headers)
+
+    async def dead_letter(self, envelope: Envelope, headers: Mapping[str, Any]) -> None:
+        """Publish a task to the DLQ (confirmed)."""
+        await self.publish(envelope, self.cfg.queue + DLQ_SUFFIX, headers)
+
+    async def start_consuming(self, callback: Callable[[Delivery], Awaitable[None]]) -> None:
+        """Open the consuming channel, declare the queues and consume, retrying while RabbitMQ is not ready.
+
+        Workers starting together race to declare a new quorum queue, and RabbitMQ 3.10 can
+        answer a consume on it with INTERNAL_ERROR until its leader is elected.
+        """
+        connection = await self.connect()
+        delay = 0.2
+        for attempt in range(1, START_ATTEMPTS + 1):
+            channel: aio_pika.abc.AbstractChannel | None = None
+            try:
+                channel = await connection.channel()
+                await channel.set_qos(prefetch_count=self.cfg.prefetch)
+                queue = await declare_queues(channel, self.cfg)
+                self._consumer = channel, queue, await queue.consume(cast(Any, callback))
+                return
+            except AMQP_ERRORS as e:
+                if channel is not None:  # a robust channel left open would be restored, consumerless, for ever
+                    with contextlib.suppress(*AMQP_ERRORS, TimeoutError):
+                        await asyncio.wait_for(channel.close(), SHUTDOWN_STEP_TIMEOUT)
+                if attempt == START_ATTEMPTS:
+                    raise
+                self.log.warning("cannot consume yet (%s); retrying in %.1f s", e or type(e).__name__, delay)
+                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(connection.connected.wait(), self.cfg.connect_timeout)
+                delay = min(delay * 2, 5.0)
+
+    async def wait_consuming(self, stop: asyncio.Event) -> bool:
+        """Wait for ``stop``; return True if the consumer (connection or channel) is down too long.
+
+        Robust reconnection has had bugs that silently lost consumers; a fresh process beats idling half-alive.
+        """
+        assert self._consumer is not None, "start_consuming first"
+        channel, limit = self._consumer[0], self.cfg.no_consumer_exit
+        down_since: float | None = None
+        while not stop.is_set():
+            if self.connected and not channel.is_closed:
+                down_since = None
+            else:
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > limit:
+                    return True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), min(1.0, limit / 4))
+        return False
+
+    async def stop_consuming(self) -> None:
+        """Cancel the consumer (bounded: a robust channel would wait for a broker that may never come back)."""
+        if self._consumer is not None:
+            _, queue, tag = self._consumer
+            with contextlib.suppress(*AMQP_ERRORS):
+                await asyncio.wait_for(queue.cancel(tag), SHUTDOWN_STEP_TIMEOUT)
+
+    async def report(self) -> str:
+        """RabbitMQ's version and the depth and consumers of the work queue and the DLQ."""
+        try:
+            async with asyncio.timeout(self.cfg.connect_timeout):
+                connection = await aio_pika.connect(self.cfg.url)
+            async with connection:
+                channel = await connection.channel()
+                depth = []
+                for name in (self.cfg.queue, self.cfg.queue + DLQ_SUFFIX):
+                    try:
+                        result = (await channel.declare_queue(name, passive=True)).declaration_result
+                        depth.append(f"{name}: {result.message_count} ready, {result.consumer_count} consumer(s)")
+                    except aio_pika.exceptions.ChannelNotFoundEntity:
+                        channel = await connection.channel()
+                        depth.append(f"{name}: not declared yet")
+                return f"RabbitMQ {broker_version(connection)}; {'; '.join(depth)}"
+        except (aio_pika.exceptions.AMQPError, OSError, TimeoutError) as e:
+            raise BrokerUnavailable(
+                f"RabbitMQ at {redact_url(self.cfg.url)} unreachable: {e or type(e).__name__}"
+            ) from None
+
+    def describe(self) -> str:
+        """``RabbitMQ <url without password>``."""
+        return f"RabbitMQ {redact_url(self.cfg.url)}"
 
     async def check(self, timeout: float) -> None:
         """Raise BrokerUnavailable unless a channel to RabbitMQ is open (connecting if needed)."""
@@ -1197,7 +1487,10 @@ return {seq, count}
 
 
 class RedisState:
-    """Task records, the recent-tasks index and the update channel in Redis."""
+    """The TaskStore on Redis: task records, the recent-tasks index and the update channel."""
+
+    name = "redis"
+    label = "task store (Redis)"
 
     def __init__(self, cfg: RedisConfig) -> None:
         self.cfg = cfg
@@ -1346,9 +1639,29 @@ class RedisState:
             await self.client.zrem(self.workers_key, *gone)
         return [json.loads(raw) for raw in raws if raw is not None]
 
+    async def follow(self) -> AsyncIterator[str | None]:
+        """Every update published on the channel from now on; None once subscribed."""
+        async with self.client.pubsub(ignore_subscribe_messages=True) as pubsub:
+            await pubsub.subscribe(self.cfg.channel)
+            yield None
+            async for msg in pubsub.listen():
+                if msg["type"] == "message":
+                    yield msg["data"]
+
     async def ping(self) -> None:
         """Raise unless Redis answers."""
         await self.client.ping()
+
+    async def report(self) -> str:
+        """Redis's version and how many workers are alive."""
+        async with asyncio.timeout(READY_TIMEOUT * 2):
+            info = await self.client.info("server")
+            workers = await self.workers()
+        return f"Redis {info.get('redis_version')}; {len(workers)} live worker(s)"
+
+    def describe(self) -> str:
+        """``Redis <url without password>``."""
+        return f"Redis {redact_url(self.cfg.url)}"
 
     async def close(self) -> None:
         """Close the connection pool."""
@@ -1356,12 +1669,674 @@ class RedisState:
 
 
 # ============================================================================
+# Adapter: embedded SQLite
+# ============================================================================
+# One file shared by the processes of one host, in WAL mode: readers never wait
+# for the writer, and a SIGKILL at any moment leaves every committed write and
+# no half-written one.  Each process has one connection, served by a thread of
+# its own so that waiting for the write lock never blocks the event loop; the
+# writes queued meanwhile commit together (one fsync for many API requests).
+
+_SCHEMA: Final = (
+    """CREATE TABLE IF NOT EXISTS messages (
+        id INTEGER PRIMARY KEY, queue TEXT NOT NULL, task_id TEXT, body BLOB NOT NULL, headers TEXT NOT NULL,
+        ready_at REAL NOT NULL, deliveries INTEGER NOT NULL DEFAULT 0,
+        holder TEXT, holder_pid INTEGER, lease_until REAL)""",
+    "CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, ready_at) WHERE holder IS NULL",
+    "CREATE INDEX IF NOT EXISTS messages_held ON messages (holder) WHERE holder IS NOT NULL",
+    """CREATE TABLE IF NOT EXISTS tasks (
+        id TEXT PRIMARY KEY, record TEXT NOT NULL, history TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL)""",
+    "CREATE INDEX IF NOT EXISTS tasks_created ON tasks (created_at)",
+    "CREATE INDEX IF NOT EXISTS tasks_expires ON tasks (expires_at) WHERE expires_at IS NOT NULL",
+    "CREATE TABLE IF NOT EXISTS updates (seq INTEGER PRIMARY KEY AUTOINCREMENT, message TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS stats (status TEXT PRIMARY KEY, n INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, info TEXT NOT NULL, expires_at REAL NOT NULL)",
+)
+
+_Job: TypeAlias = tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any], bool]
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if not future.done():
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+
+def _rows(conn: sqlite3.Connection, sql: str, *params: Any) -> list[Any]:
+    """Every row ``sql`` selects."""
+    return conn.execute(sql, params).fetchall()
+
+
+def _changed(conn: sqlite3.Connection, sql: str, *params: Any) -> int:
+    """How many rows ``sql`` changed."""
+    return conn.execute(sql, params).rowcount
+
+
+def _settle_soon(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    """From the database thread: resolve ``future`` in its event loop."""
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+        future.get_loop().call_soon_threadsafe(_resolve, future, result, error)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return not Path("/proc/self").exists() and _signal_zero(pid)
+    except OSError:
+        return _signal_zero(pid)
+
+
+def _signal_zero(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+class Database:
+    """This process's connection to the embedded SQLite file, and the thread that uses it."""
+
+    def __init__(self, cfg: Config, synchronous: str) -> None:
+        self.path = cfg.database
+        self.synchronous = synchronous
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def read(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """``fn(connection, *args)`` in the database thread, outside any transaction."""
+        return self._submit(fn, args, False)
+
+    def write(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """``fn(connection, *args)`` inside a write transaction, shared with the other writes queued; done once
+        committed."""
+        return self._submit(fn, args, True)
+
+    def _submit(self, fn: Callable[..., Any], args: tuple[Any, ...], write: bool) -> asyncio.Future[Any]:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, daemon=True)
+            self._thread.start()
+        future = asyncio.get_running_loop().create_future()
+        self._jobs.put((fn, args, future, write))
+        return future
+
+    def _open(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=SQLITE_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
+        conn.execute("BEGIN IMMEDIATE")
+        for statement in _SCHEMA:
+            conn.execute(statement)
+        conn.execute("COMMIT")
+        return conn
+
+    def _serve(self) -> None:
+        conn: sqlite3.Connection | None = None
+        while (job := self._jobs.get()) is not None:
+            batch = [job]
+            with contextlib.suppress(queue.Empty):
+                while len(batch) < 500 and (job := self._jobs.get_nowait()) is not None:
+                    batch.append(job)
+            try:
+                conn = conn or self._open()
+            except sqlite3.Error as e:
+                for _, _, future, _ in batch:
+                    _settle_soon(future, None, sqlite3.OperationalError(f"{self.path}: {e}"))
+                continue
+            for fn, args, future, _ in (j for j in batch if not j[3]):
+                try:
+                    _settle_soon(future, fn(conn, *args), None)
+                except Exception as e:
+                    _settle_soon(future, None, e)
+            writes = [j for j in batch if j[3]]
+            if writes:
+                for future, result, error in self._commit(conn, writes):
+                    _settle_soon(future, result, error)
+            if job is None:
+                break
+        if conn is not None:
+            conn.close()
+
+    @staticmethod
+    def _commit(conn: sqlite3.Connection, writes: list[_Job]) -> list[tuple[asyncio.Future[Any], Any, Any]]:
+        """Run the writes in one transaction, each in a savepoint (one failing leaves the others)."""
+        done: list[tuple[asyncio.Future[Any], Any, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn, args, future, _ in writes:
+                conn.execute("SAVEPOINT job")
+                try:
+                    done.append((future, fn(conn, *args), None))
+                except Exception as e:
+                    conn.execute("ROLLBACK TO job")
+                    done.append((future, None, e))
+                conn.execute("RELEASE job")
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            if conn.in_transaction:
+                conn.rollback()
+            return [(future, None, e) for _, _, future, _ in writes]
+        return done
+
+    async def close(self) -> None:
+        """Let the queued jobs finish, then close the connection."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            await asyncio.to_thread(self._thread.join, SHUTDOWN_STEP_TIMEOUT)
+            self._thread = None
+
+
+class EmbeddedDelivery:
+    """A task claimed from the SQLite file by this process; settling it ends the lease."""
+
+    def __init__(self, owner: EmbeddedQueue, mid: int, body: bytes, headers: dict[str, Any]) -> None:
+        self.owner = owner
+        self.id = mid
+        self.body = body
+        self.headers: Mapping[str, Any] = headers
+
+    async def ack(self) -> None:
+        """Delete it: done with."""
+        await self.owner.settle(self.id, "DELETE FROM messages WHERE id = ? AND holder = ?")
+
+    async def nack(self, requeue: bool = True) -> None:
+        """Release it to be delivered again (or dead-letter it)."""
+        if requeue:
+            await self.owner.settle(
+                self.id, "UPDATE messages SET holder = NULL, holder_pid = NULL WHERE id = ? AND holder = ?"
+            )
+        else:
+            await self.reject()
+
+    async def reject(self, requeue: bool = False) -> None:
+        """Move it to the dead-letter queue (or release it)."""
+        if requeue:
+            await self.nack()
+            return
+        headers = dumps(
+            {**self.headers, "x-error": "not a task envelope", "x-last-failed-at": header_time(time.time())}
+        )
+        await self.owner.settle(
+            self.id,
+            "UPDATE messages SET queue = ?, headers = ?, holder = NULL, holder_pid = NULL WHERE id = ? AND holder = ?",
+            self.owner.dlq,
+            headers,
+        )
+
+
+class EmbeddedQueue:
+    """The TaskQueue on the SQLite file: rows of ``messages``, each claimed under a lease by one worker."""
+
+    name = "sqlite"
+
+    def __init__(self, db: Database, cfg: Config, role: str = "api") -> None:
+        self.db = db
+        self.cfg = cfg.broker
+        self.lease = cfg.embedded.lease_timeout
+        self.dlq = cfg.broker.queue + DLQ_SUFFIX
+        self.log = log.getChild(role)
+        self.host = socket.gethostname()
+        self.holder = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.held: set[int] = set()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._consumer: asyncio.Task[None] | None = None
+
+    async def _guarded(self, what: str, run: Awaitable[Any]) -> Any:
+        try:
+            return await run
+        except sqlite3.Error as e:
+            raise BrokerUnavailable(f"{what} ({self.db.path}): {e}") from None
+
+    async def connect(self) -> Database:
+        """Open the file (creating it and its tables if needed)."""
+        await self._guarded("task queue unavailable", self.db.read(_rows, "SELECT 1"))
+        return self.db
+
+    def _insert(self, conn: sqlite3.Connection, queue: str, envelope: Envelope, headers: Any, ready_at: float) -> None:
+        conn.execute(
+            "INSERT INTO messages (queue, task_id, body, headers, ready_at) VALUES (?, ?, ?, ?, ?)",
+            (queue, envelope.id, envelope.encode(), dumps(dict(headers or {})), ready_at),
+        )
+
+    async def publish(
+        self, envelope: Envelope, routing_key: str | None = None, headers: Mapping[str, Any] | None = None
+    ) -> None:
+        """Queue a task; it is committed to the file when this returns."""
+        queue = routing_key or self.cfg.queue
+        await self._guarded("task queue refused the task", self.db.write(self._insert, queue, envelope, headers, 0.0))
+        self._wake.set()
+
+    async def publish_later(self, envelope: Envelope, delay: float, headers: Mapping[str, Any]) -> None:
+        """Queue a task that no worker may claim for ``delay`` seconds."""
+        when = time.time() + delay
+        await self._guarded(
+            "task queue refused the retry", self.db.write(self._insert, self.cfg.queue, envelope, headers, when)
+        )
+
+    async def dead_letter(self, envelope: Envelope, headers: Mapping[str, Any]) -> None:
+        """Put a task in the dead-letter queue."""
+        await self._guarded(
+            "task queue refused the dead letter", self.db.write(self._insert, self.dlq, envelope, headers, 0.0)
+        )
+
+    def _claim(self, conn: sqlite3.Connection, limit: int, now: float) -> list[tuple[int, bytes, dict[str, Any]]]:
+        """Lease up to ``limit`` ready tasks to this process, oldest first (inside the write transaction)."""
+        rows = conn.execute(
+            "SELECT id, body, headers, deliveries FROM messages WHERE queue = ? AND holder IS NULL AND ready_at <= ? "
+            "ORDER BY ready_at, id LIMIT ?",
+            (self.cfg.queue, now, limit),
+        ).fetchall()
+        claimed = []
+        for mid, body, raw, deliveries in rows:
+            headers = json.loads(raw)
+            if deliveries > self.cfg.delivery_limit:  # RabbitMQ's quorum delivery limit, as a backstop
+                headers["x-error"] = f"delivered {deliveries} times without being settled (delivery limit)"
+                conn.execute("UPDATE messages SET queue = ?, headers = ? WHERE id = ?", (self.dlq, dumps(headers), mid))
+                continue
+            conn.execute(
+                "UPDATE messages SET holder = ?, holder_pid = ?, lease_until = ?, deliveries = deliveries + 1 "
+                "WHERE id = ?",
+                (self.holder, os.getpid(), now + self.lease, mid),
+            )
+            if deliveries:
+                headers["x-delivery-count"] = deliveries
+            claimed.append((mid, bytes(body), headers))
+        return claimed
+
+    def _ready(self, conn: sqlite3.Connection, now: float) -> bool:
+        query = "SELECT 1 FROM messages WHERE queue = ? AND holder IS NULL AND ready_at <= ? LIMIT 1"
+        return conn.execute(query, (self.cfg.queue, now)).fetchone() is not None
+
+    def _holders(self, conn: sqlite3.Connection, now: float) -> list[tuple[str, int, float]]:
+        return conn.execute(
+            "SELECT DISTINCT holder, holder_pid, lease_until FROM messages WHERE holder IS NOT NULL"
+        ).fetchall()
+
+    def _release(self, conn: sqlite3.Connection, holders: list[str], now: float) -> int:
+        """Hand back the tasks of holders that died, and any lease not renewed in time."""
+        released = 0
+        for holder in holders:
+            released += conn.execute(
+                "UPDATE messages SET holder = NULL, holder_pid = NULL WHERE holder = ?", (holder,)
+            ).rowcount
+        released += conn.execute(
+            "UPDATE messages SET holder = NULL, holder_pid = NULL WHERE holder IS NOT NULL AND lease_until < ?", (now,)
+        ).rowcount
+        return released
+
+    async def _reap(self) -> None:
+        """Redeliver the tasks of workers of this host that died (their pid is gone) or whose lease ran out."""
+        now = time.time()
+        holders = await self.db.read(self._holders, now)
+        dead = [h for h, pid, _ in holders if h.startswith(self.host + ":") and h != self.holder and not pid_alive(pid)]
+        if dead or any(until < now for _, _, until in holders):
+            released = await self.db.write(self._release, dead, now)
+            if released:
+                self.log.warning("redelivering %d task(s) whose worker died or stopped renewing its lease", released)
+                self._wake.set()
+
+    def _renew(self, conn: sqlite3.Connection, ids: list[int], until: float) -> None:
+        conn.executemany(
+            "UPDATE messages SET lease_until = ? WHERE id = ? AND holder = ?",
+            [(until, mid, self.holder) for mid in ids],
+        )
+
+    async def settle(self, mid: int, statement: str, *params: Any) -> None:
+        """End this process's lease on delivery ``mid`` with ``statement`` (ack, release or dead-letter).
+
+        Like an AMQP ack it is not waited for: it commits with the next claim. Lost, it means a
+        redelivery, which finds the task's outcome recorded (the caller recorded it first).
+        """
+        self.held.discard(mid)  # not renewed from now on, even if this write fails: the lease runs out
+        self._wake.set()
+        self.db.write(_changed, statement, *params, mid, self.holder).add_done_callback(self._settled)
+
+    def _settled(self, done: asyncio.Future[Any]) -> None:
+        if not done.cancelled() and done.exception() is not None:
+            self.log.warning("could not settle a delivery (%s); it will be redelivered", done.exception())
+
+    async def _consume(self, callback: Callable[[Delivery], Awaitable[None]]) -> None:
+        pause, busy = SQLITE_POLL[0], False
+        next_reap = next_renew = 0.0
+        while not self._stopping:
+            try:
+                now = time.time()
+                if now >= next_reap:
+                    await self._reap()
+                    next_reap = now + LEASE_CHECK_INTERVAL
+                if self.held and now >= next_renew:
+                    await self.db.write(self._renew, list(self.held), now + self.lease)
+                    next_renew = now + self.lease / 3
+                free = self.cfg.prefetch - len(self.held)
+                batch = []
+                # While tasks keep coming, claim straight away; once idle, look before taking the write lock.
+                if free > 0 and not self._stopping and (busy or await self.db.read(self._ready, now)):
+                    batch = await self.db.write(self._claim, free, now)
+                    busy = bool(batch)
+            except STORE_ERRORS as e:
+                self.log.warning("cannot claim tasks from %s: %s", self.db.path, e)
+                batch, busy = [], False
+            for mid, body, headers in batch:
+                self.held.add(mid)
+                await callback(EmbeddedDelivery(self, mid, body, headers))
+            if batch:
+                pause = SQLITE_POLL[0]
+                continue
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), pause)
+            pause = min(pause * 2, SQLITE_POLL[1])
+
+    async def start_consuming(self, callback: Callable[[Delivery], Awaitable[None]]) -> None:
+        """Claim tasks in the background, up to ``[broker] prefetch`` in hand."""
+        await self.connect()
+        self._consumer = asyncio.create_task(self._consume(callback))
+
+    async def wait_consuming(self, stop: asyncio.Event) -> bool:
+        """Wait for ``stop``; True if the claiming loop ended by itself (it should not)."""
+        assert self._consumer is not None, "start_consuming first"
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({stopping, self._consumer}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        return not stop.is_set()
+
+    async def stop_consuming(self) -> None:
+        """Claim nothing more; a claim in progress is finished and its tasks delivered."""
+        self._stopping = True
+        self._wake.set()
+        if self._consumer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._consumer, SHUTDOWN_STEP_TIMEOUT)
+
+    async def check(self, timeout: float) -> None:
+        """Raise BrokerUnavailable unless the file answers within ``timeout`` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self.connect()
+        except TimeoutError:
+            raise BrokerUnavailable(f"{self.db.path} did not answer within {timeout:g} s") from None
+
+    def _dead(self, conn: sqlite3.Connection, limit: int) -> tuple[list[tuple[int, str, bytes, str]], int]:
+        rows = conn.execute(
+            "SELECT id, task_id, body, headers FROM messages WHERE queue = ? ORDER BY id LIMIT ?", (self.dlq, limit)
+        ).fetchall()
+        return rows, conn.execute("SELECT COUNT(*) FROM messages WHERE queue = ?", (self.dlq,)).fetchone()[0]
+
+    async def dead_letters(self, limit: int) -> tuple[list[dict[str, JSON]], int]:
+        """Up to ``limit`` dead letters, oldest first, and how many there are."""
+        rows, total = await self._guarded("task queue unavailable", self.db.read(self._dead, limit))
+        return [dead_letter_info(tid, bytes(body), json.loads(headers)) for _, tid, body, headers in rows], total
+
+    async def take_dead_letters(
+        self,
+        wanted: Callable[[dict[str, JSON]], bool],
+        take: Callable[[Envelope | None, dict[str, JSON]], Awaitable[None]],
+    ) -> int:
+        """Run ``take`` on every dead letter ``wanted`` selects, then delete it; return how many."""
+        rows, _ = await self._guarded("task queue unavailable", self.db.read(self._dead, -1))
+        taken = 0
+        for mid, tid, body, headers in rows:
+            item = dead_letter_info(tid, bytes(body), json.loads(headers))
+            if not wanted(item):
+                continue
+            env: Envelope | None = None
+            with contextlib.suppress(EnvelopeError):
+                env = Envelope.decode(bytes(body))
+            await take(env, item)
+            delete = "DELETE FROM messages WHERE id = ? AND queue = ?"
+            taken += await self._guarded("task queue unavailable", self.db.write(_changed, delete, mid, self.dlq))
+        return taken
+
+    async def purge_dead_letters(self) -> int:
+        """Drop every dead letter; return how many there were."""
+        purge = "DELETE FROM messages WHERE queue = ?"
+        return int(await self._guarded("task queue unavailable", self.db.write(_changed, purge, self.dlq)))
+
+    def _depths(self, conn: sqlite3.Connection, now: float) -> dict[str, int]:
+        query = "SELECT COUNT(*) FROM messages WHERE queue = ? AND holder IS NULL AND ready_at <= ?"
+        counts = {
+            key: conn.execute(query, (name, now)).fetchone()[0]
+            for key, name in (("ready", self.cfg.queue), ("dlq", self.dlq))
+        }
+        counts["held"] = conn.execute("SELECT COUNT(*) FROM messages WHERE holder IS NOT NULL").fetchone()[0]
+        counts["waiting"] = conn.execute(
+            "SELECT COUNT(*) FROM messages WHERE queue = ? AND holder IS NULL AND ready_at > ?", (self.cfg.queue, now)
+        ).fetchone()[0]
+        return counts
+
+    async def queue_depths(self) -> dict[str, int]:
+        """Tasks ready in the work queue and in the dead-letter queue."""
+        depths = await self._guarded("task queue unavailable", self.db.read(self._depths, time.time()))
+        return {"ready": depths["ready"], "dlq": depths["dlq"]}
+
+    async def report(self) -> str:
+        """What the file holds."""
+        d = await self._guarded("task queue unavailable", self.db.read(self._depths, time.time()))
+        return (
+            f"SQLite {sqlite3.sqlite_version}; {self.cfg.queue}: {d['ready']} ready, {d['held']} running, "
+            f"{d['waiting']} waiting to retry; {self.dlq}: {d['dlq']} ready"
+        )
+
+    def describe(self) -> str:
+        """``SQLite <file>``."""
+        return f"SQLite {self.db.path}"
+
+    async def close(self) -> None:
+        """Close the file (the store shares it; closing twice is harmless)."""
+        await self.db.close()
+
+
+class EmbeddedStore:
+    """The TaskStore on the SQLite file: ``tasks`` rows, the ``updates`` log the API tails, heartbeats."""
+
+    name = "sqlite"
+    label = "task store (SQLite)"
+
+    def __init__(self, db: Database, cfg: Config) -> None:
+        self.db = db
+        self.cfg = cfg.redis
+        self._next_prune = 0.0
+
+    def _write(
+        self,
+        conn: sqlite3.Connection,
+        tid: str,
+        ttype: str,
+        status: str,
+        fields: Mapping[str, JSON],
+        public: Iterable[str],
+        counter: str,
+        guard: Iterable[str],
+        ttl: int,
+        timeline: bool,
+        reset: bool = False,
+    ) -> tuple[int, int] | None:
+        """What _UPDATE_LUA does in Redis, inside the write transaction."""
+        now = time.time()
+        row = conn.execute("SELECT record, history, created_at, expires_at FROM tasks WHERE id = ?", (tid,)).fetchone()
+        rec, history = (json.loads(row[0]), json.loads(row[1])) if row else ({}, [])
+        created, expires = (row[2], row[3]) if row else (now, None)
+        guard = tuple(guard)
+        if guard and rec.get("status") not in guard:
+            return None
+        if reset:
+            rec = {k: v for k, v in rec.items() if k not in RESET_FIELDS}
+            expires = None
+        extra = {k: fields.get(k) for k in public}
+        entry = {"status": status, "ts": now, **{k: v for k, v in extra.items() if k in HISTORY_FIELDS}}
+        count = 0
+        if counter:
+            count = extra[counter] = rec[counter] = int(rec.get(counter) or 0) + 1
+        seq = rec["seq"] = int(rec.get("seq") or 0) + 1
+        rec.update((k, v) for k, v in fields.items() if v is not None)
+        rec["status"] = status
+        if timeline:
+            history.append(entry)
+            conn.execute("INSERT INTO stats VALUES (?, 1) ON CONFLICT (status) DO UPDATE SET n = n + 1", (status,))
+        if ttl > 0:
+            expires = now + ttl
+        conn.execute(
+            "INSERT OR REPLACE INTO tasks (id, record, history, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
+            (tid, dumps(rec), dumps(history), created, expires),
+        )
+        message = {"id": tid, "type": ttype, "status": status, "ts": now, **extra, "seq": seq}
+        conn.execute("INSERT INTO updates (message) VALUES (?)", (dumps(message),))
+        return seq, count
+
+    async def create(self, tid: str, ttype: str, payload: dict[str, Any], now: float) -> int:
+        """Record a new pending task and log its update; return its sequence number."""
+        fields = {"id": tid, "type": ttype, "payload": payload, "created_at": now, "attempts": 0}
+        res = await self.db.write(self._write, tid, ttype, "pending", fields, ("attempts",), "", (), 0, True)
+        return int(res[0])
+
+    async def update(
+        self,
+        tid: str,
+        ttype: str,
+        status: str,
+        fields: Mapping[str, JSON],
+        *,
+        public: Iterable[str] = (),
+        counter: str = "",
+        guard: Iterable[str] = (),
+        ttl: int = 0,
+        timeline: bool = True,
+    ) -> tuple[int, int] | None:
+        """Write a change of state and log its update in one transaction (see RedisState.update)."""
+        args = (tid, ttype, status, dict(fields), tuple(public), counter, tuple(guard), ttl, timeline)
+        return cast(tuple[int, int] | None, await self.db.write(self._write, *args))
+
+    async def reset(self, tid: str, ttype: str, payload: dict[str, Any]) -> None:
+        """Make a dead-lettered task pending again as if new."""
+        fields = {"id": tid, "type": ttype, "payload": payload, "attempts": 0}
+        await self.db.write(self._write, tid, ttype, "pending", fields, ("attempts",), "", (), 0, True, True)
+
+    @staticmethod
+    def _record(tid: str, raw: str) -> dict[str, JSON]:
+        return blank_record(tid) | cast(dict[str, JSON], json.loads(raw))
+
+    async def get(self, tid: str) -> dict[str, JSON] | None:
+        """The task ``tid`` with its history, or None (also once expired)."""
+        query = "SELECT record, history FROM tasks WHERE id = ? AND (expires_at IS NULL OR expires_at > ?)"
+        rows = await self.db.read(_rows, query, tid, time.time())
+        return self._record(tid, rows[0][0]) | {"history": json.loads(rows[0][1])} if rows else None
+
+    async def recent(self, limit: int) -> list[dict[str, JSON]]:
+        """The most recent tasks, newest first."""
+        query = (
+            "SELECT id, record FROM tasks WHERE expires_at IS NULL OR expires_at > ? ORDER BY created_at DESC LIMIT ?"
+        )
+        rows = await self.db.read(_rows, query, time.time(), min(limit, self.cfg.max_recent))
+        return [self._record(tid, raw) for tid, raw in rows]
+
+    async def _field(self, tid: str, name: str) -> Any:
+        rows = await self.db.read(_rows, "SELECT record FROM tasks WHERE id = ?", tid)
+        return json.loads(rows[0][0]).get(name) if rows else None
+
+    async def status_of(self, tid: str) -> str | None:
+        """Just the status of task ``tid``."""
+        return cast(str | None, await self._field(tid, "status"))
+
+    async def attempts_of(self, tid: str) -> int:
+        """How many runs of task ``tid`` have started."""
+        return int(await self._field(tid, "attempts") or 0)
+
+    async def counters(self) -> dict[str, int]:
+        """How many tasks ever reached each status."""
+        return dict(await self.db.read(_rows, "SELECT status, n FROM stats"))
+
+    async def follow(self) -> AsyncIterator[str | None]:
+        """Tail the ``updates`` log from its end; None first, and again if the log was pruned past us."""
+        [(last,)] = await self.db.read(_rows, "SELECT COALESCE(MAX(seq), 0) FROM updates")
+        yield None
+        query = "SELECT seq, message FROM updates WHERE seq > ? ORDER BY seq LIMIT 1000"
+        pause = SQLITE_POLL[0]
+        while True:
+            rows = await self.db.read(_rows, query, last)
+            if not rows:
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, SQLITE_POLL[1])
+                continue
+            if rows[0][0] != last + 1:
+                yield None  # pruned before we read them: the relay resends a snapshot
+            last, pause = rows[-1][0], SQLITE_POLL[0]
+            for _, message in rows:
+                yield message
+
+    def _prune(self, conn: sqlite3.Connection, now: float) -> None:
+        """Drop expired tasks, finished ones beyond ``max_recent``, old updates and stale heartbeats."""
+        conn.execute("DELETE FROM tasks WHERE expires_at < ?", (now,))
+        conn.execute(
+            "DELETE FROM tasks WHERE expires_at IS NOT NULL AND created_at < "
+            "(SELECT created_at FROM tasks ORDER BY created_at DESC LIMIT 1 OFFSET ?)",
+            (self.cfg.max_recent - 1,),
+        )
+        conn.execute("DELETE FROM updates WHERE seq <= (SELECT MAX(seq) FROM updates) - ?", (UPDATES_KEPT,))
+        conn.execute("DELETE FROM workers WHERE expires_at < ?", (now,))
+
+    async def beat(self, worker_id: str, info: Mapping[str, JSON], ttl: float) -> None:
+        """Record a worker's heartbeat; every PRUNE_INTERVAL seconds, also prune the file."""
+        now = time.time()
+        upsert = "INSERT OR REPLACE INTO workers (id, info, expires_at) VALUES (?, ?, ?)"
+        await self.db.write(_changed, upsert, worker_id, dumps(dict(info)), now + ttl)
+        if now >= self._next_prune:
+            self._next_prune = now + PRUNE_INTERVAL
+            await self.db.write(self._prune, now)
+
+    async def forget_worker(self, worker_id: str) -> None:
+        """Remove a worker's heartbeat at once."""
+        await self.db.write(_changed, "DELETE FROM workers WHERE id = ?", worker_id)
+
+    async def workers(self) -> list[dict[str, JSON]]:
+        """The live workers: those whose heartbeat has not expired."""
+        query = "SELECT info FROM workers WHERE expires_at > ?"
+        return [json.loads(info) for (info,) in await self.db.read(_rows, query, time.time())]
+
+    async def ping(self) -> None:
+        """Raise unless the file answers."""
+        await self.db.read(_rows, "SELECT 1")
+
+    async def report(self) -> str:
+        """How many tasks the file keeps and how many workers are alive."""
+        [(kept,)] = await self.db.read(_rows, "SELECT COUNT(*) FROM tasks")
+        return f"{kept} task(s) kept; {len(await self.workers())} live worker(s)"
+
+    def describe(self) -> str:
+        """``SQLite <file>``."""
+        return f"SQLite {self.db.path}"
+
+    async def close(self) -> None:
+        """Close the file (shared with the queue; closing twice is harmless)."""
+        await self.db.close()
+
+
+def open_backend(cfg: Config, role: str) -> tuple[TaskQueue, TaskStore]:
+    """The queue and the store the config names: RabbitMQ and Redis with their URLs, else the SQLite file."""
+    if cfg.embedded_mode:
+        # What makes a task durable is the API's commit. A worker's writes can skip the fsync: WAL
+        # commits are ordered, so a power loss can only take back its latest steps, and a task whose
+        # completion or ack is taken back is run again (at least once, as with RabbitMQ).
+        db = Database(cfg, "normal" if role == "worker" else cfg.embedded.synchronous)
+        return EmbeddedQueue(db, cfg, role), EmbeddedStore(db, cfg)
+    return Broker(cfg.broker, role), RedisState(cfg.redis)
+
+
+# ============================================================================
 # Role: api
 # ============================================================================
 
 CFG_KEY: Final = web.AppKey("cfg", Config)
-STATE_KEY: Final = web.AppKey("state", RedisState)
-BROKER_KEY: Final = web.AppKey("broker", Broker)
+STATE_KEY: Final = web.AppKey("state", TaskStore)
+BROKER_KEY: Final = web.AppKey("broker", TaskQueue)
 
 
 class WsClient:
@@ -1476,7 +2451,7 @@ async def api_task_types(request: web.Request) -> web.Response:
 
 
 async def api_submit(request: web.Request) -> web.Response:
-    """``POST /api/tasks``: validate, record in Redis, publish with confirm, answer 202."""
+    """``POST /api/tasks``: validate, record the task, queue it durably (a confirmed publish), answer 202."""
     cfg = request.app[CFG_KEY]
     if request.content_type != "application/json":
         return _json_error(415, "Content-Type must be application/json")
@@ -1497,14 +2472,14 @@ async def api_submit(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     try:
         await state.create(tid, ttype.name, payload, time.time())
-    except (RedisError, OSError) as e:
-        log.getChild("api").warning("Redis unavailable, refusing task: %s", e)
-        return _json_error(503, "task store (Redis) unavailable; nothing was queued, retry later")
+    except STORE_ERRORS as e:
+        log.getChild("api").warning("%s unavailable, refusing task: %s", state.label, e)
+        return _json_error(503, f"{state.label} unavailable; nothing was queued, retry later")
     try:
         await request.app[BROKER_KEY].publish(Envelope(tid, ttype.name, payload, sub.timeout))
     except BrokerUnavailable as e:
         log.getChild("api").warning("refusing task %s: %s", tid, e)
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*STORE_ERRORS):
             fields = {"error": str(e), "finished_at": time.time()}
             await state.update(tid, ttype.name, "rejected", fields, public=("error",), ttl=cfg.redis.result_ttl)
         return _json_error(503, f"task not queued: {e}; retry later", id=tid)
@@ -1543,7 +2518,7 @@ async def api_dlq_list(request: web.Request) -> web.Response:
     return web.json_response({"items": items, "total": total})
 
 
-async def requeue_dead_letters(broker: Broker, state: RedisState, task_id: str | None) -> int:
+async def requeue_dead_letters(broker: TaskQueue, state: TaskStore, task_id: str | None) -> int:
     """Put dead letters (one by id, or all) back on the work queue as fresh tasks; return how many."""
 
     async def take(env: Envelope | None, item: dict[str, JSON]) -> None:
@@ -1562,8 +2537,8 @@ async def api_dlq_requeue(request: web.Request) -> web.Response:
         count = await requeue_dead_letters(request.app[BROKER_KEY], request.app[STATE_KEY], task_id)
     except BrokerUnavailable as e:
         return _json_error(503, str(e))
-    except (RedisError, OSError):
-        return _json_error(503, "task store (Redis) unavailable; nothing was requeued")
+    except STORE_ERRORS:
+        return _json_error(503, f"{request.app[STATE_KEY].label} unavailable; nothing was requeued")
     if task_id is not None and count == 0:
         return _json_error(404, f"no dead letter with id {task_id[:64]!r}")
     return web.json_response({"requeued": count})
@@ -1598,19 +2573,20 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """``GET /readyz``: 200 when RabbitMQ and Redis are reachable from here, else 503 naming the failure."""
+    """``GET /readyz``: 200 when the queue and the store (RabbitMQ and Redis, or the SQLite file) answer, else 503."""
+    state, broker = request.app[STATE_KEY], request.app[BROKER_KEY]
     checks: dict[str, str] = {}
     try:
         async with asyncio.timeout(READY_TIMEOUT):
-            await request.app[STATE_KEY].ping()
-        checks["redis"] = "ok"
-    except (RedisError, OSError, TimeoutError) as e:
-        checks["redis"] = f"unreachable: {e or type(e).__name__}"
+            await state.ping()
+        checks[state.name] = "ok"
+    except (*STORE_ERRORS, TimeoutError) as e:
+        checks[state.name] = f"unreachable: {e or type(e).__name__}"
     try:
-        await request.app[BROKER_KEY].check(READY_TIMEOUT)
-        checks["rabbitmq"] = "ok"
+        await broker.check(READY_TIMEOUT)
+        checks.setdefault(broker.name, "ok")
     except BrokerUnavailable as e:
-        checks["rabbitmq"] = str(e)
+        checks[broker.name] = str(e)
     failed = [name for name, result in checks.items() if result != "ok"]
     if failed:
         return web.json_response({"error": f"{' and '.join(failed)} unavailable", **checks}, status=503)
@@ -1630,7 +2606,7 @@ async def ws_updates(request: web.Request) -> web.WebSocketResponse:
     sender = asyncio.create_task(client.send_loop())
     # Join first, then send the current state: updates racing the snapshot carry
     # higher sequence numbers, and clients keep the highest, so nothing is lost.
-    with contextlib.suppress(RedisError, OSError):
+    with contextlib.suppress(*STORE_ERRORS):
         snapshot = [snapshot_update(t) for t in reversed(await request.app[STATE_KEY].recent(SNAPSHOT_SIZE))]
         if snapshot:
             client.pending[:0] = snapshot
@@ -1654,26 +2630,25 @@ async def ws_updates(request: web.Request) -> web.WebSocketResponse:
 
 
 async def _relay_updates(app: web.Application, subscribed: asyncio.Event) -> None:
-    """Hold one subscription to the update channel and hand every message to the hub."""
-    cfg, state, hub = app[CFG_KEY], app[STATE_KEY], app[HUB_KEY]
+    """Follow the store's updates and hand every one to the hub."""
+    state, hub = app[STATE_KEY], app[HUB_KEY]
     alog = log.getChild("api")
     delay = 0.1
     while True:
         try:
-            async with state.client.pubsub(ignore_subscribe_messages=True) as pubsub:
-                await pubsub.subscribe(cfg.redis.channel)
-                alog.info("relaying updates from Redis channel %r", cfg.redis.channel)
+            async for message in state.follow():
+                if message is not None:
+                    hub.broadcast(message)
+                    continue
+                alog.info("relaying updates from %s", state.describe())
                 if subscribed.is_set():
-                    # Pub/sub drops what was published while we were away: resend the
-                    # current state of recent tasks so every client ends on the truth.
+                    # Updates published while we were away are gone: resend the current
+                    # state of recent tasks so every client ends on the truth.
                     for task in reversed(await state.recent(SNAPSHOT_SIZE)):
                         hub.broadcast(snapshot_update(task))
                 subscribed.set()
                 delay = 0.1
-                async for msg in pubsub.listen():
-                    if msg["type"] == "message":
-                        hub.broadcast(msg["data"])
-        except (RedisError, OSError) as e:
+        except STORE_ERRORS as e:
             alog.warning("update subscription lost (%s); retrying in %.1f s", e, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
@@ -1690,7 +2665,7 @@ async def _stats_loop(app: web.Application) -> None:
             continue
         try:
             counters, workers = await state.counters(), await state.workers()
-        except (RedisError, OSError):
+        except STORE_ERRORS:
             continue
         try:
             depths: dict[str, int | None] = dict(await broker.queue_depths())
@@ -1712,8 +2687,7 @@ async def _stats_loop(app: web.Application) -> None:
 
 
 async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[STATE_KEY] = RedisState(app[CFG_KEY].redis)
-    app[BROKER_KEY] = Broker(app[CFG_KEY].broker)
+    app[BROKER_KEY], app[STATE_KEY] = open_backend(app[CFG_KEY], "api")
     yield
     await app[BROKER_KEY].close()
     await app[STATE_KEY].close()
@@ -1742,7 +2716,7 @@ async def _close_websockets(app: web.Application) -> None:
 
 
 def make_app(cfg: Config) -> web.Application:
-    """The API application: routes, templates, the Redis relay and the RabbitMQ publisher."""
+    """The API application: routes, templates, the update relay and the task queue."""
     load_handlers(cfg.handlers.modules)
     app = web.Application(middlewares=[_error_middleware, _token_middleware], client_max_size=cfg.api.client_max_size)
     app[CFG_KEY] = cfg
@@ -1802,8 +2776,12 @@ async def run_api(cfg: Config) -> int:
             cfg.smtp.host,
             cfg.smtp.port,
         )
-    urls = redact_url(cfg.broker.url), redact_url(cfg.redis.url)
-    alog.info("listening on http://%s:%d (RabbitMQ %s, Redis %s)", cfg.api.host, cfg.api.port, *urls)
+    backend = (
+        "SQLite " + str(cfg.database)
+        if cfg.embedded_mode
+        else f"RabbitMQ {redact_url(cfg.broker.url)}, Redis {redact_url(cfg.redis.url)}"
+    )
+    alog.info("listening on http://%s:%d (%s)", cfg.api.host, cfg.api.port, backend)
     await stop.wait()
     alog.info("shutting down")
     await runner.cleanup()
@@ -1818,7 +2796,7 @@ async def run_api(cfg: Config) -> int:
 class TaskContext:
     """What a handler gets besides its payload: the task's identity, config and progress reporting."""
 
-    def __init__(self, tid: str, ttype: str, attempt: int, cfg: Config, state: RedisState) -> None:
+    def __init__(self, tid: str, ttype: str, attempt: int, cfg: Config, state: TaskStore) -> None:
         self.id = tid
         self.type = ttype
         self.attempt = attempt
@@ -1851,7 +2829,7 @@ class TaskContext:
                 await self._state.update(
                     self.id, self.type, "started", fields, public=tuple(fields), guard=("started",), timeline=False
                 )
-            except (RedisError, OSError) as e:
+            except STORE_ERRORS as e:
                 self.log.warning("progress of %s not recorded: %s", self.id, e)
 
     async def drain(self) -> None:
@@ -1893,11 +2871,11 @@ def describe_failure(e: BaseException, limit: float) -> Failure:
 class Worker:
     """Consumes the work queue: runs each task, reports every change of state, retries, dead-letters.
 
-    No task can be lost: a delivery is acknowledged only once its next home (a retry queue, the DLQ) is
-    confirmed by RabbitMQ and its state written to Redis, so a crash leaves it on its queue or moved on.
+    No task can be lost: a delivery is acknowledged only once its next home (a retry, the DLQ) is safely
+    queued and its state written, so a crash leaves it on its queue or moved on.
     """
 
-    def __init__(self, cfg: Config, state: RedisState, broker: Broker, instance: str = "") -> None:
+    def __init__(self, cfg: Config, state: TaskStore, broker: TaskQueue, instance: str = "") -> None:
         self.cfg = cfg
         self.state = state
         self.broker = broker
@@ -1932,11 +2910,11 @@ class Worker:
         while True:
             try:
                 await self.state.beat(self.name, self.heartbeat_info(), ttl=3 * interval)
-            except (RedisError, OSError) as e:
+            except STORE_ERRORS as e:
                 self.log.warning("heartbeat not recorded: %s", e)
             await asyncio.sleep(interval)
 
-    async def on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    async def on_message(self, message: Delivery) -> None:
         """Consumer callback: start running the delivery (or hand it back when shutting down).
 
         The run gets a task of its own: the library cancels its per-delivery tasks when the channel closes
@@ -1950,30 +2928,30 @@ class Worker:
         task.add_done_callback(self.inflight.discard)
 
     async def _settle(self, settle: Awaitable[Any], what: str) -> None:
-        """Ack, nack or reject; after a reconnect the delivery tag is stale, and RabbitMQ redelivers the message."""
+        """Ack, nack or reject; after a reconnect (or a lost lease) the delivery is stale and will be redelivered."""
         try:
             await settle
-        except AMQP_ERRORS as e:
-            self.log.warning("could not %s a delivery (%s); RabbitMQ will redeliver it", what, e or type(e).__name__)
+        except (*AMQP_ERRORS, *STORE_ERRORS) as e:
+            self.log.warning("could not %s a delivery (%s); it will be redelivered", what, e or type(e).__name__)
 
     async def _durably(self, write: Callable[[], Awaitable[Any]]) -> Any:
-        """Run a Redis write, retrying with backoff while Redis is away (up to REDIS_PATIENCE seconds)."""
+        """Run a store write, retrying with backoff while the store is away (up to REDIS_PATIENCE seconds)."""
         delay, deadline = 0.1, time.monotonic() + REDIS_PATIENCE
         while True:
             try:
                 return await write()
-            except (RedisError, OSError) as e:
+            except STORE_ERRORS as e:
                 if time.monotonic() > deadline:
                     raise
-                self.log.warning("Redis unavailable (%s); retrying the write in %.1f s", e, delay)
+                self.log.warning("%s unavailable (%s); retrying the write in %.1f s", self.state.label, e, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
     async def _record(self, env: Envelope, status: str, fields: Mapping[str, JSON], **options: Any) -> Any:
-        """Write a change of state of ``env``'s task durably (``options`` as for RedisState.update)."""
+        """Write a change of state of ``env``'s task durably (``options`` as for TaskStore.update)."""
         return await self._durably(lambda: self.state.update(env.id, env.type, status, fields, **options))
 
-    async def handle(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    async def handle(self, message: Delivery) -> None:
         """Run one delivery to its end: completed, retried later, or dead-lettered; then acknowledge it."""
         try:
             env = Envelope.decode(message.body)
@@ -2068,7 +3046,7 @@ class Worker:
             "x-first-failed-at": headers.get("x-first-failed-at") or header_time(now),
             "x-last-error": failure.error,
         }
-        await self.broker.publish(env, retry_queue_name(self.cfg.broker, delay), retry_headers)
+        await self.broker.publish_later(env, delay, retry_headers)
 
     async def give_up(self, env: Envelope, failure: Failure, retries: int, headers: Mapping[str, Any]) -> None:
         """Send the task to the DLQ with why (confirmed), then record ``failed``."""
@@ -2081,7 +3059,7 @@ class Worker:
             "x-first-failed-at": headers.get("x-first-failed-at") or header_time(now),
             "x-last-failed-at": header_time(now),
         }
-        await self.broker.publish(env, self.cfg.broker.queue + DLQ_SUFFIX, dlq_headers)
+        await self.broker.dead_letter(env, dlq_headers)
         failed = {"error": failure.error, "finished_at": now}
         await self._record(env, "failed", failed, public=("error",), ttl=self.cfg.redis.result_ttl)
 
@@ -2098,72 +3076,21 @@ def _int_header(headers: Mapping[str, Any], name: str) -> int:
         return 0
 
 
-async def _connect_worker(broker: Broker, stop: asyncio.Event) -> aio_pika.abc.AbstractRobustConnection | None:
-    """Connect to RabbitMQ, retrying with backoff and jitter until connected or asked to stop."""
+async def _connect_worker(broker: TaskQueue, stop: asyncio.Event) -> bool:
+    """Connect to the queue, retrying with backoff and jitter until connected (True) or asked to stop."""
     wlog = log.getChild("worker")
     delay = 0.5
     while not stop.is_set():
         try:
-            return await broker.connect()
+            await broker.connect()
+            return True
         except BrokerUnavailable as e:
             wait = delay * (1 + random.random() / 2)
             wlog.warning("%s; retrying in %.1f s", e, wait)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), wait)
             delay = min(delay * 2, 10.0)
-    return None
-
-
-async def _watch_consumer(
-    broker: Broker, channel: aio_pika.abc.AbstractChannel, stop: asyncio.Event, limit: float
-) -> bool:
-    """Return True if the consumer has been down (connection or channel) longer than ``limit`` seconds.
-
-    Robust reconnection has had bugs that silently lost consumers; a fresh process beats idling half-alive.
-    """
-    down_since: float | None = None
-    while not stop.is_set():
-        if broker.connected and not channel.is_closed:
-            down_since = None
-        else:
-            down_since = down_since or time.monotonic()
-            if time.monotonic() - down_since > limit:
-                return True
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), min(1.0, limit / 4))
     return False
-
-
-async def _start_consuming(
-    connection: aio_pika.abc.AbstractRobustConnection,
-    cfg: BrokerConfig,
-    callback: Callable[[aio_pika.abc.AbstractIncomingMessage], Awaitable[None]],
-) -> tuple[aio_pika.abc.AbstractChannel, aio_pika.abc.AbstractQueue, str]:
-    """Open the consuming channel, declare the queues and consume, retrying while RabbitMQ is not ready.
-
-    Workers starting together race to declare a new quorum queue, and RabbitMQ 3.10 can
-    answer a consume on it with INTERNAL_ERROR until its leader is elected.
-    """
-    delay = 0.2
-    for attempt in range(1, START_ATTEMPTS + 1):
-        channel: aio_pika.abc.AbstractChannel | None = None
-        try:
-            channel = await connection.channel()
-            await channel.set_qos(prefetch_count=cfg.prefetch)
-            queue = await declare_queues(channel, cfg)
-            return channel, queue, await queue.consume(callback)
-        except AMQP_ERRORS as e:
-            if channel is not None:  # a robust channel left open would be restored, consumerless, for ever
-                with contextlib.suppress(*AMQP_ERRORS, TimeoutError):
-                    await asyncio.wait_for(channel.close(), SHUTDOWN_STEP_TIMEOUT)
-            if attempt == START_ATTEMPTS:
-                raise
-            log.getChild("worker").warning("cannot consume yet (%s); retrying in %.1f s", e or type(e).__name__, delay)
-            await asyncio.sleep(delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(connection.connected.wait(), cfg.connect_timeout)
-            delay = min(delay * 2, 5.0)
-    raise AssertionError("unreachable")
 
 
 async def run_worker(cfg: Config) -> int:
@@ -2171,39 +3098,36 @@ async def run_worker(cfg: Config) -> int:
     wlog = log.getChild("worker")
     load_handlers(cfg.handlers.modules)
     stop = _stop_event()
-    state = RedisState(cfg.redis)
-    broker = Broker(cfg.broker, role="worker")
-    connection = await _connect_worker(broker, stop)
-    if connection is None:
+    broker, state = open_backend(cfg, "worker")
+    if not await _connect_worker(broker, stop):
+        await broker.close()
         await state.close()
         return 0
     code = 0
     try:
         worker = Worker(cfg, state, broker, os.environ.get("ASYNCNODE_INSTANCE", ""))
-        channel, queue, tag = await _start_consuming(connection, cfg.broker, worker.on_message)
+        await broker.start_consuming(worker.on_message)
         heartbeat = asyncio.create_task(worker.heartbeat_loop())
         wlog.info(
-            "worker %s consuming %r from RabbitMQ %s (prefetch %d; types: %s)",
+            "worker %s consuming %r from %s (prefetch %d; types: %s)",
             worker.name,
             cfg.broker.queue,
-            broker.version,
+            broker.describe(),
             cfg.broker.prefetch,
             ", ".join(sorted(REGISTRY)),
         )
-        if await _watch_consumer(broker, channel, stop, cfg.broker.no_consumer_exit):
+        if await broker.wait_consuming(stop):
             wlog.error(
                 "no working consumer for %g s; exiting so that a fresh process takes over", cfg.broker.no_consumer_exit
             )
             code = 1
         wlog.info("stopping: finishing %d task(s) in hand", len(worker.inflight))
         worker.stopping = True
-        # Bounded: a robust channel would wait for a broker that may never come back.
-        with contextlib.suppress(*AMQP_ERRORS):
-            await asyncio.wait_for(queue.cancel(tag), SHUTDOWN_STEP_TIMEOUT)
+        await broker.stop_consuming()
         await worker.drain()
         heartbeat.cancel()
         await asyncio.wait({heartbeat})
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*STORE_ERRORS):
             await state.forget_worker(worker.name)
     finally:
         await broker.close()
@@ -2288,38 +3212,21 @@ def run_ctl(cfg: Config, args: argparse.Namespace) -> int:
 
 
 async def run_check(cfg: Config, args: argparse.Namespace) -> int:
-    """Validate the config, reach RabbitMQ and Redis and the local supervisord; print what was found."""
+    """Validate the config, reach the queue and the store (RabbitMQ and Redis, or the SQLite file) and supervisord."""
     name, inst = select_instance(cfg, args.instance, os.environ, socket.gethostname())
     problems: list[str] = []
     print(f"config     {cfg.path}: ok; {_describe_instance(cfg, name, inst)}")
+    broker, state = open_backend(cfg, "check")
     try:
-        async with asyncio.timeout(cfg.broker.connect_timeout):
-            connection = await aio_pika.connect(cfg.broker.url)
-        async with connection:
-            channel = await connection.channel()
-            depth = []
-            for queue_name in (cfg.broker.queue, cfg.broker.queue + DLQ_SUFFIX):
-                try:
-                    queue = await channel.declare_queue(queue_name, passive=True)
-                    result = queue.declaration_result
-                    depth.append(f"{queue_name}: {result.message_count} ready, {result.consumer_count} consumer(s)")
-                except aio_pika.exceptions.ChannelNotFoundEntity:
-                    channel = await connection.channel()
-                    depth.append(f"{queue_name}: not declared yet")
-            print(f"rabbitmq   {redact_url(cfg.broker.url)}: RabbitMQ {broker_version(connection)}; {'; '.join(depth)}")
-    except (aio_pika.exceptions.AMQPError, OSError, TimeoutError) as e:
-        problems.append(f"RabbitMQ at {redact_url(cfg.broker.url)} unreachable: {e or type(e).__name__}")
-    state = RedisState(cfg.redis)
-    try:
-        async with asyncio.timeout(cfg.broker.connect_timeout):
-            info = await state.client.info("server")
-            workers = await state.workers()
-        print(
-            f"redis      {redact_url(cfg.redis.url)}: Redis {info.get('redis_version')}; {len(workers)} live worker(s)"
-        )
-    except (RedisError, OSError, TimeoutError) as e:
-        problems.append(f"Redis at {redact_url(cfg.redis.url)} unreachable: {e or type(e).__name__}")
+        for part, what in ((broker, broker.describe()), (state, state.describe())):
+            try:
+                print(f"{part.name:<10} {what}: {await part.report()}")
+            except (BrokerUnavailable, *STORE_ERRORS, TimeoutError) as e:
+                problems.append(
+                    str(e) if isinstance(e, BrokerUnavailable) else f"{what} unreachable: {e or type(e).__name__}"
+                )
     finally:
+        await broker.close()
         await state.close()
     run_dir = run_dir_for(cfg, name, args.run_dir)
     if (run_dir / "supervisor.sock").exists():
@@ -2341,7 +3248,7 @@ async def run_check(cfg: Config, args: argparse.Namespace) -> int:
 
 async def run_dlq(cfg: Config, args: argparse.Namespace) -> int:
     """``dlq list``, ``dlq requeue [ID ...]`` (all when no id) or ``dlq purge``."""
-    broker, state = Broker(cfg.broker, role="dlq"), RedisState(cfg.redis)
+    broker, state = open_backend(cfg, "dlq")
     try:
         if args.action == "list":
             items, total = await broker.dead_letters(MAX_LIST_LIMIT)
@@ -2366,8 +3273,8 @@ async def run_dlq(cfg: Config, args: argparse.Namespace) -> int:
     except BrokerUnavailable as e:
         print(f"asyncnode: {e}", file=sys.stderr)
         return 1
-    except (RedisError, OSError) as e:
-        print(f"asyncnode: Redis at {redact_url(cfg.redis.url)} unavailable: {e}", file=sys.stderr)
+    except STORE_ERRORS as e:
+        print(f"asyncnode: {state.describe()} unavailable: {e}", file=sys.stderr)
         return 1
     finally:
         await broker.close()

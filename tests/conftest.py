@@ -1,7 +1,10 @@
-"""Shared fixtures: real RabbitMQ and Redis, isolated per test by queue name and key prefix.
+"""Shared fixtures: both backends, isolated per test by queue name and key prefix (or file).
 
-Integration tests skip with a one-line reason when the services are absent,
-except in CI (``CI=true``), where their absence is a failure.
+A test that takes ``backend`` (directly or through ``config_file``/``cfg``) runs
+twice: against the shared RabbitMQ and Redis, and embedded on a SQLite file in the
+test's own folder.  The RabbitMQ variants skip with a one-line reason when the
+services are absent, except in CI (``CI=true``), where their absence is a failure;
+the embedded variants need no service at all.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -55,13 +59,56 @@ def services() -> None:
         pytest.skip(reason)
 
 
-def write_config(path: Path, tag: str, **sections: dict[str, Any]) -> Path:
-    """Write a config.toml isolated by ``tag`` (queue, key prefix, channel), with overrides."""
+#: The backends every behavioural test runs against (the ids of the ``backend`` fixture).
+BACKENDS = ("rabbitmq", "embedded")
+
+#: The embedded SQLite file write_config names, beside the config file.
+DATABASE = "asyncnode.db"
+
+#: Environment variables that would turn an embedded config into a RabbitMQ one (or an error).
+_URL_VARIABLES = ("RABBIT_URL", "REDIS_URL")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The backend under test: RabbitMQ and Redis (which then must be running), or embedded."""
+    if request.param == "rabbitmq":
+        request.getfixturevalue("services")
+    return str(request.param)
+
+
+#: Mark a test about RabbitMQ or Redis internals: it runs in its rabbitmq variant only.
+rabbitmq_only = pytest.mark.parametrize("backend", ["rabbitmq"], indirect=True)
+
+
+def is_embedded(cfg: asyncnode.Config) -> bool:
+    """Whether ``cfg`` runs embedded: neither [broker] url nor [redis] url is set."""
+    return not cfg.broker.url and not cfg.redis.url
+
+
+def database_path(cfg: asyncnode.Config) -> Path:
+    """The embedded SQLite file: ``[embedded] path``, relative to the config file's folder."""
+    return cfg.path.resolve().parent / cfg.embedded.path
+
+
+def write_config(path: Path, tag: str, *, backend: str = "rabbitmq", **sections: dict[str, Any]) -> Path:
+    """Write a config.toml isolated by ``tag`` (queue, key prefix, channel), with overrides.
+
+    ``backend="embedded"`` leaves both URLs out and puts the SQLite file beside the config.
+    """
+    assert backend in BACKENDS, backend
+    embedded = backend == "embedded"
     base: dict[str, dict[str, Any]] = {
-        "broker": {"url": RABBIT_URL, "queue": f"{tag}", "publish_timeout": 5.0},
-        "redis": {"url": REDIS_URL, "channel": f"{tag}:updates", "key_prefix": f"{tag}:"},
+        "broker": {"queue": f"{tag}", "publish_timeout": 5.0},
+        "redis": {"channel": f"{tag}:updates", "key_prefix": f"{tag}:"},
         "api": {"host": "127.0.0.1", "port": free_port()},
     }
+    if embedded:
+        base["embedded"] = {"path": DATABASE}
+        _EMBEDDED.add(tag)
+    else:
+        base["broker"] = {"url": RABBIT_URL, **base["broker"]}
+        base["redis"] = {"url": REDIS_URL, **base["redis"]}
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
     lines = []
@@ -75,17 +122,25 @@ def write_config(path: Path, tag: str, **sections: dict[str, Any]) -> Path:
             lines.extend(f"{k} = {json.dumps(v)}" for k, v in table.items())
         lines.append("")
     path.write_text("\n".join(lines))
-    broker = asyncnode.Config.from_toml(path, env={}).broker
-    _QUEUES.setdefault(tag, set()).update(asyncnode.retry_queue_name(broker, d) for d in broker.retry_delays)
+    cfg = asyncnode.Config.from_toml(path, env={})
+    assert is_embedded(cfg) == embedded, f"{path}: expected a {backend} config"
+    if not embedded:
+        delays = cfg.broker.retry_delays
+        _QUEUES.setdefault(tag, set()).update(asyncnode.retry_queue_name(cfg.broker, d) for d in delays)
     return path
 
 
 #: Retry queues each test's configs declared, so that cleanup() deletes them too.
 _QUEUES: dict[str, set[str]] = {}
 
+#: Tags whose configs ran embedded: their state lives in the test's folder, nothing to delete.
+_EMBEDDED: set[str] = set()
+
 
 async def cleanup(tag: str, *, queues: bool = True) -> None:
     """Delete the queues (unless they lived on a private broker) and keys a test made under ``tag``."""
+    if tag in _EMBEDDED:
+        return
     if queues:
         connection = await aio_pika.connect(RABBIT_URL)
         async with connection:
@@ -118,8 +173,9 @@ def _sweep() -> Iterator[None]:
     """A process a test stopped late may have declared its queues again after the test's
     own cleanup: delete every tag's queues and keys once more when the session ends."""
     yield
-    if _TAGS and _reachable("127.0.0.1", 5672) and _reachable("127.0.0.1", 6379):
-        asyncio.run(_sweep_all(sorted(_TAGS)))
+    tags = sorted(_TAGS - _EMBEDDED)
+    if tags and _reachable("127.0.0.1", 5672) and _reachable("127.0.0.1", 6379):
+        asyncio.run(_sweep_all(tags))
 
 
 async def _sweep_all(tags: list[str]) -> None:
@@ -129,9 +185,9 @@ async def _sweep_all(tags: list[str]) -> None:
 
 
 @pytest.fixture
-async def config_file(services: None, tag: str, tmp_path: Path) -> AsyncIterator[Path]:
-    """A config file for this test against the shared services; cleaned up afterwards."""
-    path = write_config(tmp_path / "config.toml", tag)
+async def config_file(backend: str, tag: str, tmp_path: Path) -> AsyncIterator[Path]:
+    """A config file for this test on ``backend``; cleaned up afterwards."""
+    path = write_config(tmp_path / "config.toml", tag, backend=backend)
     yield path
     await cleanup(tag)
 
@@ -154,8 +210,46 @@ async def wait_for(check: Callable[[], Awaitable[Any]], timeout: float = 10.0, w
         await asyncio.sleep(0.02)
 
 
+async def db_rows(cfg: asyncnode.Config, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Rows of a read-only query on the embedded file; [] while the file or its tables do not exist yet."""
+
+    def query() -> list[tuple[Any, ...]]:
+        path = database_path(cfg)
+        if not path.exists():
+            return []
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=10)) as db:
+            try:
+                return db.execute(sql, params).fetchall()
+            except sqlite3.OperationalError as e:
+                if "no such table" in str(e):
+                    return []
+                raise
+
+    return await asyncio.to_thread(query)
+
+
+async def live_workers(cfg: asyncnode.Config) -> list[dict[str, Any]]:
+    """Embedded: the heartbeats in the file that have not expired, of processes that still run."""
+    rows = await db_rows(cfg, "SELECT info FROM workers WHERE expires_at > ?", time.time())
+    infos = [json.loads(info) for (info,) in rows]
+    return [info for info in infos if pid_alive(int(info["pid"]))]
+
+
 async def queue_counts(cfg: asyncnode.Config, name: str | None = None) -> tuple[int, int]:
-    """(messages ready, consumers) of a queue, by passive declare."""
+    """(messages ready, consumers) of a queue, by passive declare.
+
+    Embedded: the file's unheld messages of that queue due now, and for the work queue the live
+    workers (a SIGKILLed worker stops counting at once, as its AMQP connection would).
+    """
+    if is_embedded(cfg):
+        name = name or cfg.broker.queue
+        [(ready,)] = await db_rows(
+            cfg,
+            "SELECT COUNT(*) FROM messages WHERE queue = ? AND holder IS NULL AND ready_at <= ?",
+            name,
+            time.time(),
+        ) or [(0,)]
+        return int(ready), len(await live_workers(cfg)) if name == cfg.broker.queue else 0
     connection = await aio_pika.connect(cfg.broker.url)
     async with connection:
         channel = await connection.channel()
@@ -164,13 +258,45 @@ async def queue_counts(cfg: asyncnode.Config, name: str | None = None) -> tuple[
         return result.message_count or 0, result.consumer_count or 0
 
 
-async def redis_keys(cfg: asyncnode.Config) -> list[str]:
-    """Every key under the test's prefix."""
+async def stored_keys(cfg: asyncnode.Config) -> list[str]:
+    """Everything the deployment stored: every Redis key under the test's prefix, or the file's rows.
+
+    Embedded rows are named like keys: ``tasks:<id>``, ``messages:<id>``, ``updates:<seq>``,
+    ``stats:<status>`` (only non-zero counts) and ``workers:<id>``.
+    """
+    if is_embedded(cfg):
+        keys = []
+        for table, column in (("tasks", "id"), ("messages", "id"), ("updates", "seq"), ("workers", "id")):
+            keys += [f"{table}:{key}" for (key,) in await db_rows(cfg, f"SELECT {column} FROM {table}")]
+        keys += [f"stats:{status}" for (status,) in await db_rows(cfg, "SELECT status FROM stats WHERE n != 0")]
+        return keys
     client = aioredis.from_url(cfg.redis.url, decode_responses=True)
     try:
         return [k async for k in client.scan_iter(match=cfg.redis.key_prefix + "*", count=1000)]
     finally:
         await client.aclose()
+
+
+def _inherited_env() -> dict[str, str]:
+    """This process's environment without the service URLs: the config file alone says which backend
+    a child uses (an inherited $RABBIT_URL would override an embedded or private-broker config)."""
+    return {k: v for k, v in os.environ.items() if k not in _URL_VARIABLES}
+
+
+async def task_records(cfg: asyncnode.Config, ids: list[str]) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """The stored tasks among ``ids`` and the live workers, read through the backend's own store
+    (for when no API process is left to ask)."""
+    queue, store = asyncnode.open_backend(cfg, "api")
+    try:
+        tasks = {}
+        for tid in ids:
+            task = await store.get(tid)
+            if task is not None:
+                tasks[tid] = dict(task)
+        return tasks, [dict(w) for w in await store.workers()]
+    finally:
+        await store.close()
+        await queue.close()
 
 
 class Proc:
@@ -183,7 +309,7 @@ class Proc:
         self.popen = subprocess.Popen(
             [sys.executable, str(ROOT / "asyncnode.py"), role, "--config", str(config)],
             cwd=ROOT,
-            env={**os.environ, "ASYNCNODE_LOG_LEVEL": "DEBUG", **(env or {})},
+            env={**_inherited_env(), "ASYNCNODE_LOG_LEVEL": "DEBUG", **(env or {})},
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
@@ -258,7 +384,7 @@ class Up:
         self.popen = subprocess.Popen(
             [*(prefix or []), *argv],
             cwd=ROOT,
-            env={**os.environ, **(env or {})},
+            env={**_inherited_env(), **(env or {})},
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )

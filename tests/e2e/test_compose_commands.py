@@ -108,6 +108,12 @@ def run_service(tmp_path: Path) -> Iterator[Callable[[str, Path, int], ServicePr
 
 
 @pytest.fixture
+def backend(services: None) -> str:
+    """compose.yml's app services take their RabbitMQ and Redis URLs from the environment: no embedded variant."""
+    return "rabbitmq"
+
+
+@pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
         yield s

@@ -1,8 +1,9 @@
-"""End to end: real ``asyncnode.py`` processes against the shared RabbitMQ and Redis.
+"""End to end: real ``asyncnode.py`` processes on both backends.
 
-HTTP submit → Redis + RabbitMQ → worker processes → Redis pub/sub → WebSocket,
-plus the shutdown and crash paths (SIGTERM mid-task, SIGTERM of the API,
-SIGKILL of a worker before it acknowledged).  Every wait is bounded.
+HTTP submit → Redis + RabbitMQ (or the embedded file) → worker processes →
+Redis pub/sub (or the file's updates) → WebSocket, plus the shutdown and crash
+paths (SIGTERM mid-task, SIGTERM of the API, SIGKILL of a worker before it
+acknowledged).  Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 import asyncnode
-from tests.conftest import Proc, cleanup, free_port, queue_counts, wait_for, write_config
+from tests.conftest import Proc, cleanup, free_port, is_embedded, queue_counts, wait_for, write_config
 
 SENDER = "noreply@asyncnode.test"
 
@@ -65,6 +66,8 @@ async def wait_api(session: aiohttp.ClientSession, cfg: asyncnode.Config, api: P
             return False
 
     await wait_for(answers, timeout=20, what="the API to answer GET /api/task-types")
+    if is_embedded(cfg):
+        return  # the API serves only once it follows the file's updates: nothing more to wait for
 
     # The relay subscribes in the background; an update published before that is
     # lost for WebSocket clients, so wait for the subscription itself.
@@ -193,13 +196,14 @@ def smtp_server() -> Iterator[tuple[Controller, RecordingHandler]]:
 
 @pytest.fixture
 async def smtp_config(
-    services: None, tag: str, tmp_path: Path, smtp_server: tuple[Controller, RecordingHandler]
+    backend: str, tag: str, tmp_path: Path, smtp_server: tuple[Controller, RecordingHandler]
 ) -> AsyncIterator[Path]:
     """Like ``config_file``, with ``[smtp]`` pointing at the test's SMTP server."""
     controller, _ = smtp_server
     path = write_config(
         tmp_path / "config.toml",
         tag,
+        backend=backend,
         smtp={"host": "127.0.0.1", "port": controller.port, "sender": SENDER, "timeout": 15.0},
     )
     yield path

@@ -1,4 +1,4 @@
-"""Retries, backoff, dead letters, time limits and poison messages with real processes."""
+"""Retries, backoff, dead letters, time limits and poison messages with real processes, on both backends."""
 
 from __future__ import annotations
 
@@ -19,8 +19,6 @@ from aiosmtpd.controller import Controller
 import asyncnode
 from tests.conftest import ROOT, Proc, cleanup, free_port, queue_counts, wait_for, write_config
 
-pytestmark = pytest.mark.usefixtures("services")
-
 DELAYS = [0.4, 0.8]
 
 
@@ -36,6 +34,7 @@ class Stack:
         self.updates: dict[str, list[dict[str, Any]]] = {}
         self.session: aiohttp.ClientSession | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
 
     async def start(self, workers: int) -> None:
         self.api = self.procs("api", self.config)
@@ -50,8 +49,8 @@ class Stack:
                 return False
 
         await wait_for(api_ready, 30, "the API")
-        ws = await self.http.ws_connect(f"{self.base}/ws")
-        self._reader = asyncio.create_task(self._read(ws))
+        self._ws = await self.http.ws_connect(f"{self.base}/ws")
+        self._reader = asyncio.create_task(self._read(self._ws))
         for _ in range(workers):
             self.start_worker()
         await self.wait_consumers(workers)
@@ -99,20 +98,34 @@ class Stack:
 
         return dict(await wait_for(reached, timeout, f"task {tid} {status}"))
 
+    async def wait_update(self, tid: str, status: str, timeout: float = 5) -> None:
+        """Wait until the WebSocket relayed ``status`` of ``tid`` (it may trail what GET already shows)."""
+
+        async def relayed() -> bool:
+            assert self._reader is not None and not self._reader.done(), "the WebSocket reader stopped"
+            return any(u["status"] == status for u in self.updates.get(tid, []))
+
+        await wait_for(relayed, timeout, f"the {status} update of {tid} on the WebSocket")
+
     async def dlq(self) -> dict[str, Any]:
         async with self.http.get(f"{self.base}/api/dlq") as resp:
             assert resp.status == 200, await resp.text()
             return dict(await resp.json())
 
     async def close(self) -> None:
+        if self._ws is not None:
+            await self._ws.close()  # releases its connection; the reader then ends
         if self._reader:
             self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
         if self.session:
             await self.session.close()
 
 
 @pytest.fixture
-async def stack(tag: str, tmp_path: Path, procs: Callable[..., Proc]) -> AsyncIterator[Callable[..., Any]]:
+async def stack(
+    backend: str, tag: str, tmp_path: Path, procs: Callable[..., Proc]
+) -> AsyncIterator[Callable[..., Any]]:
     stacks: list[Stack] = []
 
     async def make(workers: int = 1, **sections: Any) -> Stack:
@@ -120,6 +133,7 @@ async def stack(tag: str, tmp_path: Path, procs: Callable[..., Proc]) -> AsyncIt
         path = write_config(
             tmp_path / "config.toml",
             tag,
+            backend=backend,
             broker=broker,
             handlers={"modules": ["handlers", "tests.fault_handlers"]},
             worker={"heartbeat": 0.5},
@@ -146,6 +160,7 @@ async def test_failing_task_is_retried_with_backoff_then_dead_lettered(stack: Ca
     task = await s.wait_status(tid, "failed")
     assert task["attempts"] == 3  # max_retries = 2: three runs started
     assert "attempt 3 failed on purpose" in task["error"]
+    await s.wait_update(tid, "failed")
     updates = sorted(s.updates[tid], key=lambda u: u["seq"])
     assert statuses(updates) == ["pending", "started", "retrying", "started", "retrying", "started", "failed"]
     retrying = [u for u in updates if u["status"] == "retrying"]

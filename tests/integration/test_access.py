@@ -1,4 +1,4 @@
-"""Token, WebSocket origin check, catch-up snapshot and health endpoints, against the real services."""
+"""Token, WebSocket origin check, catch-up snapshot and health endpoints, on both backends."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 import asyncnode
-from tests.conftest import free_port
+from tests.conftest import free_port, rabbitmq_only, stored_keys
 
 Client = TestClient  # type: ignore[type-arg]
 TOKEN = "s3cret-token"
@@ -46,7 +46,7 @@ async def test_token_guards_the_api_and_the_websocket(secured: Client, cfg: asyn
             assert resp.status == 401, (method, path, headers)
             assert resp.headers["WWW-Authenticate"] == "Bearer"
             assert "token" in (await resp.json())["error"]
-    assert [k for k in await _keys(cfg)] == []  # nothing written by refused requests
+    assert await stored_keys(cfg) == []  # nothing written by refused requests
 
     ok = await secured.post("/api/tasks", json=BODY, headers={"Authorization": f"Bearer {TOKEN}"})
     assert ok.status == 202
@@ -58,12 +58,6 @@ async def test_token_guards_the_api_and_the_websocket(secured: Client, cfg: asyn
     assert refused.value.status == 401
     ws = await secured.ws_connect(f"/ws?token={TOKEN}")
     await ws.close()
-
-
-async def _keys(cfg: asyncnode.Config) -> list[str]:
-    from tests.conftest import redis_keys
-
-    return await redis_keys(cfg)
 
 
 async def test_websocket_origin_must_be_the_page_or_allowed(
@@ -99,6 +93,7 @@ async def test_new_websocket_client_gets_the_current_state_first(client: Client)
     await ws.close()
 
 
+@rabbitmq_only  # unreachable RabbitMQ and Redis URLs
 async def test_readyz_names_what_is_down(
     client: Client, cfg: asyncnode.Config, aiohttp_client: Callable[..., Awaitable[Client]]
 ) -> None:

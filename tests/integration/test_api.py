@@ -1,4 +1,4 @@
-"""The API against the real RabbitMQ and Redis: submission, reads, bad input, WebSocket relay."""
+"""The API on both backends: submission, reads, bad input, WebSocket relay."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
 import asyncnode
-from tests.conftest import redis_keys, wait_for
+from tests.conftest import db_rows, is_embedded, rabbitmq_only, stored_keys, wait_for
 
 Client = TestClient  # type: ignore[type-arg]
 
@@ -29,7 +29,11 @@ async def ready_messages(cfg: asyncnode.Config) -> list[dict[str, Any]]:
     """Peek at every message in the work queue; [] when the queue does not exist yet.
 
     Messages are fetched without acknowledging them: closing the channel returns them.
+    Embedded: the work queue's rows in the file (every row there is committed, so persistent).
     """
+    if is_embedded(cfg):
+        rows = await db_rows(cfg, "SELECT body FROM messages WHERE queue = ? ORDER BY id", cfg.broker.queue)
+        return [{"body": json.loads(body), "persistent": True} for (body,) in rows]
     connection = await aio_pika.connect(cfg.broker.url)
     async with connection:
         channel = await connection.channel()
@@ -51,6 +55,7 @@ def post(client: Client, body: Any, **kwargs: Any) -> Any:
     return client.post("/api/tasks", data=data, headers=headers, **kwargs)
 
 
+@rabbitmq_only  # Redis pub/sub and a RabbitMQ peek; test_embedded.py reads the file instead
 async def test_submit_records_publishes_and_queues_persistently(client: Client, cfg: asyncnode.Config) -> None:
     sub = aioredis.from_url(cfg.redis.url, decode_responses=True)
     pubsub = sub.pubsub(ignore_subscribe_messages=True)
@@ -180,7 +185,7 @@ async def test_bad_input_is_rejected_and_changes_nothing(
     assert resp.status == status
     assert resp.content_type == "application/json"
     assert message in (await resp.json())["error"]
-    assert await redis_keys(cfg) == []
+    assert await stored_keys(cfg) == []
     assert await ready_messages(cfg) == []
 
 
@@ -203,6 +208,7 @@ async def test_page_renders_a_form_per_type_with_security_headers(client: Client
     assert js.status == 200 and "WebSocket" in await js.text()
 
 
+@rabbitmq_only  # an unreachable broker; the embedded file has no outage of its own
 async def test_broker_down_answers_503_and_records_it(
     cfg: asyncnode.Config, aiohttp_client: Callable[..., Awaitable[Client]]
 ) -> None:

@@ -564,6 +564,12 @@ def endpoint_requests(draw: st.DrawFn) -> Req:
 
 
 # --- fixtures ---------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def backend(services: None) -> str:
+    """The audit reads Redis keys and RabbitMQ queues directly: this module runs on RabbitMQ and Redis only."""
+    return "rabbitmq"
+
+
 @pytest.fixture(scope="module", autouse=True)
 def fuzz_summary() -> Iterator[None]:
     """Print what the module sent (visible with -s)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,11 +22,11 @@ def load(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> asyncn
 
 def test_shipped_config_loads_with_the_documented_keys() -> None:
     cfg = asyncnode.Config.from_toml(ROOT / "config.toml", env={})
-    assert cfg.broker.url == "amqp://guest:guest@127.0.0.1:5672/"
+    assert (cfg.broker.url, cfg.redis.url) == ("", "")  # embedded, until both URLs are set
+    assert cfg.embedded == asyncnode.EmbeddedConfig(path="asyncnode.db", lease_timeout=30.0, synchronous="full")
     assert cfg.broker.queue == "tasks"
     assert cfg.broker.prefetch == 1
     assert cfg.broker.max_retries == 3
-    assert cfg.redis.url == "redis://127.0.0.1:6379/0"
     assert cfg.redis.channel == "task_updates"
     assert cfg.redis.key_prefix == "task:"
     assert (cfg.api.host, cfg.api.port) == ("0.0.0.0", 5000)
@@ -62,6 +63,10 @@ def test_environment_overrides_urls_and_port(tmp_path: Path) -> None:
         ("broker = 1\n", {}, "broker: expected a table [broker]"),
         ("[broker\nurl = 1\n", {}, "not valid TOML"),
         ("", {"ASYNCNODE_API_PORT": "http"}, "$ASYNCNODE_API_PORT: expected an integer"),
+        ('[embedded]\nsynchronous = "off"\n', {}, "[embedded] synchronous: expected one of 'full', 'normal'"),
+        ('[embedded]\nlease_timeout = "30"\n', {}, "[embedded] lease_timeout: expected a number"),
+        ("[embedded]\npath = 1\n", {}, "[embedded] path: expected a string"),
+        ("[embedded]\nurl = 'x'\n", {}, "[embedded] url: unknown key"),
     ],
 )
 def test_config_errors_name_file_key_and_expectation(
@@ -73,6 +78,60 @@ def test_config_errors_name_file_key_and_expectation(
     assert message.startswith(str(tmp_path / "config.toml"))
     assert expected in message
     assert "\n" not in message
+
+
+RABBIT = "amqp://guest:guest@127.0.0.1:5672/"
+REDIS = "redis://127.0.0.1:6379/0"
+
+#: Configs that name one of the two servers without the other: (file text, environment).
+HALF_CONFIGURED = [
+    pytest.param(f'[broker]\nurl = "{RABBIT}"\n', {}, id="broker-url-only"),
+    pytest.param(f'[redis]\nurl = "{REDIS}"\n', {}, id="redis-url-only"),
+    pytest.param("", {"RABBIT_URL": RABBIT}, id="RABBIT_URL-only"),
+    pytest.param("", {"REDIS_URL": REDIS}, id="REDIS_URL-only"),
+    pytest.param(f'[embedded]\npath = "x.db"\n[broker]\nurl = "{RABBIT}"\n', {}, id="embedded-and-broker-url"),
+]
+
+
+@pytest.mark.parametrize(("text", "env"), HALF_CONFIGURED)
+def test_one_server_url_without_the_other_is_a_config_error(tmp_path: Path, text: str, env: dict[str, str]) -> None:
+    with pytest.raises(asyncnode.ConfigError) as err:
+        load(tmp_path, text, env)
+    message = str(err.value)
+    assert message.startswith(str(tmp_path / "config.toml")) and "\n" not in message
+    assert "[broker] url" in message and "[redis] url" in message, message
+
+
+@pytest.mark.parametrize(
+    ("text", "env"),
+    [
+        pytest.param("", {}, id="neither"),
+        pytest.param(f'[broker]\nurl = "{RABBIT}"\n[redis]\nurl = "{REDIS}"\n', {}, id="both-in-file"),
+        pytest.param("", {"RABBIT_URL": RABBIT, "REDIS_URL": REDIS}, id="both-from-env"),
+        pytest.param(f'[broker]\nurl = "{RABBIT}"\n', {"REDIS_URL": REDIS}, id="file-and-env"),
+    ],
+)
+def test_both_server_urls_or_neither_load(tmp_path: Path, text: str, env: dict[str, str]) -> None:
+    cfg = load(tmp_path, text, env)
+    assert bool(cfg.broker.url) == bool(cfg.redis.url)
+
+
+@pytest.mark.parametrize("command", [["check"], ["api"], ["worker"], ["dlq", "list"]])
+def test_cli_with_one_server_url_exits_2_with_one_line(tmp_path: Path, command: list[str]) -> None:
+    half = tmp_path / "half.toml"
+    half.write_text(f'[broker]\nurl = "{RABBIT}"\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("RABBIT_URL", "REDIS_URL")}
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "asyncnode.py"), *command, "--config", str(half)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+    assert run.returncode == 2, run
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr
+    assert str(half) in run.stderr and "[redis] url" in run.stderr, run.stderr
+    assert run.stdout == "", run.stdout
 
 
 def test_toml_syntax_error_names_the_line(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser run test lint soak clean
+.PHONY: install browser run test lint soak bench clean
 
 install: $(STAMP)
 
@@ -33,6 +33,12 @@ test: install browser
 # Fault injection at full size (1,000-task crash soak, RabbitMQ and Redis outages): the README's figures.
 soak: install
 	$(PY) bench/reliability.py
+
+# Throughput of asyncnode, end to end and workers alone, per backend: the README's figures.
+# The [bench] extras (Celery, Dramatiq) are for comparisons only; asyncnode never needs them.
+bench: install
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) bench/throughput.py
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 
 import asyncnode
-from tests.conftest import Proc, queue_counts, wait_for
+from tests.conftest import Proc, queue_counts, task_records, wait_for
 
 Figures = dict[str, Any]
 
@@ -79,16 +79,9 @@ class Cluster:
             return 0, None, time.monotonic() - t0
 
     async def tasks(self, ids: list[str]) -> dict[str, dict[str, Any]]:
-        state = asyncnode.RedisState(self.cfg.redis)
-        try:
-            found = {}
-            for tid in ids:
-                task = await state.get(tid)
-                if task is not None:
-                    found[tid] = task
-            return found
-        finally:
-            await state.close()
+        """The stored tasks among ``ids``, read through the backend's own store (the API may be down)."""
+        found, _ = await task_records(self.cfg, ids)
+        return found
 
     async def wait_all(self, ids: list[str], timeout: float, status: str = "completed") -> dict[str, dict[str, Any]]:
         pending = set(ids)

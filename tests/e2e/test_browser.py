@@ -27,7 +27,7 @@ ARGS = [
     "--disable-sync",
 ]
 
-pytestmark = [pytest.mark.usefixtures("services"), pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.timeout(180)]
 
 
 class Inbox:
@@ -42,7 +42,7 @@ class Inbox:
 
 
 @pytest.fixture
-async def stack(tag: str, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
+async def stack(backend: str, tag: str, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
     inbox = Controller(Inbox(), hostname="127.0.0.1", port=free_port())
     inbox.start()
     # The screenshot shows what a user has: the built-in task types only.
@@ -50,6 +50,7 @@ async def stack(tag: str, tmp_path: Path, request: pytest.FixtureRequest) -> Asy
     config = write_config(
         tmp_path / "config.toml",
         tag,
+        backend=backend,
         broker={"retry_delays": [0.2], "max_retries": 0 if builtin else 1},
         handlers={"modules": ["handlers"] if builtin else ["handlers", "tests.fault_handlers"]},
         smtp={"host": "127.0.0.1", "port": inbox.port},
@@ -190,6 +191,7 @@ async def test_api_restart_disconnects_reconnects_and_catches_up(page: Any, stac
 
 
 @pytest.mark.builtin_only
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)  # what `make run` shows
 async def test_screenshot_with_every_state(page: Any, stack: Cluster) -> None:
     bodies = [
         {"type": "reverse", "payload": {"text": "Hello, asyncnode"}},

@@ -51,7 +51,7 @@ import aiohttp_jinja2
 import jinja2
 import redis.asyncio as aioredis
 from aiohttp import WSMsgType, web
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 __version__ = "0.1.0"
 
@@ -86,6 +86,8 @@ HISTORY_FIELDS: Final = frozenset({"attempt", "attempts", "error", "worker", "ne
 WORKERS_SUFFIX: Final = "~workers"
 #: Statuses after which nothing more happens to a task (``rejected``: the broker never held it; the API answered 503).
 TERMINAL: Final = frozenset({"completed", "failed", "rejected"})
+#: Statuses a worker may start a task from ("": no record, e.g. expired); a finished task is not run again.
+RUNNABLE: Final = ("", "pending", "retrying", "started", "rejected")
 #: Suffix of the dead-letter queue's name (``<queue>.dlq``).
 DLQ_SUFFIX: Final = ".dlq"
 #: Suffix, after ``[redis] key_prefix``, of the sorted set indexing recent tasks.
@@ -295,6 +297,7 @@ class WorkerConfig:
     processes_per_core: float = _opt(1.0, "worker processes per CPU core", min=0.0)
     stopwaitsecs: int = _opt(330, "seconds a stopping worker may take to finish its task in hand", min=1)
     heartbeat: float = _opt(5.0, "seconds between worker heartbeats (a worker is gone after 3 missed)", min=0.1)
+    concurrency: int = _opt(1, "tasks one process runs at once (async handlers; plain functions: one)", min=1, max=1000)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1050,8 +1053,8 @@ class TaskQueue(Protocol):
     async def dead_letter(self, envelope: Envelope, headers: Mapping[str, Any]) -> None:
         """Put a task in the dead-letter queue, with why in its headers."""
 
-    async def start_consuming(self, callback: Callable[[Delivery], Awaitable[None]]) -> None:
-        """Deliver tasks to ``callback``, up to ``[broker] prefetch`` unsettled at once."""
+    async def start_consuming(self, callback: Callable[[Delivery], Awaitable[None]], prefetch: int) -> None:
+        """Deliver tasks to ``callback``, up to ``prefetch`` unsettled at once."""
 
     async def wait_consuming(self, stop: asyncio.Event) -> bool:
         """Wait for ``stop``; return True early if consuming has been impossible for ``no_consumer_exit`` seconds."""
@@ -1097,7 +1100,7 @@ class TaskStore(Protocol):
     async def create(self, tid: str, ttype: str, payload: dict[str, Any], now: float) -> int:
         """Record a new pending task and publish it; return its sequence number."""
 
-    async def update(
+    def update(
         self,
         tid: str,
         ttype: str,
@@ -1109,8 +1112,9 @@ class TaskStore(Protocol):
         guard: Iterable[str] = (),
         ttl: int = 0,
         timeline: bool = True,
-    ) -> tuple[int, int] | None:
-        """Write and publish a change of state; return (seq, counter), or None if ``guard`` kept it out."""
+    ) -> Awaitable[tuple[int, int] | None]:
+        """Write and publish a change of state atomically; awaited, it gives (seq, counter), or None if
+        ``guard`` kept it out."""
 
     async def reset(self, tid: str, ttype: str, payload: dict[str, Any]) -> None:
         """Make a dead-lettered task pending again as if new."""
@@ -1277,7 +1281,7 @@ class Broker:
         """Publish a task to the DLQ (confirmed)."""
         await self.publish(envelope, self.cfg.queue + DLQ_SUFFIX, headers)
 
-    async def start_consuming(self, callback: Callable[[Delivery], Awaitable[None]]) -> None:
+    async def start_consuming(self, callback: Callable[[Delivery], Awaitable[None]], prefetch: int) -> None:
         """Open the consuming channel, declare the queues and consume, retrying while RabbitMQ is not ready.
 
         Workers starting together race to declare a new quorum queue, and RabbitMQ 3.10 can
@@ -1289,7 +1293,7 @@ class Broker:
             channel: aio_pika.abc.AbstractChannel | None = None
             try:
                 channel = await connection.channel()
-                await channel.set_qos(prefetch_count=self.cfg.prefetch)
+                await channel.set_qos(prefetch_count=prefetch)
                 queue = await declare_queues(channel, self.cfg)
                 self._consumer = channel, queue, await queue.consume(cast(Any, callback))
                 return
@@ -1453,15 +1457,18 @@ class Broker:
 # (and a counter such as attempts), write the fields, set the expiry, append to the
 # task's history, count the status and publish the update with the sequence number
 # spliced in.
-#   KEYS[1] task hash; and for a change of status: KEYS[2] its history list, KEYS[3] the stats hash
+#   KEYS[1] task hash; for a change of status: KEYS[2] its history list, KEYS[3] the stats hash;
+#   for a new task: KEYS[4] the recent-tasks index
 #   ARGV[1] channel; ARGV[2] update message without its closing brace
-#   ARGV[3] allowed current statuses, comma separated ('' = any)
+#   ARGV[3] allowed current statuses, comma separated ('' = any; an empty item = no record yet)
 #   ARGV[4] expire seconds (0 = keep); ARGV[5] counter field to increment ('' = none)
-#   ARGV[6] status; ARGV[7] history entry (JSON); ARGV[8..] field, value pairs
+#   ARGV[6] status; ARGV[7] history entry (JSON); for a new task: ARGV[8] its score in the index
+#   (its time; '' = not new), ARGV[9] the size the index is trimmed to, ARGV[10] its id;
+#   ARGV[11..] field, value pairs
 _UPDATE_LUA: Final = """
 if ARGV[3] ~= '' then
-  local cur = redis.call('HGET', KEYS[1], 'status')
-  if not cur or not string.find(',' .. ARGV[3] .. ',', ',' .. cur .. ',', 1, true) then
+  local cur = redis.call('HGET', KEYS[1], 'status') or ''
+  if not string.find(',' .. ARGV[3] .. ',', ',' .. cur .. ',', 1, true) then
     return false
   end
 end
@@ -1472,7 +1479,11 @@ if ARGV[5] ~= '' then
   extra = ',"' .. ARGV[5] .. '":' .. count
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-if #ARGV >= 9 then redis.call('HSET', KEYS[1], unpack(ARGV, 8)) end
+if #ARGV >= 12 then redis.call('HSET', KEYS[1], unpack(ARGV, 11)) end
+if ARGV[8] ~= '' then
+  redis.call('ZADD', KEYS[4], ARGV[8], ARGV[10])
+  redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -tonumber(ARGV[9]) - 1)
+end
 if #KEYS >= 3 then
   redis.call('RPUSH', KEYS[2], ARGV[7])
   redis.call('HINCRBY', KEYS[3], ARGV[6], 1)
@@ -1498,6 +1509,8 @@ class RedisState:
             cfg.url, decode_responses=True, socket_connect_timeout=5, health_check_interval=15
         )
         self._update = self.client.register_script(_UPDATE_LUA)
+        self._queued: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        self._flushes: set[asyncio.Task[None]] = set()
         self.recent_key = cfg.key_prefix + RECENT_SUFFIX
         self.stats_key = cfg.key_prefix + STATS_SUFFIX
         self.workers_key = cfg.key_prefix + WORKERS_SUFFIX
@@ -1519,28 +1532,84 @@ class RedisState:
         ttl: int = 0,
         timeline: bool = True,
         client: Any = None,
+        created: float | None = None,
     ) -> Awaitable[Any]:
         """The one script call behind every write (see _UPDATE_LUA); ``timeline``: a change of status
-        (appended to the task's history and counted), not a progress report."""
+        (appended to the task's history and counted), not a progress report; ``created``: a new task's
+        time, under which it is added to the recent-tasks index."""
         now = time.time()
         extra = {k: fields.get(k) for k in public}
         head = update_message(tid, ttype, status, now, extra)
         keys = [self.key(tid), self.key(tid) + HISTORY_SUFFIX, self.stats_key] if timeline else [self.key(tid)]
         entry = {"status": status, "ts": now, **{k: v for k, v in extra.items() if k in HISTORY_FIELDS}}
-        args: list[str | int] = [self.cfg.channel, head, ",".join(guard), ttl, counter, status, dumps(entry)]
-        return self._update(keys=keys, args=[*args, *encode_fields({**fields, "status": status})], client=client)
+        args: list[str | int | float] = [self.cfg.channel, head, ",".join(guard), ttl, counter, status, dumps(entry)]
+        if created is None:
+            args += ["", 0, ""]
+        else:
+            keys.append(self.recent_key)
+            args += [created, self.cfg.max_recent, tid]
+        args += encode_fields({**fields, "status": status})
+        if client is not None:
+            return self._update(keys=keys, args=args, client=client)
+        return self._enqueue(keys, args)
+
+    def _enqueue(self, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        """Queue one script call: the calls queued in one turn of the event loop go out as one pipeline
+        (one write and one read for all the requests or tasks in hand, instead of one each)."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._queued.append((keys, args, done))
+        if len(self._queued) == 1:
+            loop.call_soon(self._flush_queued)
+        return done
+
+    def _flush_queued(self) -> None:
+        batch, self._queued = self._queued, []
+        task = asyncio.get_running_loop().create_task(self._run_batch(batch))
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _run_batch(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> None:
+        try:
+            results = await self._evalsha_all([(keys, args) for keys, args, _ in batch])
+        except BaseException as e:  # the connection failed: every caller gets the error
+            for _, _, done in batch:
+                if not done.done():
+                    done.set_exception(e if isinstance(e, Exception) else RedisError(f"cancelled: {e!r}"))
+            if not isinstance(e, Exception):
+                raise
+            return
+        for (_, _, done), result in zip(batch, results, strict=True):
+            if not done.done():
+                if isinstance(result, Exception):
+                    done.set_exception(result)
+                else:
+                    done.set_result(result)
+
+    async def _evalsha_all(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run the update script once per call in one pipeline; load it first if Redis does not have it."""
+        results: list[Any] = [NoScriptError("not run")] * len(calls)
+        for _ in range(2):
+            missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+            if not missing:
+                break
+            async with self.client.pipeline(transaction=False) as pipe:
+                for i in missing:
+                    keys, args = calls[i]
+                    pipe.evalsha(self._update.sha, len(keys), *keys, *args)
+                for i, result in zip(missing, await pipe.execute(raise_on_error=False), strict=True):
+                    results[i] = result
+            if any(isinstance(results[i], NoScriptError) for i in missing):
+                await self.client.script_load(_UPDATE_LUA)  # a restarted or flushed Redis forgot it
+        return results
 
     async def create(self, tid: str, ttype: str, payload: dict[str, Any], now: float) -> int:
-        """Record a new pending task, index it and publish it; return its sequence number."""
+        """Record a new pending task, index it and publish it, in one round trip; return its sequence number."""
         fields = {"id": tid, "type": ttype, "payload": payload, "created_at": now, "attempts": 0}
-        async with self.client.pipeline(transaction=False) as pipe:
-            await self._write(tid, ttype, "pending", fields, public=("attempts",), client=pipe)
-            pipe.zadd(self.recent_key, {tid: now})
-            pipe.zremrangebyrank(self.recent_key, 0, -self.cfg.max_recent - 1)
-            res = await pipe.execute()
-        return int(res[0][0])
+        res = await self._write(tid, ttype, "pending", fields, public=("attempts",), created=now)
+        return int(res[0])
 
-    async def update(
+    def update(
         self,
         tid: str,
         ttype: str,
@@ -1552,16 +1621,16 @@ class RedisState:
         guard: Iterable[str] = (),
         ttl: int = 0,
         timeline: bool = True,
-    ) -> tuple[int, int] | None:
-        """Write a change of state and publish it in one round trip; return (seq, counter), or None if guarded out.
+    ) -> Awaitable[tuple[int, int] | None]:
+        """Write a change of state and publish it, in one round trip shared with the writes queued in the
+        same turn of the loop; awaited, it gives [seq, counter], or None if guarded out.
 
         ``public``: fields also put in the update message; ``counter``: a field incremented (and published);
         ``timeline``: False for a progress report, which is neither history nor a status to count.
         """
-        res = await self._write(
+        return self._write(
             tid, ttype, status, fields, public=public, counter=counter, guard=guard, ttl=ttl, timeline=timeline
         )
-        return None if res is None else (int(res[0]), int(res[1]))
 
     async def reset(self, tid: str, ttype: str, payload: dict[str, Any]) -> None:
         """Make a dead-lettered task pending again as if new: attempts, result, error and expiry cleared."""
@@ -1664,7 +1733,9 @@ class RedisState:
         return f"Redis {redact_url(self.cfg.url)}"
 
     async def close(self) -> None:
-        """Close the connection pool."""
+        """Finish the writes queued, then close the connection pool."""
+        if self._flushes:
+            await asyncio.wait(self._flushes, timeout=SHUTDOWN_STEP_TIMEOUT)
         await self.client.aclose()
 
 
@@ -2004,7 +2075,7 @@ class EmbeddedQueue:
         if not done.cancelled() and done.exception() is not None:
             self.log.warning("could not settle a delivery (%s); it will be redelivered", done.exception())
 
-    async def _consume(self, callback: Callable[[Delivery], Awaitable[None]]) -> None:
+    async def _consume(self, callback: Callable[[Delivery], Awaitable[None]], prefetch: int) -> None:
         pause, busy = SQLITE_POLL[0], False
         next_reap = next_renew = 0.0
         while not self._stopping:
@@ -2016,7 +2087,7 @@ class EmbeddedQueue:
                 if self.held and now >= next_renew:
                     await self.db.write(self._renew, list(self.held), now + self.lease)
                     next_renew = now + self.lease / 3
-                free = self.cfg.prefetch - len(self.held)
+                free = prefetch - len(self.held)
                 batch = []
                 # While tasks keep coming, claim straight away; once idle, look before taking the write lock.
                 if free > 0 and not self._stopping and (busy or await self.db.read(self._ready, now)):
@@ -2036,10 +2107,10 @@ class EmbeddedQueue:
                 await asyncio.wait_for(self._wake.wait(), pause)
             pause = min(pause * 2, SQLITE_POLL[1])
 
-    async def start_consuming(self, callback: Callable[[Delivery], Awaitable[None]]) -> None:
-        """Claim tasks in the background, up to ``[broker] prefetch`` in hand."""
+    async def start_consuming(self, callback: Callable[[Delivery], Awaitable[None]], prefetch: int) -> None:
+        """Claim tasks in the background, up to ``prefetch`` in hand."""
         await self.connect()
-        self._consumer = asyncio.create_task(self._consume(callback))
+        self._consumer = asyncio.create_task(self._consume(callback, prefetch))
 
     async def wait_consuming(self, stop: asyncio.Event) -> bool:
         """Wait for ``stop``; True if the claiming loop ended by itself (it should not)."""
@@ -2166,7 +2237,7 @@ class EmbeddedStore:
         rec, history = (json.loads(row[0]), json.loads(row[1])) if row else ({}, [])
         created, expires = (row[2], row[3]) if row else (now, None)
         guard = tuple(guard)
-        if guard and rec.get("status") not in guard:
+        if guard and (rec.get("status") or "") not in guard:
             return None
         if reset:
             rec = {k: v for k, v in rec.items() if k not in RESET_FIELDS}
@@ -2198,7 +2269,7 @@ class EmbeddedStore:
         res = await self.db.write(self._write, tid, ttype, "pending", fields, ("attempts",), "", (), 0, True)
         return int(res[0])
 
-    async def update(
+    def update(
         self,
         tid: str,
         ttype: str,
@@ -2210,10 +2281,10 @@ class EmbeddedStore:
         guard: Iterable[str] = (),
         ttl: int = 0,
         timeline: bool = True,
-    ) -> tuple[int, int] | None:
-        """Write a change of state and log its update in one transaction (see RedisState.update)."""
+    ) -> Awaitable[tuple[int, int] | None]:
+        """Write a change of state and log its update in one transaction (see TaskStore.update)."""
         args = (tid, ttype, status, dict(fields), tuple(public), counter, tuple(guard), ttl, timeline)
-        return cast(tuple[int, int] | None, await self.db.write(self._write, *args))
+        return self.db.write(self._write, *args)
 
     async def reset(self, tid: str, ttype: str, payload: dict[str, Any]) -> None:
         """Make a dead-lettered task pending again as if new."""
@@ -2804,13 +2875,14 @@ class TaskContext:
         self.log = log.getChild("task").getChild(ttype)
         self._state = state
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._latest: tuple[float, str | None] | None = None
         self._flusher: asyncio.Task[None] | None = None
 
     def progress(self, fraction: float, note: str | None = None) -> None:
         """Report progress (0..1) and a note, from async or sync handlers (writes coalesce: the newest wins)."""
         value = (min(max(float(fraction), 0.0), 1.0), note)
-        if threading.get_ident() == getattr(self._loop, "_thread_id", None):
+        if threading.get_ident() == self._loop_thread:
             self._set_progress(value)
         else:
             self._loop.call_soon_threadsafe(self._set_progress, value)
@@ -2888,6 +2960,7 @@ class Worker:
         self.in_hand: dict[str, float] = {}  # task id -> when it started, oldest first
         self.running: dict[str, asyncio.Event] = {}  # task id -> set when its outcome is recorded
         self.tasks_done = 0
+        self.one_thread = asyncio.Semaphore(1)
         self.log = log.getChild("worker")
 
     def heartbeat_info(self) -> dict[str, JSON]:
@@ -2989,19 +3062,24 @@ class Worker:
             done.set()
 
     async def _execute(self, env: Envelope, headers: Mapping[str, Any]) -> None:
-        status = await self._durably(lambda: self.state.status_of(env.id))
-        if status in ("completed", "failed"):
-            self.log.info("task %s is already %s; acknowledging the redelivery without running it", env.id, status)
-            return
         deliveries = _int_header(headers, "x-delivery-count")
         retries = _int_header(headers, "x-retries")
-        if deliveries >= self.cfg.broker.delivery_limit - 1:
-            # It was delivered this often without being settled: it keeps killing its worker.
-            failure = Failure(f"worker died {deliveries} times running this task (delivery limit)", "", True)
-            await self.give_up(env, failure, retries, headers)
-            return
+        if deliveries:  # a redelivery: finished by a worker that died before its ack, or a poison message?
+            status = await self._durably(lambda: self.state.status_of(env.id))
+            if status in ("completed", "failed"):
+                self.log.info("task %s is already %s; acknowledging the redelivery without running it", env.id, status)
+                return
+            if deliveries >= self.cfg.broker.delivery_limit - 1:
+                # It was delivered this often without being settled: it keeps killing its worker.
+                failure = Failure(f"worker died {deliveries} times running this task (delivery limit)", "", True)
+                await self.give_up(env, failure, retries, headers)
+                return
         started = {"worker": self.name, "started_at": time.time()}
-        _, attempt = await self._record(env, "started", started, public=("worker",), counter="attempts")
+        recorded = await self._record(env, "started", started, public=("worker",), counter="attempts", guard=RUNNABLE)
+        if recorded is None:
+            self.log.info("task %s is already finished; acknowledging it without running it", env.id)
+            return
+        attempt = int(recorded[1])
         self.in_hand[env.id] = time.time()
         try:
             outcome = await self.run(env, attempt)
@@ -3025,7 +3103,11 @@ class Worker:
             if ttype is None:
                 raise PermanentError(f"unknown task type {env.type!r} (this worker has {', '.join(sorted(REGISTRY))})")
             payload = validate_payload(ttype, env.payload, self.cfg)
-            result = await run_handler(ttype, payload, ctx, limit)
+            if ttype.is_async:
+                result = await run_handler(ttype, payload, ctx, limit)
+            else:
+                async with self.one_thread:  # plain functions are taken for CPU-bound: one at a time per process
+                    result = await run_handler(ttype, payload, ctx, limit)
             dumps(result)  # a result that cannot be stored is a failure of the task, not of the worker
         except Exception as e:
             result = describe_failure(e, limit)
@@ -3106,14 +3188,16 @@ async def run_worker(cfg: Config) -> int:
     code = 0
     try:
         worker = Worker(cfg, state, broker, os.environ.get("ASYNCNODE_INSTANCE", ""))
-        await broker.start_consuming(worker.on_message)
+        # Async handlers run up to [worker] concurrency at once, so that many must be in hand.
+        prefetch = max(cfg.broker.prefetch, cfg.worker.concurrency)
+        await broker.start_consuming(worker.on_message, prefetch)
         heartbeat = asyncio.create_task(worker.heartbeat_loop())
         wlog.info(
             "worker %s consuming %r from %s (prefetch %d; types: %s)",
             worker.name,
             cfg.broker.queue,
             broker.describe(),
-            cfg.broker.prefetch,
+            prefetch,
             ", ".join(sorted(REGISTRY)),
         )
         if await broker.wait_consuming(stop):
@@ -3338,6 +3422,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """Run a role to its end on uvloop where installed (fewer cycles per socket operation), else asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the chosen role; return the exit status."""
     parser = _parser()
@@ -3356,7 +3449,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.command in ROLES:
-            return asyncio.run(ROLES[args.command](cfg))
+            return run_loop(ROLES[args.command](cfg))
         result = COMMANDS[args.command](cfg, args)
         return int(asyncio.run(result) if inspect.iscoroutine(result) else result)
     except ConfigError as e:

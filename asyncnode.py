@@ -2960,6 +2960,7 @@ class Worker:
         self.in_hand: dict[str, float] = {}  # task id -> when it started, oldest first
         self.running: dict[str, asyncio.Event] = {}  # task id -> set when its outcome is recorded
         self.tasks_done = 0
+        self.slots = asyncio.Semaphore(cfg.worker.concurrency)
         self.one_thread = asyncio.Semaphore(1)
         self.log = log.getChild("worker")
 
@@ -3033,30 +3034,38 @@ class Worker:
             await self._settle(message.reject(requeue=False), "reject")
             return
         try:
-            await self.execute(env, message.headers or {})
+            ran = await self.execute(env, message.headers or {})
         except Exception as e:
             # The outcome could not be recorded or moved on: hand the task back rather than lose it.
-            if isinstance(e, RedisError | OSError | BrokerUnavailable):
+            if isinstance(e, (*STORE_ERRORS, BrokerUnavailable)):
                 self.log.error("task %s: %s; returning it to the queue", env.id, e)
             else:
                 self.log.exception("task %s: unexpected error; returning it to the queue", env.id)
             await self._settle(message.nack(requeue=True), "return")
             return
+        if not ran:  # stopping before its turn came: another worker takes it
+            await self._settle(message.nack(requeue=True), "return")
+            return
         await self._settle(message.ack(), "ack")
         self.tasks_done += 1
 
-    async def execute(self, env: Envelope, headers: Mapping[str, Any]) -> None:
-        """Record started, run the handler, then record and route the outcome (the caller acks)."""
+    async def execute(self, env: Envelope, headers: Mapping[str, Any]) -> bool:
+        """Record started, run the handler, then record and route the outcome (the caller acks); False if it was
+        not run because the worker is stopping (the caller hands it back)."""
         if env.id in self.running:
             # Redelivered while this process still runs it (RabbitMQ closed the channel on
             # consumer_timeout and requeued it): do not run it twice; settle this copy
             # once the run in hand has recorded its outcome.
             self.log.warning("task %s redelivered while running here; waiting for the run in hand", env.id)
             await self.running[env.id].wait()
-            return
+            return True
         done = self.running[env.id] = asyncio.Event()
         try:
-            await self._execute(env, headers)
+            async with self.slots:  # [worker] concurrency; the other deliveries in hand wait their turn
+                if self.stopping:
+                    return False
+                await self._execute(env, headers)
+                return True
         finally:
             del self.running[env.id]
             done.set()
@@ -3188,8 +3197,10 @@ async def run_worker(cfg: Config) -> int:
     code = 0
     try:
         worker = Worker(cfg, state, broker, os.environ.get("ASYNCNODE_INSTANCE", ""))
-        # Async handlers run up to [worker] concurrency at once, so that many must be in hand.
-        prefetch = max(cfg.broker.prefetch, cfg.worker.concurrency)
+        # Up to [worker] concurrency tasks run at once; with as many again in hand, the next one is
+        # there the moment one finishes.
+        concurrency = cfg.worker.concurrency
+        prefetch = max(cfg.broker.prefetch, 2 * concurrency if concurrency > 1 else 1)
         await broker.start_consuming(worker.on_message, prefetch)
         heartbeat = asyncio.create_task(worker.heartbeat_loop())
         wlog.info(

@@ -457,3 +457,25 @@ async def test_redelivered_task_runs_after_worker_killed(
     assert rec["result"]["slept"] >= 3, rec
     assert await queue_counts(cfg) == (0, 1)
     assert await queue_counts(cfg, cfg.broker.queue + asyncnode.DLQ_SUFFIX) == (0, 0)
+
+
+async def test_concurrency_runs_async_tasks_side_by_side_and_no_more(
+    backend: str, tag: str, tmp_path: Path, procs: Callable[..., Proc]
+) -> None:
+    config = write_config(tmp_path / "config.toml", tag, backend=backend, worker={"concurrency": 3})
+    cfg = asyncnode.Config.from_toml(config, env={})
+    api = procs("api", config)
+    worker = procs("worker", config)
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_api(session, cfg, api)
+            await wait_consumers(cfg, 1, worker)
+            ids = [await submit(session, cfg, "sleep", {"seconds": 1.0}) for _ in range(4)]
+            recs = [await wait_status(session, cfg, tid, "completed", api, worker, timeout=20) for tid in ids]
+    finally:
+        await cleanup(tag)
+    assert {r["worker"] for r in recs} == {f"{recs[0]['worker'].rpartition(':')[0]}:{worker.pid}"}, recs
+    starts = sorted(r["started_at"] for r in recs)
+    # Three ran side by side in the one process; the fourth, in hand meanwhile, only once one had finished.
+    assert starts[2] - starts[0] < 0.8, starts
+    assert starts[3] >= min(r["finished_at"] for r in recs) - 0.01, recs

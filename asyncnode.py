@@ -970,7 +970,6 @@ def supervisor_values(cfg: Config, name: str, inst: InstanceConfig, run_dir: Pat
     return {
         "HOME": str(HERE),
         "PYTHON": sys.executable,
-        "SCRIPT": str(HERE / "asyncnode.py"),
         "CONFIG": str(cfg.path.resolve()),
         "RUN_DIR": str(run_dir),
         "INSTANCE": name,

@@ -122,7 +122,7 @@ def test_rendered_config_is_what_supervisor_reads(tmp_path: Path) -> None:
     assert proc.name == "worker_01"  # type: ignore[attr-defined]
     assert proc.stopwaitsecs == cfg.worker.stopwaitsecs  # type: ignore[attr-defined]
     assert proc.stopasgroup and proc.killasgroup and proc.autorestart  # type: ignore[attr-defined]
-    assert proc.command.endswith(f"asyncnode.py worker --config {cfg.path.resolve()}")  # type: ignore[attr-defined]
+    assert proc.command.endswith(f"-m asyncnode worker --config {cfg.path.resolve()}")  # type: ignore[attr-defined]
     assert proc.environment == {"ASYNCNODE_INSTANCE": "worker-2"}  # type: ignore[attr-defined]
 
     programs = parse(render(tmp_path, cfg, "api-1"))

@@ -101,6 +101,8 @@ MAX_SUBSCRIBED: Final = 1000
 STATS_INTERVAL: Final = 1.0
 #: Largest ``limit`` accepted by ``GET /api/tasks``.
 MAX_LIST_LIMIT: Final = 1000
+#: Seconds the API gathers updates before sending them, one frame per client (fewer, larger frames).
+WS_FLUSH_INTERVAL: Final = 0.02
 #: Updates a WebSocket client may have queued before it counts as too slow and is dropped.
 WS_CLIENT_BUFFER: Final = 10_000
 #: Largest message a WebSocket client may send (it only ever sends small control messages).
@@ -2410,46 +2412,73 @@ BROKER_KEY: Final = web.AppKey("broker", TaskQueue)
 
 
 class WsClient:
-    """One connected WebSocket client with its own bounded buffer of updates and its subscription."""
+    """One connected WebSocket client: its subscription, and the frames queued for it (bounded)."""
 
     def __init__(self, ws: web.WebSocketResponse) -> None:
         self.ws = ws
-        self.pending: list[str] = []
+        self.pending: list[str] = []  # updates for a filtered subscription, framed at the next flush
+        self.frames: list[tuple[bytes, int]] = []  # a frame, and how many updates it carries
+        self.backlog = 0  # updates queued in frames not sent yet
         self.wake = asyncio.Event()
         self.subscription: Subscription = Subscription()
 
+    def queue(self, frame: bytes, updates: int) -> None:
+        """Queue a frame carrying ``updates`` updates for the send loop."""
+        self.frames.append((frame, updates))
+        self.backlog += updates
+        self.wake.set()
+
     async def send_loop(self) -> None:
-        """Send queued updates, batched into one frame per wake-up, until the socket closes."""
+        """Send the queued frames, until the socket closes."""
         while not self.ws.closed:
             await self.wake.wait()
             self.wake.clear()
-            batch, self.pending = self.pending, []
-            if batch:
-                await self.ws.send_str(batch_frame(batch))
+            frames, self.frames = self.frames, []
+            for frame, updates in frames:
+                await self.ws.send_frame(frame, WSMsgType.TEXT)
+                self.backlog -= updates
 
 
 class UpdateHub:
-    """Fans each update out to every WebSocket client; a client too slow to keep up is dropped."""
+    """Fans updates out to every WebSocket client, every WS_FLUSH_INTERVAL, as one frame of all of them.
+
+    The frame for the clients that want everything is built and encoded once and shared; a client too
+    slow to keep up is dropped. Nothing here ever awaits a client.
+    """
 
     def __init__(self) -> None:
         self.clients: set[WsClient] = set()
+        self._shared: list[str] = []
+        self._flush: asyncio.TimerHandle | None = None
 
     def broadcast(self, message: str) -> None:
-        """Queue ``message`` for every client that wants it, without awaiting any of them."""
+        """Queue ``message`` for every client that wants it."""
         update: dict[str, Any] | None = None
-        for client in list(self.clients):
+        for client in self.clients:
             if not client.subscription.everything:
                 # Only clients watching some tasks pay for reading the update.
                 update = update if update is not None else json.loads(message)
-                if not client.subscription.wants(update):
-                    continue
-            if len(client.pending) >= WS_CLIENT_BUFFER:
-                log.getChild("api").warning("dropping a WebSocket client that is %d updates behind", WS_CLIENT_BUFFER)
+                if client.subscription.wants(update):
+                    client.pending.append(message)
+        self._shared.append(message)
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(WS_FLUSH_INTERVAL, self.flush)
+
+    def flush(self) -> None:
+        """Send what was queued since the last flush: one frame per client."""
+        self._flush = None
+        shared, self._shared = self._shared, []
+        frame = batch_frame(shared).encode()
+        for client in list(self.clients):
+            if client.backlog >= WS_CLIENT_BUFFER:
+                log.getChild("api").warning("dropping a WebSocket client that is %d updates behind", client.backlog)
                 self.clients.discard(client)
                 asyncio.get_running_loop().create_task(client.ws.close(code=1013, message=b"too slow"))
-                continue
-            client.pending.append(message)
-            client.wake.set()
+            elif client.subscription.everything:
+                client.queue(frame, len(shared))
+            elif client.pending:
+                mine, client.pending = client.pending, []
+                client.queue(batch_frame(mine).encode(), len(mine))
 
 
 HUB_KEY: Final = web.AppKey("hub", UpdateHub)
@@ -2679,7 +2708,7 @@ async def ws_updates(request: web.Request) -> web.WebSocketResponse:
     with contextlib.suppress(*STORE_ERRORS):
         snapshot = [snapshot_update(t) for t in reversed(await request.app[STATE_KEY].recent(SNAPSHOT_SIZE))]
         if snapshot:
-            client.pending[:0] = snapshot
+            client.frames.insert(0, (batch_frame(snapshot).encode(), 0))
             client.wake.set()
     try:
         async for msg in ws:

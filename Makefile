@@ -34,11 +34,21 @@ test: install browser
 soak: install
 	$(PY) bench/reliability.py
 
-# Throughput of asyncnode, end to end and workers alone, per backend: the README's figures.
-# The [bench] extras (Celery, Dramatiq) are for comparisons only; asyncnode never needs them.
+# Throughput of asyncnode side by side with Celery, Dramatiq, the raw aio-pika + Redis limit and a
+# minimal aiohttp API, in one alternated run (about 12 minutes), then WebSocket fan-out and RSS over
+# 100,000 tasks (about 10 minutes more): the README's figures. The [bench]
+# extras are for comparisons only; asyncnode never needs them. wrk (Debian's) drives the API-alone
+# load; without it the harness falls back to an aiohttp client. Extra flags: make bench BENCH_ARGS='--systems raw,celery'
 bench: install
 	$(PY) -m pip install --quiet -e '.[bench]'
-	$(PY) bench/throughput.py
+	@command -v wrk >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk >/dev/null 2>&1 || \
+	      echo "asyncnode: could not install wrk: the API-alone load comes from aiohttp"; \
+	  else echo "asyncnode: wrk is not installed: the API-alone load comes from aiohttp (apt-get install wrk)"; fi; }
+	$(PY) bench/throughput.py $(BENCH_ARGS)
+	$(PY) bench/fanout.py --rounds 3 --backend rabbitmq,embedded
+	$(PY) bench/memory.py --backend rabbitmq,embedded
 
 lint: install
 	$(VENV)/bin/ruff check .

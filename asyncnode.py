@@ -144,6 +144,8 @@ START_ATTEMPTS: Final = 8
 SHUTDOWN_STEP_TIMEOUT: Final = 5.0
 #: Seconds between reconnection attempts of a robust RabbitMQ connection.
 RECONNECT_INTERVAL: Final = 1.0
+#: Pipelines of state writes one process has in flight at once (the rest wait and go out together).
+REDIS_PIPELINES: Final = 8
 #: Seconds a worker keeps retrying a Redis write before it hands the task back to the queue.
 REDIS_PATIENCE: Final = 300.0
 #: Frames and characters of a traceback kept with a dead letter.
@@ -1565,10 +1567,16 @@ class RedisState:
         return done
 
     def _flush_queued(self) -> None:
+        if not self._queued or len(self._flushes) >= REDIS_PIPELINES:
+            return  # the next pipeline to finish sends what waits, all together
         batch, self._queued = self._queued, []
         task = asyncio.get_running_loop().create_task(self._run_batch(batch))
         self._flushes.add(task)
-        task.add_done_callback(self._flushes.discard)
+        task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._flushes.discard(task)
+        self._flush_queued()
 
     async def _run_batch(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> None:
         try:

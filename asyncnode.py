@@ -1970,7 +1970,7 @@ class EmbeddedQueue:
         self._stopping = False
         self._consumer: asyncio.Task[None] | None = None
 
-    async def _guarded(self, what: str, run: Awaitable[Any]) -> Any:
+    async def _guarded(self, run: Awaitable[Any], what: str = "task queue unavailable") -> Any:
         try:
             return await run
         except sqlite3.Error as e:
@@ -1978,7 +1978,7 @@ class EmbeddedQueue:
 
     async def connect(self) -> Database:
         """Open the file (creating it and its tables if needed)."""
-        await self._guarded("task queue unavailable", self.db.read(_rows, "SELECT 1"))
+        await self._guarded(self.db.read(_rows, "SELECT 1"))
         return self.db
 
     def _insert(self, conn: sqlite3.Connection, queue: str, envelope: Envelope, headers: Any, ready_at: float) -> None:
@@ -1992,20 +1992,20 @@ class EmbeddedQueue:
     ) -> None:
         """Queue a task; it is committed to the file when this returns."""
         queue = routing_key or self.cfg.queue
-        await self._guarded("task queue refused the task", self.db.write(self._insert, queue, envelope, headers, 0.0))
+        await self._guarded(self.db.write(self._insert, queue, envelope, headers, 0.0), "task queue refused the task")
         self._wake.set()
 
     async def publish_later(self, envelope: Envelope, delay: float, headers: Mapping[str, Any]) -> None:
         """Queue a task that no worker may claim for ``delay`` seconds."""
         when = time.time() + delay
         await self._guarded(
-            "task queue refused the retry", self.db.write(self._insert, self.cfg.queue, envelope, headers, when)
+            self.db.write(self._insert, self.cfg.queue, envelope, headers, when), "task queue refused the retry"
         )
 
     async def dead_letter(self, envelope: Envelope, headers: Mapping[str, Any]) -> None:
         """Put a task in the dead-letter queue."""
         await self._guarded(
-            "task queue refused the dead letter", self.db.write(self._insert, self.dlq, envelope, headers, 0.0)
+            self.db.write(self._insert, self.dlq, envelope, headers, 0.0), "task queue refused the dead letter"
         )
 
     def _claim(self, conn: sqlite3.Connection, limit: int, now: float) -> list[tuple[int, bytes, dict[str, Any]]]:
@@ -2153,7 +2153,7 @@ class EmbeddedQueue:
 
     async def dead_letters(self, limit: int) -> tuple[list[dict[str, JSON]], int]:
         """Up to ``limit`` dead letters, oldest first, and how many there are."""
-        rows, total = await self._guarded("task queue unavailable", self.db.read(self._dead, limit))
+        rows, total = await self._guarded(self.db.read(self._dead, limit))
         return [dead_letter_info(tid, bytes(body), json.loads(headers)) for _, tid, body, headers in rows], total
 
     async def take_dead_letters(
@@ -2162,7 +2162,7 @@ class EmbeddedQueue:
         take: Callable[[Envelope | None, dict[str, JSON]], Awaitable[None]],
     ) -> int:
         """Run ``take`` on every dead letter ``wanted`` selects, then delete it; return how many."""
-        rows, _ = await self._guarded("task queue unavailable", self.db.read(self._dead, -1))
+        rows, _ = await self._guarded(self.db.read(self._dead, -1))
         taken = 0
         for mid, tid, body, headers in rows:
             item = dead_letter_info(tid, bytes(body), json.loads(headers))
@@ -2173,34 +2173,33 @@ class EmbeddedQueue:
                 env = Envelope.decode(bytes(body))
             await take(env, item)
             delete = "DELETE FROM messages WHERE id = ? AND queue = ?"
-            taken += await self._guarded("task queue unavailable", self.db.write(_changed, delete, mid, self.dlq))
+            taken += await self._guarded(self.db.write(_changed, delete, mid, self.dlq))
         return taken
 
     async def purge_dead_letters(self) -> int:
         """Drop every dead letter; return how many there were."""
         purge = "DELETE FROM messages WHERE queue = ?"
-        return int(await self._guarded("task queue unavailable", self.db.write(_changed, purge, self.dlq)))
+        return int(await self._guarded(self.db.write(_changed, purge, self.dlq)))
 
     def _depths(self, conn: sqlite3.Connection, now: float) -> dict[str, int]:
-        query = "SELECT COUNT(*) FROM messages WHERE queue = ? AND holder IS NULL AND ready_at <= ?"
-        counts = {
-            key: conn.execute(query, (name, now)).fetchone()[0]
-            for key, name in (("ready", self.cfg.queue), ("dlq", self.dlq))
-        }
-        counts["held"] = conn.execute("SELECT COUNT(*) FROM messages WHERE holder IS NOT NULL").fetchone()[0]
-        counts["waiting"] = conn.execute(
-            "SELECT COUNT(*) FROM messages WHERE queue = ? AND holder IS NULL AND ready_at > ?", (self.cfg.queue, now)
-        ).fetchone()[0]
-        return counts
+        """Ready, held and waiting tasks of the work queue, and dead letters: one pass over the rows."""
+        ready, held, waiting, dlq = conn.execute(
+            "SELECT COALESCE(SUM(queue = ?1 AND holder IS NULL AND ready_at <= ?3), 0), "
+            "COALESCE(SUM(holder IS NOT NULL), 0), "
+            "COALESCE(SUM(queue = ?1 AND holder IS NULL AND ready_at > ?3), 0), "
+            "COALESCE(SUM(queue = ?2 AND holder IS NULL), 0) FROM messages",
+            (self.cfg.queue, self.dlq, now),
+        ).fetchone()
+        return {"ready": ready, "held": held, "waiting": waiting, "dlq": dlq}
 
     async def queue_depths(self) -> dict[str, int]:
         """Tasks ready in the work queue and in the dead-letter queue."""
-        depths = await self._guarded("task queue unavailable", self.db.read(self._depths, time.time()))
+        depths = await self._guarded(self.db.read(self._depths, time.time()))
         return {"ready": depths["ready"], "dlq": depths["dlq"]}
 
     async def report(self) -> str:
         """What the file holds."""
-        d = await self._guarded("task queue unavailable", self.db.read(self._depths, time.time()))
+        d = await self._guarded(self.db.read(self._depths, time.time()))
         return (
             f"SQLite {sqlite3.sqlite_version}; {self.cfg.queue}: {d['ready']} ready, {d['held']} running, "
             f"{d['waiting']} waiting to retry; {self.dlq}: {d['dlq']} ready"
@@ -3070,16 +3069,15 @@ class Worker:
             await self._settle(message.reject(requeue=False), "reject")
             return
         try:
-            ran = await self.execute(env, message.headers or {})
+            ran = await self.execute(env, message.headers or {})  # False: stopping before its turn came
         except Exception as e:
             # The outcome could not be recorded or moved on: hand the task back rather than lose it.
             if isinstance(e, (*STORE_ERRORS, BrokerUnavailable)):
                 self.log.error("task %s: %s; returning it to the queue", env.id, e)
             else:
                 self.log.exception("task %s: unexpected error; returning it to the queue", env.id)
-            await self._settle(message.nack(requeue=True), "return")
-            return
-        if not ran:  # stopping before its turn came: another worker takes it
+            ran = False
+        if not ran:
             await self._settle(message.nack(requeue=True), "return")
             return
         await self._settle(message.ack(), "ack")

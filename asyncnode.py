@@ -51,7 +51,17 @@ import aiohttp_jinja2
 import jinja2
 import redis.asyncio as aioredis
 from aiohttp import WSMsgType, web
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+
+# Fast paths where installed (both are dependencies; the standard library and redis-py stand in without them).
+try:
+    import orjson
+except ImportError:  # pragma: no cover
+    orjson = None  # type: ignore[assignment]
+try:
+    from hiredis import pack_command as _pack_command
+except ImportError:  # pragma: no cover
+    _pack_command = None  # type: ignore[assignment]
 
 __version__ = "0.1.0"
 
@@ -61,6 +71,7 @@ __version__ = "0.1.0"
 sys.modules.setdefault("asyncnode", sys.modules[__name__])
 
 log = logging.getLogger("asyncnode")
+
 
 # ============================================================================
 # Constants
@@ -617,8 +628,24 @@ def load_handlers(modules: Iterable[str]) -> None:
 
 
 def dumps(obj: JSON) -> str:
-    """Compact JSON text."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    """Compact JSON text: orjson's where it can; else (integers past 64 bits, lone surrogates) the json
+    module's, escaped to ASCII so that it always encodes."""
+    if orjson is not None:
+        try:
+            return orjson.dumps(obj).decode()
+        except orjson.JSONEncodeError:
+            pass
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def loads(text: str | bytes) -> Any:
+    """Parse JSON text (orjson's where it can, else the json module's, which also takes NaN and huge integers)."""
+    if orjson is not None:
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -730,7 +757,7 @@ class Envelope:
     def decode(cls, body: bytes) -> Envelope:
         """Parse a message body; raise EnvelopeError if it is not an envelope."""
         try:
-            data = json.loads(body)
+            data = loads(body)
         except (ValueError, UnicodeDecodeError) as e:
             raise EnvelopeError(f"message body is not JSON: {e}") from None
         if not isinstance(data, dict):
@@ -771,7 +798,7 @@ def decode_record(tid: str, raw: Mapping[str, str]) -> dict[str, JSON]:
     for key, value in raw.items():
         if key in JSON_FIELDS:
             try:
-                rec[key] = json.loads(value)
+                rec[key] = loads(value)
             except ValueError:
                 rec[key] = value
         elif key in FLOAT_FIELDS:
@@ -823,7 +850,7 @@ class Subscription:
     def parse(cls, text: str) -> Subscription | None:
         """``{"subscribe": "*"}``, ``{"subscribe": {"ids": [...], "types": [...]}}``; None if not one of those."""
         try:
-            request = json.loads(text)
+            request = loads(text)
         except (ValueError, RecursionError):
             return None
         if not isinstance(request, dict) or "subscribe" not in request:
@@ -1563,14 +1590,14 @@ class RedisState:
         done = loop.create_future()
         self._queued.append((keys, args, done))
         if len(self._queued) == 1:
-            loop.call_soon(self._flush_queued)
+            self._flush_queued()
         return done
 
     def _flush_queued(self) -> None:
+        """Start a pipeline for the writes queued: it takes them when it first runs, after this turn."""
         if not self._queued or len(self._flushes) >= REDIS_PIPELINES:
             return  # the next pipeline to finish sends what waits, all together
-        batch, self._queued = self._queued, []
-        task = asyncio.get_running_loop().create_task(self._run_batch(batch))
+        task = asyncio.get_running_loop().create_task(self._run_batch())
         self._flushes.add(task)
         task.add_done_callback(self._batch_done)
 
@@ -1578,7 +1605,10 @@ class RedisState:
         self._flushes.discard(task)
         self._flush_queued()
 
-    async def _run_batch(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> None:
+    async def _run_batch(self) -> None:
+        batch, self._queued = self._queued, []
+        if not batch:
+            return
         try:
             results = await self._evalsha_all([(keys, args) for keys, args, _ in batch])
         except BaseException as e:  # the connection failed: every caller gets the error
@@ -1602,15 +1632,34 @@ class RedisState:
             missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
             if not missing:
                 break
-            async with self.client.pipeline(transaction=False) as pipe:
-                for i in missing:
-                    keys, args = calls[i]
-                    pipe.evalsha(self._update.sha, len(keys), *keys, *args)
-                for i, result in zip(missing, await pipe.execute(raise_on_error=False), strict=True):
-                    results[i] = result
+            commands = [("EVALSHA", self._update.sha, len(calls[i][0]), *calls[i][0], *calls[i][1]) for i in missing]
+            for i, result in zip(missing, await self._pipeline(commands), strict=True):
+                results[i] = result
             if any(isinstance(results[i], NoScriptError) for i in missing):
                 await self.client.script_load(_UPDATE_LUA)  # a restarted or flushed Redis forgot it
         return results
+
+    async def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` in one write on a pooled connection and read their replies (an error reply is
+        returned in its place). redis-py's Pipeline would do the same at several times the CPU, and would
+        resend every command after a connection error, running a script twice if Redis had run it."""
+        pool = self.client.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            packed = conn.pack_commands(commands) if _pack_command is None else b"".join(map(_pack_command, commands))
+            await conn.send_packed_command(packed)  # a PING first if idle for long
+            results: list[Any] = []
+            for _ in commands:
+                try:
+                    results.append(await conn.read_response())
+                except ResponseError as e:
+                    results.append(e)
+            return results
+        except BaseException:
+            await conn.disconnect()  # what is left unread on it is unknown
+            raise
+        finally:
+            await pool.release(conn)
 
     async def create(self, tid: str, ttype: str, payload: dict[str, Any], now: float) -> int:
         """Record a new pending task, index it and publish it, in one round trip; return its sequence number."""
@@ -1660,7 +1709,7 @@ class RedisState:
         if not raw:
             return None
         rec = decode_record(tid, raw)
-        rec["history"] = [json.loads(entry) for entry in history]
+        rec["history"] = [loads(entry) for entry in history]
         return rec
 
     async def counters(self) -> dict[str, int]:
@@ -1715,7 +1764,7 @@ class RedisState:
         gone = [w for w, raw in zip(ids, raws, strict=True) if raw is None]
         if gone:
             await self.client.zrem(self.workers_key, *gone)
-        return [json.loads(raw) for raw in raws if raw is not None]
+        return [loads(raw) for raw in raws if raw is not None]
 
     async def follow(self) -> AsyncIterator[str | None]:
         """Every update published on the channel from now on; None once subscribed."""
@@ -2017,7 +2066,7 @@ class EmbeddedQueue:
         ).fetchall()
         claimed = []
         for mid, body, raw, deliveries in rows:
-            headers = json.loads(raw)
+            headers = loads(raw)
             if deliveries > self.cfg.delivery_limit:  # RabbitMQ's quorum delivery limit, as a backstop
                 headers["x-error"] = f"delivered {deliveries} times without being settled (delivery limit)"
                 conn.execute("UPDATE messages SET queue = ?, headers = ? WHERE id = ?", (self.dlq, dumps(headers), mid))
@@ -2154,7 +2203,7 @@ class EmbeddedQueue:
     async def dead_letters(self, limit: int) -> tuple[list[dict[str, JSON]], int]:
         """Up to ``limit`` dead letters, oldest first, and how many there are."""
         rows, total = await self._guarded(self.db.read(self._dead, limit))
-        return [dead_letter_info(tid, bytes(body), json.loads(headers)) for _, tid, body, headers in rows], total
+        return [dead_letter_info(tid, bytes(body), loads(headers)) for _, tid, body, headers in rows], total
 
     async def take_dead_letters(
         self,
@@ -2165,7 +2214,7 @@ class EmbeddedQueue:
         rows, _ = await self._guarded(self.db.read(self._dead, -1))
         taken = 0
         for mid, tid, body, headers in rows:
-            item = dead_letter_info(tid, bytes(body), json.loads(headers))
+            item = dead_letter_info(tid, bytes(body), loads(headers))
             if not wanted(item):
                 continue
             env: Envelope | None = None
@@ -2242,7 +2291,7 @@ class EmbeddedStore:
         """What _UPDATE_LUA does in Redis, inside the write transaction."""
         now = time.time()
         row = conn.execute("SELECT record, history, created_at, expires_at FROM tasks WHERE id = ?", (tid,)).fetchone()
-        rec, history = (json.loads(row[0]), json.loads(row[1])) if row else ({}, [])
+        rec, history = (loads(row[0]), loads(row[1])) if row else ({}, [])
         created, expires = (row[2], row[3]) if row else (now, None)
         guard = tuple(guard)
         if guard and (rec.get("status") or "") not in guard:
@@ -2301,13 +2350,13 @@ class EmbeddedStore:
 
     @staticmethod
     def _record(tid: str, raw: str) -> dict[str, JSON]:
-        return blank_record(tid) | cast(dict[str, JSON], json.loads(raw))
+        return blank_record(tid) | cast(dict[str, JSON], loads(raw))
 
     async def get(self, tid: str) -> dict[str, JSON] | None:
         """The task ``tid`` with its history, or None (also once expired)."""
         query = "SELECT record, history FROM tasks WHERE id = ? AND (expires_at IS NULL OR expires_at > ?)"
         rows = await self.db.read(_rows, query, tid, time.time())
-        return self._record(tid, rows[0][0]) | {"history": json.loads(rows[0][1])} if rows else None
+        return self._record(tid, rows[0][0]) | {"history": loads(rows[0][1])} if rows else None
 
     async def recent(self, limit: int) -> list[dict[str, JSON]]:
         """The most recent tasks, newest first."""
@@ -2319,7 +2368,7 @@ class EmbeddedStore:
 
     async def _field(self, tid: str, name: str) -> Any:
         rows = await self.db.read(_rows, "SELECT record FROM tasks WHERE id = ?", tid)
-        return json.loads(rows[0][0]).get(name) if rows else None
+        return loads(rows[0][0]).get(name) if rows else None
 
     async def status_of(self, tid: str) -> str | None:
         """Just the status of task ``tid``."""
@@ -2378,7 +2427,7 @@ class EmbeddedStore:
     async def workers(self) -> list[dict[str, JSON]]:
         """The live workers: those whose heartbeat has not expired."""
         query = "SELECT info FROM workers WHERE expires_at > ?"
-        return [json.loads(info) for (info,) in await self.db.read(_rows, query, time.time())]
+        return [loads(info) for (info,) in await self.db.read(_rows, query, time.time())]
 
     async def ping(self) -> None:
         """Raise unless the file answers."""
@@ -2460,11 +2509,13 @@ class UpdateHub:
 
     def broadcast(self, message: str) -> None:
         """Queue ``message`` for every client that wants it."""
+        if not self.clients:
+            return
         update: dict[str, Any] | None = None
         for client in self.clients:
             if not client.subscription.everything:
                 # Only clients watching some tasks pay for reading the update.
-                update = update if update is not None else json.loads(message)
+                update = update if update is not None else loads(message)
                 if client.subscription.wants(update):
                     client.pending.append(message)
         self._shared.append(message)
@@ -2491,8 +2542,13 @@ class UpdateHub:
 HUB_KEY: Final = web.AppKey("hub", UpdateHub)
 
 
+def _json_response(data: JSON, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    """A JSON answer, compact (as every other JSON text asyncnode writes)."""
+    return web.json_response(data, status=status, headers=headers, dumps=dumps)
+
+
 def _json_error(status: int, message: str, **extra: JSON) -> web.Response:
-    return web.json_response({"error": message, **extra}, status=status)
+    return _json_response({"error": message, **extra}, status=status)
 
 
 _Handler: TypeAlias = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -2553,7 +2609,7 @@ async def page_index(request: web.Request) -> dict[str, Any]:
 async def api_task_types(request: web.Request) -> web.Response:
     """``GET /api/task-types``: the registered types and the payload fields each expects."""
     max_text = request.app[CFG_KEY].api.max_text
-    return web.json_response({"items": [t.describe(max_text) for t in sorted(REGISTRY.values(), key=lambda t: t.name)]})
+    return _json_response({"items": [t.describe(max_text) for t in sorted(REGISTRY.values(), key=lambda t: t.name)]})
 
 
 async def api_submit(request: web.Request) -> web.Response:
@@ -2563,7 +2619,7 @@ async def api_submit(request: web.Request) -> web.Response:
         return _json_error(415, "Content-Type must be application/json")
     raw = await request.read()
     try:
-        body = json.loads(raw)
+        body = loads(raw)
     except (ValueError, UnicodeDecodeError):
         return _json_error(400, "body is not valid JSON")
     except RecursionError:
@@ -2589,7 +2645,7 @@ async def api_submit(request: web.Request) -> web.Response:
             fields = {"error": str(e), "finished_at": time.time()}
             await state.update(tid, ttype.name, "rejected", fields, public=("error",), ttl=cfg.redis.result_ttl)
         return _json_error(503, f"task not queued: {e}; retry later", id=tid)
-    return web.json_response({"id": tid, "status": "pending"}, status=202, headers={"Location": f"/api/tasks/{tid}"})
+    return _json_response({"id": tid, "status": "pending"}, status=202, headers={"Location": f"/api/tasks/{tid}"})
 
 
 async def api_get_task(request: web.Request) -> web.Response:
@@ -2598,7 +2654,7 @@ async def api_get_task(request: web.Request) -> web.Response:
     rec = await request.app[STATE_KEY].get(tid) if TASK_ID.fullmatch(tid) else None
     if rec is None:
         return _json_error(404, f"no task with id {tid[:64]!r}")
-    return web.json_response(rec)
+    return _json_response(rec)
 
 
 def _query_limit(request: web.Request, default: int) -> int:
@@ -2611,7 +2667,7 @@ def _query_limit(request: web.Request, default: int) -> int:
 
 async def api_list_tasks(request: web.Request) -> web.Response:
     """``GET /api/tasks?limit=N``: the most recent tasks, newest first."""
-    return web.json_response({"items": await request.app[STATE_KEY].recent(_query_limit(request, 50))})
+    return _json_response({"items": await request.app[STATE_KEY].recent(_query_limit(request, 50))})
 
 
 async def api_dlq_list(request: web.Request) -> web.Response:
@@ -2621,7 +2677,7 @@ async def api_dlq_list(request: web.Request) -> web.Response:
         items, total = await request.app[BROKER_KEY].dead_letters(limit)
     except BrokerUnavailable as e:
         return _json_error(503, str(e))
-    return web.json_response({"items": items, "total": total})
+    return _json_response({"items": items, "total": total})
 
 
 async def requeue_dead_letters(broker: TaskQueue, state: TaskStore, task_id: str | None) -> int:
@@ -2647,7 +2703,7 @@ async def api_dlq_requeue(request: web.Request) -> web.Response:
         return _json_error(503, f"{request.app[STATE_KEY].label} unavailable; nothing was requeued")
     if task_id is not None and count == 0:
         return _json_error(404, f"no dead letter with id {task_id[:64]!r}")
-    return web.json_response({"requeued": count})
+    return _json_response({"requeued": count})
 
 
 async def api_dlq_discard(request: web.Request) -> web.Response:
@@ -2663,19 +2719,19 @@ async def api_dlq_discard(request: web.Request) -> web.Response:
         return _json_error(503, str(e))
     if count == 0:
         return _json_error(404, f"no dead letter with id {task_id[:64]!r}")
-    return web.json_response({"discarded": count})
+    return _json_response({"discarded": count})
 
 
 async def api_workers(request: web.Request) -> web.Response:
     """``GET /api/workers``: the workers whose heartbeat is alive."""
     items = await request.app[STATE_KEY].workers()
     items.sort(key=lambda w: (str(w.get("host")), int(w.get("pid") or 0)))
-    return web.json_response({"items": items})
+    return _json_response({"items": items})
 
 
 async def healthz(request: web.Request) -> web.Response:
     """``GET /healthz``: 200 while this process runs."""
-    return web.json_response({"status": "ok"})
+    return _json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -2695,8 +2751,8 @@ async def readyz(request: web.Request) -> web.Response:
         checks[broker.name] = str(e)
     failed = [name for name, result in checks.items() if result != "ok"]
     if failed:
-        return web.json_response({"error": f"{' and '.join(failed)} unavailable", **checks}, status=503)
-    return web.json_response({"status": "ready", **checks})
+        return _json_response({"error": f"{' and '.join(failed)} unavailable", **checks}, status=503)
+    return _json_response({"status": "ready", **checks})
 
 
 async def ws_updates(request: web.Request) -> web.WebSocketResponse:

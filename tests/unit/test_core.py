@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -153,3 +155,19 @@ def test_quorum_queue_arguments_bound_redeliveries() -> None:
     assert args["x-dead-letter-strategy"] == "at-least-once" and args["x-overflow"] == "reject-publish"
     classic = asyncnode.queue_arguments(asyncnode.BrokerConfig(queue_type="classic"))
     assert "x-delivery-limit" not in classic and classic["x-dead-letter-routing-key"] == "tasks.dlq"
+
+
+def test_a_worker_process_never_loads_the_api_libraries() -> None:
+    """aiohttp and Jinja2 serve the API alone; a worker that imported them would carry ~12 MiB for nothing."""
+    code = (
+        "import sys, asyncnode\n"
+        "asyncnode.load_handlers(['handlers'])\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'aiohttp', 'aiohttp_jinja2', 'jinja2'}))\n"
+        "asyncnode.make_app(asyncnode.Config.from_toml(sys.argv[1]))\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'aiohttp', 'aiohttp_jinja2', 'jinja2'}))\n"
+    )
+    root = Path(asyncnode.__file__).parent
+    args = [sys.executable, "-c", code, str(root / "config.toml")]
+    out = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["[]", "['aiohttp', 'aiohttp_jinja2', 'jinja2']"]

@@ -40,7 +40,7 @@ import time
 import tomllib
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol, TypeAlias, cast
 from urllib.parse import urlsplit, urlunsplit
@@ -137,7 +137,7 @@ WS_CLIENT_BUFFER: Final = 10_000
 WS_MAX_MESSAGE: Final = 64 * 1024
 #: Seconds between WebSocket pings; a client that misses a pong is dropped.
 WS_HEARTBEAT: Final = 30.0
-#: Seconds the API waits at start for its Redis subscription before serving anyway.
+#: Seconds a new WebSocket client waits for the relay to follow the store before taking its snapshot anyway.
 RELAY_START_TIMEOUT: Final = 5.0
 #: Fields cleared when a dead letter is requeued as a fresh task.
 RESET_FIELDS: Final = (
@@ -1181,7 +1181,7 @@ class TaskStore(Protocol):
     async def counters(self) -> dict[str, int]:
         """How many tasks ever reached each status."""
 
-    def follow(self) -> AsyncIterator[str | None]:
+    def follow(self) -> AsyncGenerator[str | None, None]:
         """Every update from now on, as published; None first and after each resubscription (a gap is possible)."""
 
     async def beat(self, worker_id: str, info: Mapping[str, JSON], ttl: float) -> None:
@@ -1783,7 +1783,7 @@ class RedisState:
             await self.client.zrem(self.workers_key, *gone)
         return [loads(raw) for raw in raws if raw is not None]
 
-    async def follow(self) -> AsyncIterator[str | None]:
+    async def follow(self) -> AsyncGenerator[str | None, None]:
         """Every update published on the channel from now on; None once subscribed."""
         async with self.client.pubsub(ignore_subscribe_messages=True) as pubsub:
             await pubsub.subscribe(self.cfg.channel)
@@ -2399,7 +2399,7 @@ class EmbeddedStore:
         """How many tasks ever reached each status."""
         return dict(await self.db.read(_rows, "SELECT status, n FROM stats"))
 
-    async def follow(self) -> AsyncIterator[str | None]:
+    async def follow(self) -> AsyncGenerator[str | None, None]:
         """Tail the ``updates`` log from its end; None first, and again if the log was pruned past us."""
         [(last,)] = await self.db.read(_rows, "SELECT COALESCE(MAX(seq), 0) FROM updates")
         yield None
@@ -2530,8 +2530,15 @@ class UpdateHub:
 
     def __init__(self) -> None:
         self.clients: set[WsClient] = set()
+        self.wanted = asyncio.Event()  # a client joined: the relay follows the store until none is left
+        self.live = asyncio.Event()  # the relay follows the store
         self._shared: list[str] = []
         self._flush: asyncio.TimerHandle | None = None
+
+    def join(self, client: WsClient) -> None:
+        """Add a client; the relay starts following the store if it was not."""
+        self.clients.add(client)
+        self.wanted.set()
 
     def broadcast(self, message: str) -> None:
         """Queue ``message`` for every client that wants it."""
@@ -2785,11 +2792,12 @@ async def ws_updates(request: web.Request) -> web.WebSocketResponse:
     await ws.prepare(request)
     hub = request.app[HUB_KEY]
     client = WsClient(ws)
-    hub.clients.add(client)
+    hub.join(client)
     sender = asyncio.create_task(client.send_loop())
-    # Join first, then send the current state: updates racing the snapshot carry
-    # higher sequence numbers, and clients keep the highest, so nothing is lost.
-    with contextlib.suppress(*STORE_ERRORS):
+    # Join first and let the relay follow the store, then send the current state: updates racing
+    # the snapshot carry higher sequence numbers, and clients keep the highest, so nothing is lost.
+    with contextlib.suppress(*STORE_ERRORS, TimeoutError):
+        await asyncio.wait_for(hub.live.wait(), RELAY_START_TIMEOUT)
         snapshot = [snapshot_update(t) for t in reversed(await request.app[STATE_KEY].recent(SNAPSHOT_SIZE))]
         if snapshot:
             client.frames.insert(0, (batch_frame(snapshot).encode(), 0))
@@ -2812,29 +2820,45 @@ async def ws_updates(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-async def _relay_updates(app: web.Application, subscribed: asyncio.Event) -> None:
-    """Follow the store's updates and hand every one to the hub."""
+async def _relay_updates(app: web.Application) -> None:
+    """Follow the store's updates while any WebSocket client is connected, and hand every one to the hub.
+
+    With no client left it stops following at the next update (no parsing of updates nobody reads) and
+    starts again with the next client, which waits for it before taking its snapshot.
+    """
     state, hub = app[STATE_KEY], app[HUB_KEY]
     alog = log.getChild("api")
-    delay = 0.1
+    delay, lost, first = 0.1, False, True
     while True:
+        await hub.wanted.wait()
         try:
-            async for message in state.follow():
-                if message is not None:
-                    hub.broadcast(message)
-                    continue
-                alog.info("relaying updates from %s", state.describe())
-                if subscribed.is_set():
-                    # Updates published while we were away are gone: resend the current
-                    # state of recent tasks so every client ends on the truth.
-                    for task in reversed(await state.recent(SNAPSHOT_SIZE)):
-                        hub.broadcast(snapshot_update(task))
-                subscribed.set()
-                delay = 0.1
+            async with contextlib.aclosing(state.follow()) as updates:
+                async for message in updates:
+                    if message is not None:
+                        if not hub.clients:
+                            break
+                        hub.broadcast(message)
+                        continue
+                    alog.log(
+                        logging.INFO if first or lost else logging.DEBUG, "relaying updates from %s", state.describe()
+                    )
+                    if lost:
+                        # Updates published while we were away are gone: resend the current
+                        # state of recent tasks so every client ends on the truth.
+                        for task in reversed(await state.recent(SNAPSHOT_SIZE)):
+                            hub.broadcast(snapshot_update(task))
+                    hub.live.set()
+                    delay, lost, first = 0.1, False, False
         except STORE_ERRORS as e:
+            hub.live.clear()
+            lost = True
             alog.warning("update subscription lost (%s); retrying in %.1f s", e, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+            continue
+        hub.live.clear()
+        if not hub.clients:
+            hub.wanted.clear()
 
 
 async def _stats_loop(app: web.Application) -> None:
@@ -2877,13 +2901,8 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _relay_ctx(app: web.Application) -> AsyncIterator[None]:
-    subscribed = asyncio.Event()
-    relay = asyncio.create_task(_relay_updates(app, subscribed))
+    relay = asyncio.create_task(_relay_updates(app))
     stats = asyncio.create_task(_stats_loop(app))
-    # Serve only once subscribed, so no update published after the API answers is missed;
-    # with Redis down, start anyway (submissions answer 503) and subscribe when it returns.
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(subscribed.wait(), RELAY_START_TIMEOUT)
     yield
     # redis-py can swallow a cancellation that lands while it is connecting;
     # cancel again until the relay has really stopped.

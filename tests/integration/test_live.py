@@ -12,6 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 import asyncnode
+from tests.conftest import wait_for
 
 Client = TestClient  # type: ignore[type-arg]
 
@@ -112,3 +113,27 @@ async def test_task_timeline(client: Client) -> None:
     assert timeline == [("pending", None), ("started", None), ("retrying", "boom"), ("completed", None)]
     assert task["history"][1]["worker"] == "h:1"
     assert all(a["ts"] <= b["ts"] for a, b in zip(task["history"], task["history"][1:], strict=False))
+
+
+async def test_updates_are_followed_while_a_client_is_connected_and_again_for_the_next(client: Client) -> None:
+    """With nobody watching the API stops reading updates; the next client still misses none."""
+    hub = client.app[asyncnode.HUB_KEY]
+    assert not hub.live.is_set()  # no client yet: nothing read
+
+    first = await client.ws_connect("/ws")
+    await asyncio.wait_for(hub.live.wait(), 5)
+    tid = await submit(client, {"type": "noop"})
+    assert tid in {u.get("id") for u in await frames(first, 1.0)}
+    await first.close()
+
+    async def stopped_following() -> bool:
+        await submit(client, {"type": "noop"})  # the first update nobody wants ends the following
+        return not hub.live.is_set()
+
+    await wait_for(stopped_following, 10, "the relay to stop following the store")
+
+    second = await client.ws_connect("/ws")
+    await asyncio.wait_for(hub.live.wait(), 5)
+    tid = await submit(client, {"type": "reverse", "payload": {"text": "again"}})
+    got = [u for u in await frames(second, 1.0) if u.get("id") == tid]
+    assert [u["status"] for u in got] == ["pending"]

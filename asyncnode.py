@@ -47,6 +47,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import aio_pika.abc
+import aiormq.abc
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
@@ -1243,6 +1244,28 @@ def _broker_errors(what: str = "RabbitMQ unreachable") -> Iterator[None]:
         raise BrokerUnavailable(f"{what}: {e or type(e).__name__}") from None
 
 
+class AmqpDelivery:
+    """A delivery as aiormq hands it over, settled on the channel it came on (stale after a reconnect: the
+    settle fails, and RabbitMQ redelivers it)."""
+
+    __slots__ = ("_channel", "_tag", "body", "headers")
+
+    def __init__(self, message: aiormq.abc.DeliveredMessage) -> None:
+        self.body = message.body
+        self.headers: Mapping[str, Any] = message.header.properties.headers or {}
+        self._channel = message.channel
+        self._tag = cast(int, getattr(message.delivery, "delivery_tag", None))
+
+    async def ack(self) -> None:
+        await self._channel.basic_ack(self._tag)
+
+    async def nack(self, requeue: bool = True) -> None:
+        await self._channel.basic_nack(self._tag, requeue=requeue)
+
+    async def reject(self, requeue: bool = False) -> None:
+        await self._channel.basic_reject(self._tag, requeue=requeue)
+
+
 class Broker:
     """The TaskQueue on RabbitMQ; it connects lazily, so the API starts (and answers 503) while RabbitMQ is down."""
 
@@ -1250,7 +1273,9 @@ class Broker:
 
     def __init__(self, cfg: BrokerConfig, role: str = "api") -> None:
         self.cfg = cfg
-        self._consumer: tuple[aio_pika.abc.AbstractChannel, aio_pika.abc.AbstractQueue, str] | None = None
+        self._consumer: tuple[aio_pika.abc.AbstractRobustChannel, Callable[..., Awaitable[None]]] | None = None
+        self._consumer_tag = f"asyncnode-{socket.gethostname()}-{os.getpid()}"
+        self._cancelled = False
         self.log = log.getChild(role)
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
@@ -1335,14 +1360,29 @@ class Broker:
         answer a consume on it with INTERNAL_ERROR until its leader is elected.
         """
         connection = await self.connect()
+
+        async def deliver(message: aiormq.abc.DeliveredMessage) -> None:
+            await callback(AmqpDelivery(message))
+
+        async def consume(channel: aio_pika.abc.AbstractRobustChannel | None) -> None:
+            # On aiormq's channel under the robust one: no message object of aio-pika's per delivery.
+            # The robust channel does not know this consumer, so every reopen (after a reconnect)
+            # consumes again, under the same tag.
+            assert channel is not None
+            amqp = await channel.get_underlay_channel()
+            amqp.on_consumer_cancel_callbacks.add(self._on_cancel)
+            await amqp.basic_consume(self.cfg.queue, deliver, consumer_tag=self._consumer_tag)
+
         delay = 0.2
         for attempt in range(1, START_ATTEMPTS + 1):
-            channel: aio_pika.abc.AbstractChannel | None = None
+            channel: aio_pika.abc.AbstractRobustChannel | None = None
             try:
                 channel = await connection.channel()
                 await channel.set_qos(prefetch_count=prefetch)
-                queue = await declare_queues(channel, self.cfg)
-                self._consumer = channel, queue, await queue.consume(cast(Any, callback))
+                await declare_queues(channel, self.cfg)
+                await consume(channel)
+                channel.reopen_callbacks.add(consume)
+                self._consumer = channel, consume
                 return
             except AMQP_ERRORS as e:
                 if channel is not None:  # a robust channel left open would be restored, consumerless, for ever
@@ -1365,6 +1405,9 @@ class Broker:
         channel, limit = self._consumer[0], self.cfg.no_consumer_exit
         down_since: float | None = None
         while not stop.is_set():
+            if self._cancelled:
+                self.log.error("RabbitMQ cancelled the consumer (was %r deleted?)", self.cfg.queue)
+                return True
             if self.connected and not channel.is_closed:
                 down_since = None
             else:
@@ -1378,9 +1421,20 @@ class Broker:
     async def stop_consuming(self) -> None:
         """Cancel the consumer (bounded: a robust channel would wait for a broker that may never come back)."""
         if self._consumer is not None:
-            _, queue, tag = self._consumer
-            with contextlib.suppress(*AMQP_ERRORS):
-                await asyncio.wait_for(queue.cancel(tag), SHUTDOWN_STEP_TIMEOUT)
+            channel, consume = self._consumer
+            channel.reopen_callbacks.discard(consume)
+
+            async def cancel() -> None:
+                amqp = await channel.get_underlay_channel()  # waits while reconnecting
+                await amqp.basic_cancel(self._consumer_tag)
+
+            with contextlib.suppress(*AMQP_ERRORS, TimeoutError):
+                await asyncio.wait_for(cancel(), SHUTDOWN_STEP_TIMEOUT)
+
+    def _on_cancel(self, frame: aiormq.spec.Basic.Cancel) -> None:
+        """RabbitMQ cancelled a consumer of ours (its queue was deleted): the worker exits and is restarted."""
+        if frame.consumer_tag == self._consumer_tag:
+            self._cancelled = True
 
     async def report(self) -> str:
         """RabbitMQ's version and the depth and consumers of the work queue and the DLQ."""

@@ -1276,6 +1276,7 @@ class Broker:
         self._consumer: tuple[aio_pika.abc.AbstractRobustChannel, Callable[..., Awaitable[None]]] | None = None
         self._consumer_tag = f"asyncnode-{socket.gethostname()}-{os.getpid()}"
         self._cancelled = False
+        self._reconsuming: asyncio.Task[None] | None = None
         self.log = log.getChild(role)
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
@@ -1406,7 +1407,6 @@ class Broker:
         down_since: float | None = None
         while not stop.is_set():
             if self._cancelled:
-                self.log.error("RabbitMQ cancelled the consumer (was %r deleted?)", self.cfg.queue)
                 return True
             if self.connected and not channel.is_closed:
                 down_since = None
@@ -1432,9 +1432,22 @@ class Broker:
                 await asyncio.wait_for(cancel(), SHUTDOWN_STEP_TIMEOUT)
 
     def _on_cancel(self, frame: aiormq.spec.Basic.Cancel) -> None:
-        """RabbitMQ cancelled a consumer of ours (its queue was deleted): the worker exits and is restarted."""
-        if frame.consumer_tag == self._consumer_tag:
+        """RabbitMQ cancelled our consumer (its queue was deleted): declare the queues and consume again."""
+        if frame.consumer_tag == self._consumer_tag and self._reconsuming is None:
+            self._reconsuming = asyncio.get_running_loop().create_task(self._reconsume())
+
+    async def _reconsume(self) -> None:
+        assert self._consumer is not None
+        channel, consume = self._consumer
+        self.log.warning("RabbitMQ cancelled the consumer of %r (queue deleted?); consuming again", self.cfg.queue)
+        try:
+            await declare_queues(channel, self.cfg)
+            await consume(channel)
+        except AMQP_ERRORS as e:  # wait_consuming gives up, and a fresh process takes over
+            self.log.error("cannot consume again: %s", e or type(e).__name__)
             self._cancelled = True
+        finally:
+            self._reconsuming = None
 
     async def report(self) -> str:
         """RabbitMQ's version and the depth and consumers of the work queue and the DLQ."""

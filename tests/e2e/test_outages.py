@@ -148,3 +148,39 @@ async def test_queue_declared_otherwise_is_a_clear_error(tag: str, tmp_path: Pat
         assert "Traceback" not in log
     finally:
         await cleanup(tag)
+
+
+async def test_a_deleted_work_queue_is_declared_again_and_consumed(
+    tag: str, tmp_path: Path, procs: Callable[..., Proc]
+) -> None:
+    """Someone deletes the queue under a running worker: the worker declares it again and goes on consuming."""
+    config = write_config(tmp_path / "config.toml", tag)
+    cfg = asyncnode.Config.from_toml(config, env={})
+    worker = procs("worker", config)
+
+    async def consumers() -> int:
+        try:
+            return (await queue_counts(cfg))[1]
+        except aio_pika.exceptions.AMQPError:
+            return 0
+
+    await wait_for(consumers, 30, "the worker to consume")
+    connection = await aio_pika.connect(cfg.broker.url)
+    async with connection:
+        await (await connection.channel()).queue_delete(cfg.broker.queue)
+    await wait_for(consumers, 30, "the worker to consume the queue declared again")
+    queue, state = asyncnode.open_backend(cfg, "api")
+    try:
+        tid = asyncnode.new_task_id()
+        await state.create(tid, "reverse", {"text": "again"}, 0.0)
+        await queue.publish(asyncnode.Envelope(tid, "reverse", {"text": "again"}))
+
+        async def completed() -> bool:
+            return await state.status_of(tid) == "completed"
+
+        await wait_for(completed, 30, "the task published after the deletion to complete")
+    finally:
+        await queue.close()
+        await state.close()
+    assert worker.popen.poll() is None, worker.log()
+    assert "consuming again" in worker.log()

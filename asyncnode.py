@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import datetime
 import errno
+import functools
 import hmac
 import importlib
 import inspect
@@ -1625,6 +1626,7 @@ class RedisState:
         self._update = self.client.register_script(_UPDATE_LUA)
         self._queued: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
         self._flushes: set[asyncio.Task[None]] = set()
+        self._idle: list[aioredis.Connection] = []  # the pipelines' connections between two of them
         self.recent_key = cfg.key_prefix + RECENT_SUFFIX
         self.stats_key = cfg.key_prefix + STATS_SUFFIX
         self.workers_key = cfg.key_prefix + WORKERS_SUFFIX
@@ -1728,7 +1730,9 @@ class RedisState:
         returned in its place). redis-py's Pipeline would do the same at several times the CPU, and would
         resend every command after a connection error, running a script twice if Redis had run it."""
         pool = self.client.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        # Kept between pipelines rather than taken from the pool and given back each time (a tenth of a
+        # worker's CPU); there are never more than REDIS_PIPELINES of them.
+        conn = self._idle.pop() if self._idle else await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
             packed = conn.pack_commands(commands) if _pack_command is None else b"".join(map(_pack_command, commands))
             await conn.send_packed_command(packed)  # a PING first if idle for long
@@ -1738,12 +1742,15 @@ class RedisState:
                     results.append(await conn.read_response())
                 except ResponseError as e:
                     results.append(e)
-            return results
         except BaseException:
-            await conn.disconnect()  # what is left unread on it is unknown
-            raise
-        finally:
+            # What is left unread on it is unknown; and if Redis went away, the others are dead too:
+            # they all connect afresh on their next use.
+            for c in (conn, *self._idle):
+                await c.disconnect()
             await pool.release(conn)
+            raise
+        self._idle.append(conn)
+        return results
 
     async def create(self, tid: str, ttype: str, payload: dict[str, Any], now: float) -> int:
         """Record a new pending task, index it and publish it, in one round trip; return its sequence number."""
@@ -1878,6 +1885,8 @@ class RedisState:
         """Finish the writes queued, then close the connection pool."""
         if self._flushes:
             await asyncio.wait(self._flushes, timeout=SHUTDOWN_STEP_TIMEOUT)
+        while self._idle:
+            await self.client.connection_pool.release(self._idle.pop())
         await self.client.aclose()
 
 
@@ -3072,12 +3081,16 @@ class TaskContext:
         self.type = ttype
         self.attempt = attempt
         self.config = cfg
-        self.log = log.getChild("task").getChild(ttype)
         self._state = state
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._latest: tuple[float, str | None] | None = None
         self._flusher: asyncio.Task[None] | None = None
+
+    @functools.cached_property
+    def log(self) -> logging.Logger:
+        """The logger ``asyncnode.task.<type>`` (made on first use: few handlers log)."""
+        return log.getChild("task").getChild(self.type)
 
     def progress(self, fraction: float, note: str | None = None) -> None:
         """Report progress (0..1) and a note, from async or sync handlers (writes coalesce: the newest wins)."""

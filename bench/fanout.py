@@ -105,12 +105,12 @@ def cpu_seconds(pid: int) -> float:
 
 
 class Proc:
-    """One ``asyncnode.py <role>`` subprocess in a session of its own, logging to a file; stopped by pid."""
+    """One ``python -m asyncnode <role>`` subprocess (as ``up`` starts it), in a session of its own; stopped by pid."""
 
     def __init__(self, role: str, config: Path, log_path: Path) -> None:
         self.role = role
         self.log_path = log_path
-        argv = [sys.executable, str(ROOT / "asyncnode.py"), role, "--config", str(config), "--log-level", "WARNING"]
+        argv = [sys.executable, "-m", "asyncnode", role, "--config", str(config), "--log-level", "WARNING"]
         with open(log_path, "wb") as log:
             self.popen = subprocess.Popen(
                 argv,

@@ -216,8 +216,8 @@ def _kill_group(pgid: int) -> None:
 
 
 def asyncnode_proc(role: str, config: Path, log_path: Path) -> Proc:
-    """``asyncnode.py <role> --config <config>``."""
-    argv = [sys.executable, str(ROOT / "asyncnode.py"), role, "--config", str(config), "--log-level", "WARNING"]
+    """``python -m asyncnode <role> --config <config>``, as ``up`` starts it (with cached bytecode)."""
+    argv = [sys.executable, "-m", "asyncnode", role, "--config", str(config), "--log-level", "WARNING"]
     return Proc(role, argv, log_path)
 
 

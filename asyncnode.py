@@ -33,7 +33,6 @@ import random
 import re
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -74,7 +73,8 @@ log = logging.getLogger("asyncnode")
 
 class _LazyModule:
     """A module imported on first use. aiohttp and Jinja2 serve the API alone: a worker never loads them
-    (about 12 MiB less per worker process). The first use puts the module itself in this one's globals."""
+    (about 12 MiB less per worker process); sqlite3 (1.6 MiB) serves the embedded backend alone. The first
+    use puts the module itself in this one's globals."""
 
     def __init__(self, name: str) -> None:
         self._name = name
@@ -86,11 +86,13 @@ class _LazyModule:
 
 
 if TYPE_CHECKING:
+    import sqlite3
+
     import aiohttp_jinja2
     import jinja2
     from aiohttp import web
-else:
-    aiohttp_jinja2, jinja2, web = map(_LazyModule, ("aiohttp_jinja2", "jinja2", "aiohttp.web"))
+else:  # sqlite3 serves the embedded backend alone
+    aiohttp_jinja2, jinja2, web, sqlite3 = map(_LazyModule, ("aiohttp_jinja2", "jinja2", "aiohttp.web", "sqlite3"))
 
 # ============================================================================
 # Constants
@@ -192,8 +194,6 @@ FLOAT_FIELDS: Final = frozenset({"created_at", "started_at", "finished_at", "pro
 INT_FIELDS: Final = frozenset({"attempts", "seq", "attempt", "retries"})
 #: What aio-pika raises when RabbitMQ is unreachable, goes away or refuses (a TimeoutError is an OSError).
 AMQP_ERRORS: Final = (aio_pika.exceptions.AMQPError, OSError, RuntimeError)
-#: What the task store raises while it is unavailable (Redis away; the SQLite file locked past its busy timeout).
-STORE_ERRORS: Final = (RedisError, OSError, sqlite3.OperationalError)
 #: Seconds an embedded process waits for the SQLite write lock before the operation fails.
 SQLITE_BUSY_TIMEOUT: Final = 10.0
 #: Shortest and longest pause between polls of the SQLite file for work or updates (idle backs off to the longest).
@@ -238,6 +238,14 @@ class EnvelopeError(AsyncnodeError):
 
 class BrokerUnavailable(AsyncnodeError):
     """RabbitMQ could not be reached or did not confirm a publish in time."""
+
+
+class StoreUnavailable(AsyncnodeError):
+    """The SQLite file cannot be used right now (locked past its busy timeout, unreadable, disk full)."""
+
+
+#: What the task store raises while it is unavailable (Redis away; the SQLite file locked past its busy timeout).
+STORE_ERRORS: Final = (RedisError, OSError, StoreUnavailable)
 
 
 # ============================================================================
@@ -1937,7 +1945,9 @@ def _changed(conn: sqlite3.Connection, sql: str, *params: Any) -> int:
 
 
 def _settle_soon(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    """From the database thread: resolve ``future`` in its event loop."""
+    """From the database thread: resolve ``future`` in its event loop (a locked or unusable file: StoreUnavailable)."""
+    if isinstance(error, sqlite3.OperationalError):
+        error = StoreUnavailable(str(error))
     with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
         future.get_loop().call_soon_threadsafe(_resolve, future, result, error)
 
@@ -2115,7 +2125,7 @@ class EmbeddedQueue:
     async def _guarded(self, run: Awaitable[Any], what: str = "task queue unavailable") -> Any:
         try:
             return await run
-        except sqlite3.Error as e:
+        except (sqlite3.Error, StoreUnavailable) as e:
             raise BrokerUnavailable(f"{what} ({self.db.path}): {e}") from None
 
     async def connect(self) -> Database:
@@ -2637,7 +2647,7 @@ class UpdateHub:
         shared, self._shared = self._shared, []
         frame = batch_frame(shared).encode()
         for client in list(self.clients):
-            if client.backlog >= WS_CLIENT_BUFFER:
+            if client.backlog >= WS_CLIENT_BUFFER and client.ws.prepared:  # not yet: still joining
                 log.getChild("api").warning("dropping a WebSocket client that is %d updates behind", client.backlog)
                 self.clients.discard(client)
                 asyncio.get_running_loop().create_task(client.ws.close(code=1013, message=b"too slow"))
@@ -2865,15 +2875,21 @@ async def ws_updates(request: web.Request) -> web.WebSocketResponse:
     if origin is not None and not origin_allowed(origin, request.host, request.app[CFG_KEY].api.allowed_origins):
         return _json_error(403, f"WebSocket origin {origin[:100]!r} not allowed")  # type: ignore[return-value]
     ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT, max_msg_size=WS_MAX_MESSAGE)
-    await ws.prepare(request)
     hub = request.app[HUB_KEY]
     client = WsClient(ws)
+    # Join, and complete the handshake only once the relay follows the store: every update published
+    # after the client is connected reaches it. Then send the current state: updates racing the
+    # snapshot carry higher sequence numbers, and clients keep the highest, so nothing is lost.
     hub.join(client)
+    try:
+        with contextlib.suppress(TimeoutError):  # the store is away: connect anyway, the relay catches up
+            await asyncio.wait_for(hub.live.wait(), RELAY_START_TIMEOUT)
+        await ws.prepare(request)
+    except BaseException:
+        hub.clients.discard(client)
+        raise
     sender = asyncio.create_task(client.send_loop())
-    # Join first and let the relay follow the store, then send the current state: updates racing
-    # the snapshot carry higher sequence numbers, and clients keep the highest, so nothing is lost.
-    with contextlib.suppress(*STORE_ERRORS, TimeoutError):
-        await asyncio.wait_for(hub.live.wait(), RELAY_START_TIMEOUT)
+    with contextlib.suppress(*STORE_ERRORS):
         snapshot = [snapshot_update(t) for t in reversed(await request.app[STATE_KEY].recent(SNAPSHOT_SIZE))]
         if snapshot:
             client.frames.insert(0, (batch_frame(snapshot).encode(), 0))
@@ -2912,6 +2928,7 @@ async def _relay_updates(app: web.Application) -> None:
                 async for message in updates:
                     if message is not None:
                         if not hub.clients:
+                            hub.live.clear()  # at once: a client joining now waits for the next follow
                             break
                         hub.broadcast(message)
                         continue

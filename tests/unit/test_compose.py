@@ -111,8 +111,8 @@ def test_app_service_command_is_a_cli_role(services: dict[str, dict[str, Any]], 
     command = services[name]["command"]
     assert isinstance(command, list)
     assert command[0] == "python"
-    assert command[1:] == ["asyncnode.py", name]
-    assert command[2] in asyncnode.ROLES
+    assert command[1:] == ["-m", "asyncnode", name]
+    assert command[3] in asyncnode.ROLES
 
 
 def test_variables_are_interpolated_with_defaults_only() -> None:
@@ -168,7 +168,7 @@ def test_dockerfile_installs_the_project_with_pip() -> None:
 
 def test_dockerfile_default_command_is_the_api() -> None:
     cmds = [rest for word, rest in dockerfile() if word == "CMD"]
-    assert cmds and yaml.safe_load(cmds[-1]) == ["python", "asyncnode.py", "api"]
+    assert cmds and yaml.safe_load(cmds[-1]) == ["python", "-m", "asyncnode", "api"]
 
 
 def test_dockerfile_copies_something() -> None:

@@ -215,6 +215,24 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
+_RABBIT_PID: list[int] = []
+
+
+async def services_cpu() -> float:
+    """CPU seconds the shared RabbitMQ node and Redis have used so far (RabbitMQ's pid asked of rabbitmqctl once)."""
+    if not _RABBIT_PID:
+        out = await asyncio.to_thread(subprocess.run, ["rabbitmqctl", "eval", "os:getpid()."], capture_output=True)
+        _RABBIT_PID.append(int(out.stdout.decode().strip().strip('"') or 0) if out.returncode == 0 else 0)
+    fields = _stat(_RABBIT_PID[0]) if _RABBIT_PID[0] else None
+    rabbit = _cpu_of(fields) if fields else 0.0
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        info = await client.info("cpu")
+    finally:
+        await client.aclose()
+    return rabbit + float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
 def asyncnode_proc(role: str, config: Path, log_path: Path) -> Proc:
     """``python -m asyncnode <role> --config <config>``, as ``up`` starts it (with cached bytecode)."""
     argv = [sys.executable, "-m", "asyncnode", role, "--config", str(config), "--log-level", "WARNING"]
@@ -489,6 +507,7 @@ class Trial:
     workers: int
     scratch: Path
     producer_threads: int = 16  # the peers' producer process
+    rate: float = 0.0  # submissions per second for a paced run (0: all at once, from ``clients`` clients)
 
 
 class Cluster:
@@ -630,12 +649,16 @@ class Submitted:
     errors: list[str] = dataclasses.field(default_factory=list)
 
 
-async def submit(session: aiohttp.ClientSession, base: str, tasks: int, clients: int) -> Submitted:
-    """POST ``tasks`` tasks from ``clients`` concurrent clients."""
+async def submit(session: aiohttp.ClientSession, base: str, tasks: int, clients: int, rate: float = 0.0) -> Submitted:
+    """POST ``tasks`` tasks from ``clients`` concurrent clients; or, with ``rate``, one every 1/rate s
+    (each on its own, whether or not the earlier ones were answered: an open-loop load)."""
     out = Submitted()
     url, headers = f"{base}/api/tasks", {"Content-Type": "application/json"}
+    start = time.monotonic()
 
-    async def client(_: int) -> None:
+    async def client(i: int) -> None:
+        if rate:
+            await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))  # the schedule, not a wait on an event
         t0 = time.monotonic()
         out.first = min(out.first, t0)
         try:
@@ -652,7 +675,10 @@ async def submit(session: aiohttp.ClientSession, base: str, tasks: int, clients:
         else:
             out.errors.append(f"{status} {answer}")
 
-    await lanes(client, range(tasks), clients)
+    if rate:
+        await asyncio.gather(*(client(i) for i in range(tasks)))
+    else:
+        await lanes(client, range(tasks), clients)
     if not out.started:
         raise RuntimeError(f"no task accepted; e.g. {out.errors[:3]}")
     return out
@@ -772,12 +798,12 @@ async def asyncnode_end_to_end(backend: Backend, overrides: dict[str, dict[str, 
         await c.wait_ready(session, trial.workers)
         await check_noop(session, c.base)
         assert c.api is not None
-        api_cpu, workers_cpu = c.api.cpu_seconds(), c.workers_cpu()
+        api_cpu, workers_cpu, served = c.api.cpu_seconds(), c.workers_cpu(), await services_cpu()
         async with session.ws_connect(f"{c.base}/ws", max_msg_size=0) as ws:
             watcher = Watcher(ws)
             reader = asyncio.create_task(watcher.run())
             try:
-                sub = await submit(session, c.base, trial.tasks, trial.clients)
+                sub = await submit(session, c.base, trial.tasks, trial.clients, trial.rate)
 
                 def all_seen() -> bool:
                     if watcher.closed:
@@ -787,6 +813,7 @@ async def asyncnode_end_to_end(backend: Backend, overrides: dict[str, dict[str, 
                 what = f"{len(sub.started)} completions"
                 await wait_for(all_seen, c.running(), drain_timeout(trial.tasks), what)
                 api_cpu, workers_cpu = c.api.cpu_seconds() - api_cpu, c.workers_cpu() - workers_cpu
+                served = await services_cpu() - served
             finally:
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -808,6 +835,7 @@ async def asyncnode_end_to_end(backend: Backend, overrides: dict[str, dict[str, 
         "api_p99_ms": percentile(sub.answer_ms, 99),
         "api_cpu_ms_per_task": api_cpu / n * 1000,
         "workers_cpu_ms_per_task": workers_cpu / n * 1000,
+        **({"services_cpu_ms_per_task": served / n * 1000} if backend.name == "rabbitmq" else {}),
     }
 
 
@@ -835,7 +863,7 @@ async def asyncnode_workers_alone(backend: Backend, overrides: dict[str, dict[st
         ids = await preload_asyncnode(c.cfg, trial.tasks)
         preload_s = time.monotonic() - t0
         n = len(ids)
-        spawned = time.time()
+        spawned, served = time.time(), await services_cpu()
         c.start_workers(trial.workers)
         # Workers' CPU from their first task on, not their start-up (imports, connections).
         workers_cpu: float | None = None
@@ -851,6 +879,7 @@ async def asyncnode_workers_alone(backend: Backend, overrides: dict[str, dict[st
 
         await wait_for(drained, c.running(), drain_timeout(n), f"{n} tasks drained")
         workers_cpu = c.workers_cpu() - (workers_cpu or 0.0)
+        served = await services_cpu() - served
         first_started, last_finished = await backend.span(c.cfg, ids)
     return {
         "tasks": n,
@@ -859,6 +888,7 @@ async def asyncnode_workers_alone(backend: Backend, overrides: dict[str, dict[st
         "startup_s": first_started - spawned,
         "preload_per_s": n / preload_s,
         "workers_cpu_ms_per_task": workers_cpu / n * 1000,
+        **({"services_cpu_ms_per_task": served / n * 1000} if backend.name == "rabbitmq" else {}),
     }
 
 
@@ -949,10 +979,11 @@ async def raw_drain(queue_type: str, prefetch: int, trial: Trial) -> Metrics:
             "--redis",
             REDIS_URL,
         ]
-        spawned = time.time()
+        spawned, served = time.time(), await services_cpu()
         workers = [Proc(f"raw worker {i}", argv, path / f"raw-{i}.log") for i in range(trial.workers)]
         try:
             workers_cpu = await _watch_drain(tag, prefix, ids, workers)
+            served = await services_cpu() - served
         finally:
             await asyncio.gather(*(w.stop() for w in workers))
         first_started, last_finished = await redis_span(REDIS_URL, prefix, ids)
@@ -964,6 +995,7 @@ async def raw_drain(queue_type: str, prefetch: int, trial: Trial) -> Metrics:
         "startup_s": first_started - spawned,
         "preload_per_s": n / preload_s,
         "workers_cpu_ms_per_task": workers_cpu / n * 1000,
+        "services_cpu_ms_per_task": served / n * 1000,
     }
 
 
@@ -1117,7 +1149,7 @@ async def peer_end_to_end(
     producer: Proc | None = None
     try:
         await wait_for(lambda: len(list(ready.iterdir())) >= ready_files, [fleet], START_TIMEOUT, f"{module} ready")
-        workers_cpu = fleet.cpu_seconds()
+        workers_cpu, served = fleet.cpu_seconds(), await services_cpu()
         out = path / "sent.json"
         argv = [sys.executable, f"{module}.py", "produce", "--count", str(trial.tasks)]
         argv += ["--threads", str(trial.producer_threads), "--out", str(out)]
@@ -1136,7 +1168,7 @@ async def peer_end_to_end(
             return len(completions.done) >= len(sent["sent"])
 
         await wait_for(all_done, [fleet], drain_timeout(trial.tasks), f"{len(sent['sent'])} results")
-        workers_cpu = fleet.cpu_seconds() - workers_cpu
+        workers_cpu, served = fleet.cpu_seconds() - workers_cpu, await services_cpu() - served
     except Exception:
         print(f"--- {module} worker\n{fleet.tail()}", file=sys.stderr)
         if producer is not None:
@@ -1162,6 +1194,7 @@ async def peer_end_to_end(
         "api_p99_ms": percentile([(r[2] - r[1]) * 1000 for r in rows], 99),
         "api_cpu_ms_per_task": sent["cpu_s"] / n * 1000,
         "workers_cpu_ms_per_task": workers_cpu / n * 1000,
+        "services_cpu_ms_per_task": served / n * 1000,
     }
 
 
@@ -1231,6 +1264,7 @@ class System:
     name: str
     trial: Callable[[Trial], Awaitable[Metrics]]
     rate_hint: float  # tasks/s, to size N before a first trial has measured it; 0: runs for --seconds
+    half_of: str = ""  # paced at half the median rate this run measured for that system (run after it)
 
 
 def _on(
@@ -1251,6 +1285,8 @@ def all_systems(backends: list[str]) -> list[System]:
         b = BACKENDS[name]
         e2e = _on(asyncnode_end_to_end, b, {})
         systems.append(System(f"e2e-{name}", f"asyncnode end to end ({name})", e2e, hints[name][0]))
+        title = f"asyncnode end to end ({name}), at half the peak rate"
+        systems.append(System(f"e2e-{name}-half", title, e2e, hints[name][0] / 2, half_of=f"e2e-{name}"))
     if "rabbitmq" in backends:
         # The peers' queues are classic (their default; Dramatiq has no other): the same for comparison.
         e2e = _on(asyncnode_end_to_end, BACKENDS["rabbitmq"], classic)
@@ -1384,6 +1420,7 @@ COLUMNS = (
     ("submit p99 (ms)", "api_p99_ms"),
     ("API CPU ms/task", "api_cpu_ms_per_task"),
     ("workers CPU ms/task", "workers_cpu_ms_per_task"),
+    ("RabbitMQ + Redis CPU ms/task", "services_cpu_ms_per_task"),
 )
 
 
@@ -1502,6 +1539,13 @@ async def run(args: argparse.Namespace, systems: list[System]) -> dict[str, Any]
                 )
                 t0 = time.monotonic()
                 try:
+                    if system.half_of:
+                        peak = medians({system.half_of: results.get(system.half_of, [])}).get(system.half_of, {})
+                        if not peak.get("tasks_per_s"):
+                            raise RuntimeError(f"{system.half_of} measured no rate to take half of")
+                        rate = peak["tasks_per_s"] / 2
+                        tasks = args.tasks or max(MIN_TASKS, round(rate * args.seconds))
+                        trial = dataclasses.replace(trial, rate=rate, tasks=tasks)
                     metrics = await system.trial(trial)
                 except Exception as e:  # one failed trial is reported; the others still run
                     traceback.print_exc()
@@ -1554,14 +1598,17 @@ def report(out: dict[str, Any]) -> str:
             "(asyncnode: on the WebSocket; the peers: on their Redis result backend's pub/sub); latency is from a "
             "submit's start to its completion seen, under the whole burst (queueing included). Submits: asyncnode's "
             f"HTTP POSTs from {params['clients']} clients; the peers' `.delay()`/`.send()` from a producer process "
-            f"of {params['producer_threads']} threads (its CPU in the API column)",
+            f'of {params["producer_threads"]} threads (its CPU in the API column). "At half the peak rate": one '
+            "submit every 1/rate s, at half the median tasks/s of the burst rows above it, for the latency of a "
+            "system that keeps up",
             "- Workers alone and raw script: a queue preloaded (confirmed) with no consumer, drained by 2 fresh "
             "processes; tasks/s is N over the first `started_at` to the last `finished_at`",
             f"- API alone: `POST /api/tasks` for {params['seconds']:g} s at {params['clients']} connections "
             f"({info['load generator']}), no worker running; the minimal API and asyncnode's API both on the "
             f"{broker.queue_type} queue",
-            "- CPU: user + system time of the system's own processes per task (RabbitMQ, Redis and the load "
-            "generator not counted)",
+            "- CPU: user + system time per task of the system's own processes, and of the RabbitMQ node and Redis "
+            "it used (those over the drain or the burst, while nothing else used them; the load generator is not "
+            "counted)",
             "",
             table(out["results"], out["names"]),
             "",

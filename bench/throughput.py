@@ -1265,6 +1265,7 @@ class System:
     trial: Callable[[Trial], Awaitable[Metrics]]
     rate_hint: float  # tasks/s, to size N before a first trial has measured it; 0: runs for --seconds
     half_of: str = ""  # paced at half the median rate this run measured for that system (run after it)
+    rate: float = 0.0  # paced at this many submissions per second
 
 
 def _on(
@@ -1276,7 +1277,7 @@ def _on(
     return run
 
 
-def all_systems(backends: list[str]) -> list[System]:
+def all_systems(backends: list[str], rates: Iterable[float] = ()) -> list[System]:
     """Every system this asyncnode and this venv can run, in table order; rate hints from a run on 2 cores."""
     systems: list[System] = []
     classic = {"broker": {"queue_type": "classic"}}
@@ -1287,6 +1288,9 @@ def all_systems(backends: list[str]) -> list[System]:
         systems.append(System(f"e2e-{name}", f"asyncnode end to end ({name})", e2e, hints[name][0]))
         title = f"asyncnode end to end ({name}), at half the peak rate"
         systems.append(System(f"e2e-{name}-half", title, e2e, hints[name][0] / 2, half_of=f"e2e-{name}"))
+        for rate in rates:
+            title = f"asyncnode end to end ({name}), at {rate:g} tasks/s"
+            systems.append(System(f"e2e-{name}-at-{rate:g}", title, e2e, rate, rate=rate))
     if "rabbitmq" in backends:
         # The peers' queues are classic (their default; Dramatiq has no other): the same for comparison.
         e2e = _on(asyncnode_end_to_end, BACKENDS["rabbitmq"], classic)
@@ -1546,6 +1550,9 @@ async def run(args: argparse.Namespace, systems: list[System]) -> dict[str, Any]
                         rate = peak["tasks_per_s"] / 2
                         tasks = args.tasks or max(MIN_TASKS, round(rate * args.seconds))
                         trial = dataclasses.replace(trial, rate=rate, tasks=tasks)
+                    if system.rate:
+                        tasks = args.tasks or max(MIN_TASKS, round(system.rate * args.seconds))
+                        trial = dataclasses.replace(trial, rate=system.rate, tasks=tasks)
                     metrics = await system.trial(trial)
                 except Exception as e:  # one failed trial is reported; the others still run
                     traceback.print_exc()
@@ -1636,6 +1643,9 @@ def main() -> int:
     parser.add_argument("--backends", type=_csv, help="asyncnode's: rabbitmq, embedded (default: every one it has)")
     parser.add_argument("--generator", choices=["auto", "wrk", "aiohttp"], default="auto", help="HTTP load generator")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 200 tasks, 2 s of load, one round")
+    parser.add_argument(
+        "--rates", type=_rates, default=[], help="also asyncnode end to end paced at these tasks/s (e.g. 200,600)"
+    )
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write every trial's figures to PATH")
     args = parser.parse_args()
     if args.quick:
@@ -1652,7 +1662,7 @@ def main() -> int:
         GENERATOR = "wrk" if shutil.which("wrk") else "aiohttp"
     elif GENERATOR == "wrk" and not shutil.which("wrk"):
         parser.error("wrk is not installed (apt-get install wrk)")
-    systems = all_systems(args.backends)
+    systems = all_systems(args.backends, args.rates)
     if args.list:
         for s in systems:
             print(f"{s.key:22} {s.name}")
@@ -1679,6 +1689,16 @@ def main() -> int:
 
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(part) for part in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if any(not 0 < r < 1e6 for r in rates):
+        raise argparse.ArgumentTypeError(f"rates must be positive tasks/s: {text!r}")
+    return rates
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ COPY web/ web/
 # Install the project and its dependencies from pyproject.toml; drop the build leftovers.
 RUN pip install --no-cache-dir . && rm -rf build *.egg-info
 # The roles run from /app (python -m asyncnode): its bytecode compiled once here, not at every start
-# (~9 MiB less per process).
+# (about 1.4 MiB less per process, and a quicker start).
 RUN python -m compileall -q asyncnode.py handlers
 
 EXPOSE 5000

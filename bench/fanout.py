@@ -25,23 +25,17 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import os
-import platform
-import shutil
 import signal
-import socket
-import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import aiohttp
 import redis.asyncio as aioredis
 
@@ -50,26 +44,20 @@ sys.path.insert(0, str(ROOT))
 
 import asyncnode  # noqa: E402
 
-Metrics = dict[str, Any]
-
-#: The shared services the RabbitMQ backend runs against (never stopped here).
-RABBIT_URL = os.environ.get("RABBIT_URL", "amqp://guest:guest@127.0.0.1:5672/")
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-#: Environment variables that would override what a trial's config says; children never see them.
-OVERRIDES = (
-    "RABBIT_URL",
-    "REDIS_URL",
-    "ASYNCNODE_API_PORT",
-    "ASYNCNODE_TOKEN",
-    "ASYNCNODE_CONFIG",
-    "ASYNCNODE_INSTANCE",
-    "ASYNCNODE_LOG_LEVEL",
+sys.path.insert(0, str(ROOT / "bench"))
+import throughput  # noqa: E402
+from throughput import (  # noqa: E402
+    BACKENDS,
+    START_TIMEOUT,
+    Backend,
+    cluster,
+    cpu_seconds,
+    http_session,
+    kill_leftovers,
+    run_and_report,
 )
-#: Seconds a trial's processes get to come up, and to stop before they are killed.
-START_TIMEOUT = 60.0
-STOP_TIMEOUT = 15.0
-#: Units of /proc/<pid>/stat CPU times.
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+Metrics = dict[str, Any]
 
 #: The issue's target: every update reaches every client, and the p99 lag stays within this.
 TARGET_P99_MS = 100.0
@@ -86,314 +74,15 @@ UPDATE_STATUS, UPDATE_TYPE = "started", "noop"
 
 
 # ============================================================================
-# Harness: asyncnode processes on a fresh config, per backend (bench/memory.py uses it too)
+# Harness: the run's machine, options and signals (bench/memory.py uses them too)
 # ============================================================================
 
-#: Every process started and not yet reaped, so that an interrupted run can still stop them (by pid).
-_LIVE: set[subprocess.Popen[bytes]] = set()
-#: Cleanups of what trials created outside their folders, not done yet: a last sweep after an interruption.
-_DIRTY: dict[str, Callable[[], Awaitable[None]]] = {}
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU seconds process ``pid`` has used so far (Linux /proc; 0 elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-class Proc:
-    """One ``python -m asyncnode <role>`` subprocess (as ``up`` starts it), in a session of its own; stopped by pid."""
-
-    def __init__(self, role: str, config: Path, log_path: Path) -> None:
-        self.role = role
-        self.log_path = log_path
-        argv = [sys.executable, "-m", "asyncnode", role, "--config", str(config), "--log-level", "WARNING"]
-        with open(log_path, "wb") as log:
-            self.popen = subprocess.Popen(
-                argv,
-                cwd=ROOT,
-                env={k: v for k, v in os.environ.items() if k not in OVERRIDES},
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C reaches the harness only, which stops everything in order
-            )
-        _LIVE.add(self.popen)
-
-    @property
-    def pid(self) -> int:
-        """Its process id."""
-        return self.popen.pid
-
-    def check(self) -> None:
-        """Raise if the process has exited."""
-        if self.popen.poll() is not None:
-            raise RuntimeError(f"{self.role} pid {self.pid} exited with {self.popen.returncode}:\n{self.tail()}")
-
-    def cpu_seconds(self) -> float:
-        """CPU time it has used so far."""
-        return cpu_seconds(self.pid)
-
-    def tail(self, chars: int = 3000) -> str:
-        """The end of its log."""
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    async def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it has not exited in time."""
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGTERM)
-            try:
-                await asyncio.to_thread(self.popen.wait, STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                await asyncio.to_thread(self.popen.wait, 5)
-        _LIVE.discard(self.popen)
-
-
-def kill_leftovers() -> None:
-    """Last resort after an interrupted run: kill what is still running, by pid, and sweep queues and keys."""
-    for popen in list(_LIVE):
-        if popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                popen.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                popen.wait(5)
-        _LIVE.discard(popen)
-    if _DIRTY:
-        asyncio.run(_cleanup_leftovers())
-
-
-async def _cleanup_leftovers() -> None:
-    for tag, cleanup in list(_DIRTY.items()):
-        try:
-            await cleanup()
-        except Exception as e:  # best effort: say what is left behind
-            print(f"could not clean up {tag}: {e}", file=sys.stderr)
-        _DIRTY.pop(tag, None)
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    """Write a flat TOML file (JSON literals are valid TOML for strings, numbers, booleans and lists)."""
-    lines = []
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items())
-        lines.append("")
-    path.write_text("\n".join(lines))
-    return path
-
-
-class Backend:
-    """What differs between asyncnode's backends, for the harness."""
-
-    name = ""
-
-    def sections(self, tag: str) -> dict[str, dict[str, Any]]:
-        """Config sections of a trial named ``tag`` (besides ``[api]``)."""
-        raise NotImplementedError
-
-    async def counts(self, cfg: asyncnode.Config) -> dict[str, int]:
-        """How many tasks reached each status so far."""
-        raise NotImplementedError
-
-    async def cleanup(self, cfg: asyncnode.Config) -> None:
-        """Remove what a trial left outside its temporary folder."""
-
-    async def versions(self) -> dict[str, str]:
-        """Versions of the services this backend uses."""
-        return {}
-
-
-class RabbitBackend(Backend):
-    """RabbitMQ and Redis: queues, a channel and a key prefix of its own per trial, deleted afterwards."""
-
-    name = "rabbitmq"
-
-    def sections(self, tag: str) -> dict[str, dict[str, Any]]:
-        return {
-            "broker": {"url": RABBIT_URL, "queue": tag},
-            "redis": {"url": REDIS_URL, "channel": f"{tag}:updates", "key_prefix": f"{tag}:"},
-        }
-
-    async def counts(self, cfg: asyncnode.Config) -> dict[str, int]:
-        client = aioredis.from_url(cfg.redis.url, decode_responses=True)
-        try:
-            raw = await client.hgetall(cfg.redis.key_prefix + asyncnode.STATS_SUFFIX)
-        finally:
-            await client.aclose()
-        return {str(k): int(v) for k, v in raw.items()}
-
-    async def cleanup(self, cfg: asyncnode.Config) -> None:
-        broker = cfg.broker
-        queues = [broker.queue, broker.queue + asyncnode.DLQ_SUFFIX]
-        queues += sorted({asyncnode.retry_queue_name(broker, d) for d in broker.retry_delays})
-        connection = await aio_pika.connect(broker.url)
-        async with connection:
-            channel = await connection.channel()
-            for name in queues:  # quorum queues too: neither if_unused nor if_empty
-                await channel.queue_delete(name, if_unused=False, if_empty=False)
-        client = aioredis.from_url(cfg.redis.url)
-        try:
-            keys = [k async for k in client.scan_iter(match=cfg.redis.key_prefix + "*", count=1000)]
-            for i in range(0, len(keys), 1000):
-                await client.delete(*keys[i : i + 1000])
-        finally:
-            await client.aclose()
-
-    async def versions(self) -> dict[str, str]:
-        connection = await aio_pika.connect(RABBIT_URL)
-        async with connection:
-            rabbit = asyncnode.broker_version(connection)
-        client = aioredis.from_url(REDIS_URL, decode_responses=True)
-        try:
-            info = await client.info("server")
-        finally:
-            await client.aclose()
-        return {"RabbitMQ": rabbit, "Redis": str(info.get("redis_version", "?"))}
-
-
-class EmbeddedBackend(Backend):
-    """One SQLite file in the trial's temporary folder: nothing outside it to clean up."""
-
-    name = "embedded"
-
-    def sections(self, tag: str) -> dict[str, dict[str, Any]]:
-        return {"embedded": {"path": f"{tag}.db"}}
-
-    def _query(self, cfg: asyncnode.Config, sql: str) -> list[tuple[Any, ...]]:
-        # Read-only, so that the harness never takes the write lock the processes under test contend for.
-        with contextlib.closing(sqlite3.connect(f"file:{cfg.database}?mode=ro", uri=True, timeout=30)) as db:
-            return db.execute(sql).fetchall()
-
-    async def counts(self, cfg: asyncnode.Config) -> dict[str, int]:
-        rows = await asyncio.to_thread(self._query, cfg, "SELECT status, n FROM stats")
-        return {str(status): int(count) for status, count in rows}
-
-    async def versions(self) -> dict[str, str]:
-        return {"SQLite": sqlite3.sqlite_version}
-
-
-BACKENDS: dict[str, Backend] = {b.name: b for b in (RabbitBackend(), EmbeddedBackend())}
-
-
-class Cluster:
-    """API and worker processes on one fresh config, in a folder of their own."""
-
-    def __init__(self, backend: Backend, workdir: Path) -> None:
-        self.backend = backend
-        self.workdir = workdir
-        self.tag = f"bench-{uuid.uuid4().hex[:10]}"
-        port = free_port()
-        sections = {**backend.sections(self.tag), "api": {"host": "127.0.0.1", "port": port}}
-        self.config = write_toml(workdir / "config.toml", sections)
-        self.cfg = asyncnode.Config.from_toml(self.config, env={})
-        self.base = f"http://127.0.0.1:{port}"
-        self.api: Proc | None = None
-        self.workers: list[Proc] = []
-
-    def start_api(self) -> Proc:
-        """Start the API process."""
-        self.api = Proc("api", self.config, self.workdir / "api.log")
-        return self.api
-
-    def start_workers(self, count: int) -> None:
-        """Start ``count`` worker processes."""
-        n = len(self.workers)
-        self.workers += [Proc("worker", self.config, self.workdir / f"worker-{n + i}.log") for i in range(count)]
-
-    def check(self) -> None:
-        """Raise if any of its processes has exited."""
-        for proc in [self.api, *self.workers]:
-            if proc is not None:
-                proc.check()
-
-    async def wait_ready(self, session: aiohttp.ClientSession, workers: int) -> None:
-        """Wait until /readyz answers 200 and ``workers`` workers show in /api/workers."""
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            self.check()
-            with contextlib.suppress(aiohttp.ClientError, ValueError):
-                async with session.get(f"{self.base}/readyz") as resp:
-                    ready = resp.status == 200
-                if ready:
-                    async with session.get(f"{self.base}/api/workers") as resp:
-                        if len((await resp.json())["items"]) >= workers:
-                            return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"not ready with {workers} workers after {START_TIMEOUT:g} s")
-            await asyncio.sleep(0.1)
-
-    async def close(self) -> None:
-        """Stop every process, then remove what the trial left outside its folder."""
-        await asyncio.gather(*(proc.stop() for proc in [self.api, *self.workers] if proc is not None))
-        await self.backend.cleanup(self.cfg)
-
-    def logs(self) -> str:
-        """The end of every process's log."""
-        procs = [p for p in [self.api, *self.workers] if p is not None]
-        return "\n".join(f"--- {p.log_path.name}\n{p.tail()}" for p in procs)
-
-
-@contextlib.asynccontextmanager
-async def cluster(backend: Backend, scratch: Path) -> AsyncIterator[Cluster]:
-    """A Cluster in a fresh folder under ``scratch``; its processes, queues, keys and files go afterwards."""
-    workdir = Path(tempfile.mkdtemp(prefix="trial-", dir=scratch))
-    try:
-        c = Cluster(backend, workdir)
-        _DIRTY[c.tag] = c.close
-        try:
-            yield c
-        except Exception:
-            print(c.logs(), file=sys.stderr)
-            raise
-        finally:
-            await c.close()
-            _DIRTY.pop(c.tag, None)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def http_session(clients: int) -> aiohttp.ClientSession:
-    """One session, at most ``clients`` connections."""
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients), timeout=aiohttp.ClientTimeout(total=60))
-
-
-def cpu_model() -> str:
-    """The CPU's model name, from /proc/cpuinfo where there is one."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "?"
+# Processes, backends and the cluster of a trial are bench/throughput.py's.
 
 
 async def machine(backends: list[str]) -> dict[str, Any]:
     """What the figures were measured on."""
-    info: dict[str, Any] = {
-        "cores": os.cpu_count(),
-        "cpu": cpu_model(),
-        "os": platform.platform(terse=True),
-        "Python": platform.python_version(),
-        "asyncnode": asyncnode.__version__,
-    }
-    for name in backends:
-        info |= await BACKENDS[name].versions()
-    info["load average at start"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return info
+    return await throughput.machine(backends, peers=False)
 
 
 def describe_machine(info: dict[str, Any]) -> list[str]:
@@ -1030,20 +719,12 @@ def main() -> int:
     if args.clients < 1 or args.procs < 1 or args.rate <= 0 or args.seconds <= 0 or args.rounds < 1:
         parser.error("--clients, --procs, --rate, --seconds and --rounds must be positive")
     args.procs = min(args.procs, args.clients)
-    try:
-        out = asyncio.run(run(args))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
+
+    def cleanup() -> None:
         _kill_clients()
         kill_leftovers()
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
-    print()
-    print(report(out))
-    failed = sum("error" in t for trials in out["results"].values() for t in trials)
-    return 1 if failed else 0
+
+    return run_and_report(run(args), report, args.json, cleanup)
 
 
 if __name__ == "__main__":

@@ -30,20 +30,8 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # The harness (asyncnode processes on a fresh config, per backend, cleaned up afterwards) is bench/fanout.py's.
-from fanout import (
-    BACKENDS,
-    Backend,
-    Cluster,
-    check_interrupted,
-    cluster,
-    describe_machine,
-    finish,
-    http_session,
-    kill_leftovers,
-    machine,
-    on_signals_cancel_main,
-    parse_backends,
-)
+from fanout import check_interrupted, describe_machine, finish, machine, on_signals_cancel_main, parse_backends
+from throughput import BACKENDS, Backend, Cluster, cluster, http_session, run_and_report
 
 Metrics = dict[str, Any]
 
@@ -330,18 +318,7 @@ def main() -> int:
         args.tasks = min(args.tasks, 2000)
     if min(args.tasks, args.clients, args.workers, args.window) < 1:
         parser.error("--tasks, --clients, --workers and --window must be at least 1")
-    try:
-        out = asyncio.run(run(args))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        kill_leftovers()
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
-    print()
-    print(report(out))
-    return 1 if any("error" in t for t in out["results"].values()) else 0
+    return run_and_report(run(args), report, args.json)
 
 
 if __name__ == "__main__":

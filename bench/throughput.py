@@ -50,7 +50,7 @@ import tempfile
 import time
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +121,12 @@ def _cpu_of(fields: list[bytes]) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds process ``pid`` has used so far (Linux /proc; 0 elsewhere)."""
+    fields = _stat(pid)
+    return 0.0 if fields is None else _cpu_of(fields)
+
+
 def tree_cpu(root: int) -> float:
     """User and system CPU seconds of ``root`` and all its descendants now alive (Linux /proc; 0 elsewhere)."""
     parent: dict[int, int] = {}
@@ -167,6 +173,11 @@ class Proc:
             )
         _LIVE.add(self.popen)
 
+    @property
+    def pid(self) -> int:
+        """Its process id."""
+        return self.popen.pid
+
     def check(self) -> None:
         """Raise if the process has exited."""
         if self.popen.poll() is not None:
@@ -174,10 +185,7 @@ class Proc:
 
     def cpu_seconds(self) -> float:
         """User and system CPU time it (and, with ``tree``, its children) has used so far."""
-        if self.tree:
-            return tree_cpu(self.popen.pid)
-        fields = _stat(self.popen.pid)
-        return 0.0 if fields is None else _cpu_of(fields)
+        return tree_cpu(self.popen.pid) if self.tree else cpu_seconds(self.popen.pid)
 
     def tail(self, chars: int = 3000) -> str:
         """The end of its log."""
@@ -223,8 +231,7 @@ async def services_cpu() -> float:
     if not _RABBIT_PID:
         out = await asyncio.to_thread(subprocess.run, ["rabbitmqctl", "eval", "os:getpid()."], capture_output=True)
         _RABBIT_PID.append(int(out.stdout.decode().strip().strip('"') or 0) if out.returncode == 0 else 0)
-    fields = _stat(_RABBIT_PID[0]) if _RABBIT_PID[0] else None
-    rabbit = _cpu_of(fields) if fields else 0.0
+    rabbit = cpu_seconds(_RABBIT_PID[0]) if _RABBIT_PID[0] else 0.0
     client = aioredis.from_url(REDIS_URL)
     try:
         info = await client.info("cpu")
@@ -243,7 +250,7 @@ def asyncnode_proc(role: str, config: Path, log_path: Path) -> Proc:
 _DIRTY: dict[str, Callable[[], Awaitable[None]]] = {}
 
 
-def _kill_leftovers() -> None:
+def kill_leftovers() -> None:
     """Last resort after an interrupted cleanup: kill what is still running, by pid, and sweep."""
     for popen in list(_LIVE):
         if popen.poll() is None:
@@ -545,6 +552,11 @@ class Cluster:
         """The processes that should be running."""
         return [p for p in [self.api, *self.workers] if p is not None]
 
+    def check(self) -> None:
+        """Raise if any of them has exited."""
+        for proc in self.running():
+            proc.check()
+
     async def wait_ready(self, session: aiohttp.ClientSession, workers: int) -> None:
         """Wait until /readyz answers 200 and ``workers`` workers show in /api/workers."""
 
@@ -586,6 +598,20 @@ async def workdir(scratch: Path) -> AsyncIterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def own_queue(scratch: Path) -> AsyncIterator[tuple[Path, str]]:
+    """A fresh folder under ``scratch`` and a fresh tag; the queue named by the tag and its ``<tag>:`` keys
+    are deleted afterwards."""
+    tag = new_tag()
+
+    async def cleanup() -> None:
+        await delete_queues([tag])
+        await delete_keys(f"{tag}:")
+
+    async with workdir(scratch) as path, leaving_nothing(tag, cleanup):
+        yield path, tag
 
 
 @contextlib.asynccontextmanager
@@ -957,14 +983,8 @@ async def preload_raw(queue: str, queue_type: str, prefix: str, tasks: int) -> l
 
 async def raw_drain(queue_type: str, prefetch: int, trial: Trial) -> Metrics:
     """2 raw workers draining a preloaded queue; timed from the first `started_at` to the last `finished_at`."""
-    tag = new_tag()
-    prefix = f"{tag}:"
-
-    async def cleanup() -> None:
-        await delete_queues([tag])
-        await delete_keys(prefix)
-
-    async with workdir(trial.scratch) as path, leaving_nothing(tag, cleanup):
+    async with own_queue(trial.scratch) as (path, tag):
+        prefix = f"{tag}:"
         t0 = time.monotonic()
         ids = await preload_raw(tag, queue_type, prefix, trial.tasks)
         preload_s = time.monotonic() - t0
@@ -1035,14 +1055,8 @@ async def _watch_drain(queue: str, prefix: str, ids: list[str], workers: list[Pr
 
 async def minimal_api(trial: Trial) -> Metrics:
     """bench/minimal_api.py on the quorum queue asyncnode's API uses by default, under the same load."""
-    tag = new_tag()
-    prefix = f"{tag}:"
-
-    async def cleanup() -> None:
-        await delete_queues([tag])
-        await delete_keys(prefix)
-
-    async with workdir(trial.scratch) as path, leaving_nothing(tag, cleanup):
+    async with own_queue(trial.scratch) as (path, tag):
+        prefix = f"{tag}:"
         port = free_port()
         argv = [sys.executable, str(BENCH / "minimal_api.py"), "--port", str(port), "--queue", tag]
         argv += ["--queue-type", asyncnode.BrokerConfig().queue_type, "--key-prefix", prefix]
@@ -1389,8 +1403,8 @@ def _version(package: str) -> str | None:
         return None
 
 
-async def machine(backends: list[str]) -> dict[str, Any]:
-    """What the figures were measured on."""
+async def machine(backends: list[str], peers: bool = True) -> dict[str, Any]:
+    """What the figures were measured on (``peers``: also the peers' versions and the HTTP load generator)."""
     info: dict[str, Any] = {
         "cores": os.cpu_count(),
         "cpu": cpu_model(),
@@ -1398,12 +1412,13 @@ async def machine(backends: list[str]) -> dict[str, Any]:
         "Python": platform.python_version(),
         "asyncnode": asyncnode.__version__,
     }
-    for name in sorted({*backends, "rabbitmq"}):
+    for name in sorted({*backends, "rabbitmq"} if peers else backends):  # the peers run on RabbitMQ
         info |= await BACKENDS[name].versions()
-    for package in ("celery", "kombu", "dramatiq", "aio-pika", "redis", "aiohttp"):
-        info[package] = _version(package)
-    info["load generator"] = GENERATOR
-    if GENERATOR == "wrk":
+    if peers:
+        for package in ("celery", "kombu", "dramatiq", "aio-pika", "redis", "aiohttp"):
+            info[package] = _version(package)
+        info["load generator"] = GENERATOR
+    if peers and GENERATOR == "wrk":
         wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False)
         info["load generator"] = (wrk.stdout or wrk.stderr).split(" Copyright")[0].strip() or "wrk"
     info["load average at start"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -1672,19 +1687,30 @@ def main() -> int:
         print(
             "wrk not found: using the aiohttp load generator (apt-get install wrk for a lighter one)", file=sys.stderr
         )
+    return run_and_report(run(args, systems), report, args.json)
+
+
+def run_and_report(
+    main: Coroutine[Any, Any, dict[str, Any]],
+    report: Callable[[dict[str, Any]], str],
+    json_path: Path | None,
+    cleanup: Callable[[], None] = kill_leftovers,
+) -> int:
+    """A benchmark script's end: run ``main``, stop whatever it left running (also when interrupted: 130),
+    write the figures to ``json_path`` if given and print the report; 1 if a trial failed."""
     try:
-        out = asyncio.run(run(args, systems))
+        out = asyncio.run(main)
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted", file=sys.stderr)
         return 130
     finally:
-        _kill_leftovers()
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        cleanup()
+    if json_path:
+        json_path.write_text(json.dumps(out, indent=2) + "\n")
     print()
     print(report(out))
-    failed = sum("error" in t for trials in out["results"].values() for t in trials)
-    return 1 if failed else 0
+    trials = [t for v in out["results"].values() for t in (v if isinstance(v, list) else [v])]
+    return 1 if any("error" in t for t in trials) else 0
 
 
 def _csv(text: str) -> list[str]:

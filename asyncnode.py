@@ -812,6 +812,12 @@ def encode_fields(fields: Mapping[str, JSON]) -> list[str]:
     return flat
 
 
+def pending_fields(tid: str, ttype: str, payload: dict[str, Any], created: float | None = None) -> dict[str, JSON]:
+    """The fields a task is written with when it becomes pending: new (``created``: when), or requeued."""
+    fields: dict[str, JSON] = {"id": tid, "type": ttype, "payload": payload, "attempts": 0}
+    return fields if created is None else fields | {"created_at": created}
+
+
 def blank_record(tid: str) -> dict[str, JSON]:
     """Every field a task shows, with the value it has before anything set it."""
     rec: dict[str, JSON] = {"id": tid, "type": None, "status": None, "payload": None, "result": None, "error": None}
@@ -1762,7 +1768,7 @@ class RedisState:
 
     async def create(self, tid: str, ttype: str, payload: dict[str, Any], now: float) -> int:
         """Record a new pending task, index it and publish it, in one round trip; return its sequence number."""
-        fields = {"id": tid, "type": ttype, "payload": payload, "created_at": now, "attempts": 0}
+        fields = pending_fields(tid, ttype, payload, now)
         res = await self._write(tid, ttype, "pending", fields, public=("attempts",), created=now)
         return int(res[0])
 
@@ -1795,7 +1801,7 @@ class RedisState:
             pipe.hdel(self.key(tid), *RESET_FIELDS)
             pipe.persist(self.key(tid))
             pipe.persist(self.key(tid) + HISTORY_SUFFIX)
-            fields = {"id": tid, "type": ttype, "payload": payload, "attempts": 0}
+            fields = pending_fields(tid, ttype, payload)
             await self._write(tid, ttype, "pending", fields, public=("attempts",), client=pipe)
             await pipe.execute()
 
@@ -2425,7 +2431,7 @@ class EmbeddedStore:
 
     async def create(self, tid: str, ttype: str, payload: dict[str, Any], now: float) -> int:
         """Record a new pending task and log its update; return its sequence number."""
-        fields = {"id": tid, "type": ttype, "payload": payload, "created_at": now, "attempts": 0}
+        fields = pending_fields(tid, ttype, payload, now)
         res = await self.db.write(self._write, tid, ttype, "pending", fields, ("attempts",), "", (), 0, True)
         return int(res[0])
 
@@ -2448,7 +2454,7 @@ class EmbeddedStore:
 
     async def reset(self, tid: str, ttype: str, payload: dict[str, Any]) -> None:
         """Make a dead-lettered task pending again as if new."""
-        fields = {"id": tid, "type": ttype, "payload": payload, "attempts": 0}
+        fields = pending_fields(tid, ttype, payload)
         await self.db.write(self._write, tid, ttype, "pending", fields, ("attempts",), "", (), 0, True, True)
 
     @staticmethod

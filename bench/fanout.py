@@ -94,6 +94,17 @@ def describe_machine(info: dict[str, Any]) -> list[str]:
     ]
 
 
+def add_backend_option(parser: argparse.ArgumentParser) -> None:
+    """``--backend rabbitmq,embedded`` (default rabbitmq)."""
+    parser.add_argument(
+        "--backend",
+        dest="backends",
+        default=["rabbitmq"],
+        type=parse_backends,
+        help="comma-separated: rabbitmq, embedded (default rabbitmq)",
+    )
+
+
 def parse_backends(text: str) -> list[str]:
     """``--backend rabbitmq,embedded``."""
     names = [b.strip() for b in text.split(",") if b.strip()]
@@ -704,13 +715,7 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=500.0, help="updates per second (default 500)")
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds of updates (default 10)")
     parser.add_argument("--rounds", type=int, default=1, help="rounds, each running every backend once (default 1)")
-    parser.add_argument(
-        "--backend",
-        dest="backends",
-        default=["rabbitmq"],
-        type=parse_backends,
-        help="comma-separated: rabbitmq, embedded (default rabbitmq)",
-    )
+    add_backend_option(parser)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 50 clients, 2 s")
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write every trial's figures to PATH")
     args = parser.parse_args()

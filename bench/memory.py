@@ -30,7 +30,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # The harness (asyncnode processes on a fresh config, per backend, cleaned up afterwards) is bench/fanout.py's.
-from fanout import check_interrupted, describe_machine, finish, machine, on_signals_cancel_main, parse_backends
+from fanout import add_backend_option, check_interrupted, describe_machine, finish, machine, on_signals_cancel_main
 from throughput import BACKENDS, Backend, Cluster, cluster, http_session, run_and_report
 
 Metrics = dict[str, Any]
@@ -304,13 +304,7 @@ def main() -> int:
     parser.add_argument(
         "--window", type=int, default=1000, help="most tasks submitted and not yet completed (default 1000)"
     )
-    parser.add_argument(
-        "--backend",
-        dest="backends",
-        default=["rabbitmq"],
-        type=parse_backends,
-        help="comma-separated: rabbitmq, embedded (default rabbitmq)",
-    )
+    add_backend_option(parser)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2000 tasks")
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write the figures and RSS series to PATH")
     args = parser.parse_args()

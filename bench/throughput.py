@@ -907,6 +907,14 @@ async def asyncnode_workers_alone(backend: Backend, overrides: dict[str, dict[st
         workers_cpu = c.workers_cpu() - (workers_cpu or 0.0)
         served = await services_cpu() - served
         first_started, last_finished = await backend.span(c.cfg, ids)
+    metrics = drain_metrics(n, (spawned, first_started, last_finished), preload_s, workers_cpu)
+    return metrics | ({"services_cpu_ms_per_task": served / n * 1000} if backend.name == "rabbitmq" else {})
+
+
+def drain_metrics(n: int, times: tuple[float, float, float], preload_s: float, workers_cpu: float) -> Metrics:
+    """A drain's figures, alike for asyncnode's workers and the raw script: ``times`` are when the workers
+    were spawned, the first ``started_at`` and the last ``finished_at`` (epoch seconds)."""
+    spawned, first_started, last_finished = times
     return {
         "tasks": n,
         "seconds": last_finished - first_started,
@@ -914,7 +922,6 @@ async def asyncnode_workers_alone(backend: Backend, overrides: dict[str, dict[st
         "startup_s": first_started - spawned,
         "preload_per_s": n / preload_s,
         "workers_cpu_ms_per_task": workers_cpu / n * 1000,
-        **({"services_cpu_ms_per_task": served / n * 1000} if backend.name == "rabbitmq" else {}),
     }
 
 
@@ -1008,15 +1015,8 @@ async def raw_drain(queue_type: str, prefetch: int, trial: Trial) -> Metrics:
             await asyncio.gather(*(w.stop() for w in workers))
         first_started, last_finished = await redis_span(REDIS_URL, prefix, ids)
     n = len(ids)
-    return {
-        "tasks": n,
-        "seconds": last_finished - first_started,
-        "tasks_per_s": n / (last_finished - first_started),
-        "startup_s": first_started - spawned,
-        "preload_per_s": n / preload_s,
-        "workers_cpu_ms_per_task": workers_cpu / n * 1000,
-        "services_cpu_ms_per_task": served / n * 1000,
-    }
+    metrics = drain_metrics(n, (spawned, first_started, last_finished), preload_s, workers_cpu)
+    return metrics | {"services_cpu_ms_per_task": served / n * 1000}
 
 
 async def _watch_drain(queue: str, prefix: str, ids: list[str], workers: list[Proc]) -> float:

@@ -24,12 +24,12 @@ import functools
 import hmac
 import importlib
 import inspect
+import ipaddress
 import json
 import logging
 import math
 import os
 import queue
-import random
 import re
 import signal
 import socket
@@ -49,6 +49,7 @@ import aio_pika
 import aio_pika.abc
 import aiormq.abc
 import redis.asyncio as aioredis
+import tenacity
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 # Fast paths where installed (both are dependencies; the standard library and redis-py stand in without them).
@@ -100,116 +101,19 @@ else:  # sqlite3 serves the embedded backend alone
 
 #: Directory holding this file; ``web/`` and the default config live beside it.
 HERE: Final = Path(__file__).resolve().parent
-#: Config file used when neither ``--config`` nor ``$ASYNCNODE_CONFIG`` is given.
-DEFAULT_CONFIG: Final = "config.toml"
-#: Roles an instance can run.
-INSTANCE_ROLES: Final = ("api", "worker")
-#: The instance a config without ``[instances]`` defines.
-DEFAULT_INSTANCE: Final = "local"
-#: What an instance name may look like (it names directories and supervisord programs).
-INSTANCE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-#: Suffix, after ``[redis] key_prefix``, of the hash counting how many tasks reached each status.
-STATS_SUFFIX: Final = "~stats"
-#: Suffix, after a task's key, of the list of its changes of status (its timeline).
-HISTORY_SUFFIX: Final = "~history"
-#: Fields of an update kept in a task's timeline.
-HISTORY_FIELDS: Final = frozenset({"attempt", "attempts", "error", "worker", "next_attempt_at"})
-#: Suffix, after ``[redis] key_prefix``, of the sorted set of live workers and of each worker's heartbeat key.
-WORKERS_SUFFIX: Final = "~workers"
-#: Statuses after which nothing more happens to a task (``rejected``: the broker never held it; the API answered 503).
-TERMINAL: Final = frozenset({"completed", "failed", "rejected"})
-#: Statuses a worker may start a task from ("": no record, e.g. expired); a finished task is not run again.
-RUNNABLE: Final = ("", "pending", "retrying", "started", "rejected")
-#: Suffix of the dead-letter queue's name (``<queue>.dlq``).
-DLQ_SUFFIX: Final = ".dlq"
-#: Suffix, after ``[redis] key_prefix``, of the sorted set indexing recent tasks.
-#: Task ids are UUIDs, so ``~`` can never collide with a task's own key.
-RECENT_SUFFIX: Final = "~recent"
-#: What a task id looks like (a UUID); anything else is not a task, whatever Redis holds under it.
-TASK_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-#: Most ids or types one WebSocket client may subscribe to.
-MAX_SUBSCRIBED: Final = 1000
-#: Seconds between the ``stats`` messages the API sends its WebSocket clients.
-STATS_INTERVAL: Final = 1.0
-#: Largest ``limit`` accepted by ``GET /api/tasks``.
-MAX_LIST_LIMIT: Final = 1000
-#: Seconds the API gathers updates before sending them, one frame per client (fewer, larger frames).
-WS_FLUSH_INTERVAL: Final = 0.02
-#: Updates a WebSocket client may have queued before it counts as too slow and is dropped.
-WS_CLIENT_BUFFER: Final = 10_000
-#: Largest message a WebSocket client may send (it only ever sends small control messages).
-WS_MAX_MESSAGE: Final = 64 * 1024
-#: Seconds between WebSocket pings; a client that misses a pong is dropped.
-WS_HEARTBEAT: Final = 30.0
-#: Seconds a new WebSocket client waits for the relay to follow the store before taking its snapshot anyway.
-RELAY_START_TIMEOUT: Final = 5.0
-#: Fields cleared when a dead letter is requeued as a fresh task.
-RESET_FIELDS: Final = (
-    "result",
-    "error",
-    "started_at",
-    "finished_at",
-    "worker",
-    "progress",
-    "note",
-    "next_attempt_at",
-    "retries",
-)
-#: Fields of a task sent to a WebSocket client that (re)connects, so it can catch up.
-SNAPSHOT_FIELDS: Final = (
-    "id",
-    "type",
-    "status",
-    "seq",
-    "result",
-    "error",
-    "progress",
-    "attempts",
-    "worker",
-    "next_attempt_at",
-)
-#: How many recent tasks a (re)connecting WebSocket client is sent.
-SNAPSHOT_SIZE: Final = 200
-#: Attempts a worker makes to start consuming before it gives up (and supervisord restarts it).
-START_ATTEMPTS: Final = 8
 #: Seconds any one step of shutting down may take before it is given up.
 SHUTDOWN_STEP_TIMEOUT: Final = 5.0
-#: Seconds between reconnection attempts of a robust RabbitMQ connection.
-RECONNECT_INTERVAL: Final = 1.0
-#: Pipelines of state writes one process has in flight at once (the rest wait and go out together).
-REDIS_PIPELINES: Final = 8
-#: Seconds a worker keeps retrying a Redis write before it hands the task back to the queue.
-REDIS_PATIENCE: Final = 300.0
-#: Frames and characters of a traceback kept with a dead letter.
-TRACEBACK_FRAMES: Final = 8
-TRACEBACK_CHARS: Final = 4000
-#: Longest error message kept with a task.
-ERROR_CHARS: Final = 2000
 #: Seconds ``/readyz`` gives each service to answer.
 READY_TIMEOUT: Final = 2.0
-#: Fields of a task that hold JSON rather than text in its Redis hash.
-JSON_FIELDS: Final = frozenset({"payload", "result"})
-#: Fields of a task that hold numbers in its Redis hash.
-FLOAT_FIELDS: Final = frozenset({"created_at", "started_at", "finished_at", "progress", "ts", "next_attempt_at"})
-INT_FIELDS: Final = frozenset({"attempts", "seq", "attempt", "retries"})
-#: What aio-pika raises when RabbitMQ is unreachable, goes away or refuses (a TimeoutError is an OSError).
-AMQP_ERRORS: Final = (aio_pika.exceptions.AMQPError, OSError, RuntimeError)
-#: Seconds an embedded process waits for the SQLite write lock before the operation fails.
-SQLITE_BUSY_TIMEOUT: Final = 10.0
-#: Shortest and longest pause between polls of the SQLite file for work or updates (idle backs off to the longest).
-SQLITE_POLL: Final = (0.002, 0.025)
-#: Seconds between an embedded worker's checks for tasks held by processes that died.
-LEASE_CHECK_INTERVAL: Final = 0.5
-#: Updates the SQLite file keeps for the API to tail (older ones are pruned).
-UPDATES_KEPT: Final = 20_000
-#: Seconds between prunes of expired and surplus finished tasks from the SQLite file.
-PRUNE_INTERVAL: Final = 5.0
-
 JSON: TypeAlias = Any
+
 
 # ============================================================================
 # Errors
 # ============================================================================
+
+#: What aio-pika raises when RabbitMQ is unreachable, goes away or refuses (a TimeoutError is an OSError).
+AMQP_ERRORS: Final = (aio_pika.exceptions.AMQPError, OSError, RuntimeError)
 
 
 class AsyncnodeError(Exception):
@@ -252,6 +156,15 @@ STORE_ERRORS: Final = (RedisError, OSError, StoreUnavailable)
 # Config
 # ============================================================================
 
+#: Config file used when neither ``--config`` nor ``$ASYNCNODE_CONFIG`` is given.
+DEFAULT_CONFIG: Final = "config.toml"
+#: Roles an instance can run.
+INSTANCE_ROLES: Final = ("api", "worker")
+#: The instance a config without ``[instances]`` defines.
+DEFAULT_INSTANCE: Final = "local"
+#: What an instance name may look like (it names directories and supervisord programs).
+INSTANCE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
 
 def _opt(default: Any, doc: str, **rules: Any) -> Any:
     """A config field with its default, a one-line meaning and validation rules."""
@@ -277,13 +190,19 @@ class BrokerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RedisConfig:
-    """``[redis]``: task state and updates (key_prefix, result_ttl and max_recent apply to both backends)."""
+    """``[redis]``: where the RabbitMQ backend keeps task state and publishes updates."""
 
     url: str = _opt("", "Redis URL ($REDIS_URL); with [broker] url set too: use RabbitMQ and Redis")
     channel: str = _opt("task_updates", "pub/sub channel carrying task updates", nonempty=True)
     key_prefix: str = _opt("task:", "a task's hash is <key_prefix><id>", nonempty=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class TasksConfig:
+    """``[tasks]``: how long tasks are kept, on either backend."""
+
     result_ttl: int = _opt(86400, "seconds a finished task is kept (0 = for ever)", min=0)
-    max_recent: int = _opt(10000, "tasks kept in the recent-tasks index", min=1)
+    max_recent: int = _opt(10000, "tasks kept in the recent-tasks index (GET /api/tasks lists no more)", min=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,12 +222,14 @@ class EmbeddedConfig:
 class ApiConfig:
     """``[api]``: the HTTP and WebSocket server."""
 
-    host: str = _opt("0.0.0.0", "address to listen on")
+    host: str = _opt("127.0.0.1", "address to listen on (another than loopback needs token, or insecure = true)")
     port: int = _opt(5000, "port to listen on ($ASYNCNODE_API_PORT)", min=0, max=65535)
     client_max_size: int = _opt(1024 * 1024, "largest request body in bytes (413 above)", min=1024)
     max_text: int = _opt(10000, "longest text accepted in a payload field", min=1)
-    token: str = _opt("", "shared token required by /api/* and /ws when set ($ASYNCNODE_TOKEN)")
-    allowed_origins: tuple[str, ...] = _opt((), "origins besides the page's own allowed to open /ws")
+    token: str = _opt("", "operator token: with it, /api/*, /ws and every action ($ASYNCNODE_TOKEN)")
+    read_token: str = _opt("", "read-only token: the GETs, /ws and the page without actions ($ASYNCNODE_READ_TOKEN)")
+    insecure: bool = _opt(False, "serve a non-loopback address with no token (anyone who reaches it may act)")
+    allowed_origins: tuple[str, ...] = _opt((), "origins besides the page's own that may open /ws and act")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -360,6 +281,7 @@ class Config:
     path: Path
     broker: BrokerConfig = BrokerConfig()
     redis: RedisConfig = RedisConfig()
+    tasks: TasksConfig = TasksConfig()
     embedded: EmbeddedConfig = EmbeddedConfig()
     api: ApiConfig = ApiConfig()
     smtp: SmtpConfig = SmtpConfig()
@@ -372,6 +294,7 @@ class Config:
     SECTIONS: ClassVar[dict[str, type]] = {
         "broker": BrokerConfig,
         "redis": RedisConfig,
+        "tasks": TasksConfig,
         "embedded": EmbeddedConfig,
         "api": ApiConfig,
         "smtp": SmtpConfig,
@@ -382,8 +305,15 @@ class Config:
     ENV: ClassVar[dict[str, tuple[str, str]]] = {
         "RABBIT_URL": ("broker", "url"),
         "REDIS_URL": ("redis", "url"),
+        "ASYNCNODE_API_HOST": ("api", "host"),
         "ASYNCNODE_API_PORT": ("api", "port"),
         "ASYNCNODE_TOKEN": ("api", "token"),
+        "ASYNCNODE_READ_TOKEN": ("api", "read_token"),
+    }
+    #: Keys that moved, and where to (a config written for an earlier release gets a clear error).
+    MOVED: ClassVar[dict[tuple[str, str], str]] = {
+        ("redis", "result_ttl"): "[tasks] result_ttl",
+        ("redis", "max_recent"): "[tasks] max_recent",
     }
 
     @classmethod
@@ -413,6 +343,11 @@ class Config:
             if not isinstance(table, dict):
                 raise ConfigError(f"{path}: {name}: expected a table [{name}]")
             sections[name] = dict(table)
+            for key in table:
+                if (name, key) in cls.MOVED:
+                    raise ConfigError(
+                        f"{path}: [{name}] {key}: moved to {cls.MOVED[name, key]} (it serves both backends)"
+                    )
         for var, (section, key) in cls.ENV.items():
             value = env.get(var)
             if value:
@@ -424,7 +359,12 @@ class Config:
                 f"{path}: [{given}] url is set but [{missing}] url is not: set both to use RabbitMQ and Redis, "
                 "or neither to run embedded on one SQLite file"
             )
-        instances = _build_instances(path, raw.get("instances"), built["api"])
+        api = built["api"]
+        if api.read_token and not api.token:
+            raise ConfigError(f"{path}: [api] read_token: set [api] token too (else nobody could act)")
+        if api.read_token and hmac.compare_digest(api.token, api.read_token):
+            raise ConfigError(f"{path}: [api] read_token: must differ from [api] token")
+        instances = _build_instances(path, raw.get("instances"), api)
         return cls(path=path, instances=instances, **built)
 
     @property
@@ -530,6 +470,28 @@ def _check_value(where: str, ftype: str, value: Any, rules: Mapping[str, Any]) -
     raise AssertionError(f"unhandled config type {ftype}")  # a programming error, not a user's
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address or name (what only this machine can reach)."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_error(cfg: Config) -> str | None:
+    """Protected mode: why an API must not serve as configured (anyone who reaches a non-loopback address with
+    no token could submit tasks, send mail and act on dead letters), or None."""
+    api = cfg.api
+    if api.token or api.insecure or is_loopback(api.host):
+        return None
+    return (
+        f"{cfg.path}: [api] host = {api.host!r} serves other machines but [api] token is not set: set token "
+        "(or $ASYNCNODE_TOKEN), or set [api] insecure = true to serve it open deliberately"
+    )
+
+
 def config_path(arg: str | None, env: Mapping[str, str] | None = None) -> Path:
     """The config file to read: ``--config``, else ``$ASYNCNODE_CONFIG``, else ``./config.toml``."""
     env = os.environ if env is None else env
@@ -550,7 +512,7 @@ def redact_url(url: str) -> str:
 
 
 # ============================================================================
-# Handler registry
+# Handler API: what a handler author needs (task types, registration, the context, running one)
 # ============================================================================
 
 FIELD_TYPES: Final = ("string", "integer", "number", "boolean")
@@ -649,9 +611,93 @@ def load_handlers(modules: Iterable[str]) -> None:
             raise ConfigError(f"[handlers] modules: cannot import {mod!r}: {e}") from None
 
 
+#: Records one progress report of a task: (fraction, note) -> awaitable (the worker writes it to the store).
+ProgressReport: TypeAlias = Callable[[float, "str | None"], Awaitable[Any]]
+
+
+class TaskContext:
+    """What a handler gets besides its payload: the task's identity, config and progress reporting.
+
+    The worker gives it ``report``, which records a progress report; a handler only calls :meth:`progress`.
+    """
+
+    def __init__(self, tid: str, ttype: str, attempt: int, cfg: Config, report: ProgressReport) -> None:
+        self.id = tid
+        self.type = ttype
+        self.attempt = attempt
+        self.config = cfg
+        self._report = report
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._latest: tuple[float, str | None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
+
+    @functools.cached_property
+    def log(self) -> logging.Logger:
+        """The logger ``asyncnode.task.<type>`` (made on first use: few handlers log)."""
+        return log.getChild("task").getChild(self.type)
+
+    def progress(self, fraction: float, note: str | None = None) -> None:
+        """Report progress (0..1) and a note, from async or sync handlers (writes coalesce: the newest wins)."""
+        value = (min(max(float(fraction), 0.0), 1.0), note)
+        if threading.get_ident() == self._loop_thread:
+            self._set_progress(value)
+        else:
+            self._loop.call_soon_threadsafe(self._set_progress, value)
+
+    def _set_progress(self, value: tuple[float, str | None]) -> None:
+        self._latest = value
+        if self._flusher is None or self._flusher.done():
+            self._flusher = self._loop.create_task(self._flush_progress())
+
+    async def _flush_progress(self) -> None:
+        while self._latest is not None:
+            (fraction, note), self._latest = self._latest, None
+            try:
+                await self._report(fraction, note)
+            except STORE_ERRORS as e:
+                self.log.warning("progress of %s not recorded: %s", self.id, e)
+
+    async def drain(self) -> None:
+        """Wait until every progress write has been made."""
+        while self._flusher is not None and not self._flusher.done():
+            await self._flusher
+
+
+async def run_handler(ttype: TaskType, payload: dict[str, Any], ctx: TaskContext, limit: float) -> JSON:
+    """Run a handler under its time limit: coroutines on the loop, plain functions in a thread.
+
+    Past the limit a coroutine is cancelled; a thread cannot be, so it runs on unobserved (the attempt failed).
+    """
+    async with asyncio.timeout(limit):
+        if ttype.is_async:
+            return await ttype.handler(payload, ctx)
+        return await asyncio.to_thread(ttype.handler, payload, ctx)
+
+
 # ============================================================================
 # Pure core: envelopes, validation, task records, update messages
 # ============================================================================
+
+#: Suffix of the dead-letter queue's name (``<queue>.dlq``).
+DLQ_SUFFIX: Final = ".dlq"
+#: What a task id looks like (a UUID); anything else is not a task, whatever Redis holds under it.
+TASK_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+#: Most ids or types one WebSocket client may subscribe to.
+MAX_SUBSCRIBED: Final = 1000
+#: Fields of a task sent to a WebSocket client that (re)connects, so it can catch up.
+SNAPSHOT_FIELDS: Final = (
+    "id",
+    "type",
+    "status",
+    "seq",
+    "result",
+    "error",
+    "progress",
+    "attempts",
+    "worker",
+    "next_attempt_at",
+)
 
 
 def dumps(obj: JSON) -> str:
@@ -772,12 +818,15 @@ class Envelope:
     type: str
     payload: dict[str, Any]
     timeout: float | None = None
+    created_at: float | None = None  #: when the task was submitted (None: unknown, queued by an earlier release)
 
     def encode(self) -> bytes:
         """The message body as published to the work queue."""
         body: dict[str, JSON] = {"id": self.id, "type": self.type, "payload": self.payload}
         if self.timeout is not None:
             body["timeout"] = self.timeout
+        if self.created_at is not None:
+            body["created_at"] = self.created_at
         return dumps(body).encode()
 
     @classmethod
@@ -792,30 +841,23 @@ class Envelope:
         tid, ttype, payload = data.get("id"), data.get("type"), data.get("payload", {})
         if not isinstance(tid, str) or not tid or not isinstance(ttype, str) or not isinstance(payload, dict):
             raise EnvelopeError("message body lacks a string id, a string type or an object payload")
-        timeout = data.get("timeout")
+        timeout, created = data.get("timeout"), data.get("created_at")
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
             raise EnvelopeError("message body has a timeout that is not a positive number")
-        return cls(tid, ttype, payload, None if timeout is None else float(timeout))
+        if not isinstance(created, int | float) or isinstance(created, bool) or not math.isfinite(created):
+            created = None  # unknown, or not a time: the task is restored without it, never refused for it
+        return cls(
+            tid,
+            ttype,
+            payload,
+            None if timeout is None else float(timeout),
+            None if created is None else float(created),
+        )
 
 
 def new_task_id() -> str:
     """A fresh task id (a random UUID)."""
     return str(uuid.uuid4())
-
-
-def encode_fields(fields: Mapping[str, JSON]) -> list[str]:
-    """Flatten a task's fields to the strings stored in its Redis hash (None is skipped)."""
-    flat: list[str] = []
-    for key, value in fields.items():
-        if value is not None:
-            flat += [key, dumps(value) if key in JSON_FIELDS else str(value)]
-    return flat
-
-
-def pending_fields(tid: str, ttype: str, payload: dict[str, Any], created: float | None = None) -> dict[str, JSON]:
-    """The fields a task is written with when it becomes pending: new (``created``: when), or requeued."""
-    fields: dict[str, JSON] = {"id": tid, "type": ttype, "payload": payload, "attempts": 0}
-    return fields if created is None else fields | {"created_at": created}
 
 
 def blank_record(tid: str) -> dict[str, JSON]:
@@ -825,37 +867,169 @@ def blank_record(tid: str) -> dict[str, JSON]:
     return rec | {"progress": None, "seq": 0}
 
 
-def decode_record(tid: str, raw: Mapping[str, str]) -> dict[str, JSON]:
-    """A task as the API shows it, from the strings of its Redis hash."""
-    rec = blank_record(tid)
-    for key, value in raw.items():
-        if key in JSON_FIELDS:
-            try:
-                rec[key] = loads(value)
-            except ValueError:
-                rec[key] = value
-        elif key in FLOAT_FIELDS:
-            rec[key] = float(value)
-        elif key in INT_FIELDS:
-            rec[key] = int(value)
-        else:
-            rec[key] = value
-    return rec
+#: Statuses a task may be started from ("": no record, e.g. expired or lost with Redis); a task in any other
+#: (completed, failed) is finished, and a redelivery of it is acknowledged without running it. "rejected":
+#: the API answered 503, yet RabbitMQ may hold the message after all (a confirm lost in time), and then it runs.
+RUNNABLE: Final = ("", "pending", "retrying", "started", "rejected")
+#: Fields of an update kept in a task's timeline.
+HISTORY_FIELDS: Final = frozenset({"attempt", "attempts", "error", "worker", "next_attempt_at"})
+#: Fields cleared when a dead letter is requeued as a fresh task.
+RESET_FIELDS: Final = (
+    "result",
+    "error",
+    "started_at",
+    "finished_at",
+    "worker",
+    "progress",
+    "note",
+    "next_attempt_at",
+    "retries",
+)
 
 
-def update_message(tid: str, ttype: str, status: str, ts: float, extra: Mapping[str, JSON]) -> str:
-    """An update as published, minus its closing brace: Redis appends the sequence number atomically with the write."""
-    return dumps({"id": tid, "type": ttype, "status": status, "ts": ts, **extra})[:-1]
+@dataclasses.dataclass(frozen=True)
+class Transition:
+    """What one kind of change does to a task's record (the rules plan_change applies)."""
+
+    status: str
+    after: tuple[str, ...] = ()  #: statuses the task must be in ("" = no record); () = any
+    public: tuple[str, ...] = ()  #: fields published with the update (those in HISTORY_FIELDS also kept in history)
+    stamp: str = ""  #: field set to the time of the change
+    counter: str = ""  #: field incremented by the change, and published
+    timeline: bool = True  #: a change of status: kept in history and counted (False: a progress report)
+    final: bool = False  #: nothing more happens: the record is kept for [tasks] result_ttl
+    new: bool = False  #: the task's first record: id, type, no attempts; indexed among the recent tasks
+    reset: bool = False  #: a requeue: as new, RESET_FIELDS cleared and any expiry dropped
+
+
+#: Every kind of change of a task's state, by name.
+TRANSITIONS: Final[Mapping[str, Transition]] = {
+    "submitted": Transition("pending", public=("attempts",), stamp="created_at", new=True),
+    "requeued": Transition("pending", public=("attempts",), reset=True),
+    "started": Transition("started", after=RUNNABLE, public=("worker",), stamp="started_at", counter="attempts"),
+    # Guarded on "started": a late progress write never overwrites a final state.
+    "progress": Transition("started", after=("started",), public=("progress", "note"), timeline=False),
+    "retrying": Transition("retrying", public=("error", "next_attempt_at", "attempt")),
+    "completed": Transition("completed", public=("result",), stamp="finished_at", final=True),
+    "failed": Transition("failed", public=("error",), stamp="finished_at", final=True),
+    "rejected": Transition("rejected", public=("error",), stamp="finished_at", final=True),
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Change:
+    """One change of a task's state as plan_change decided it; a store only makes it, atomically:
+    check ``guard``, drop ``clear``, on a record without status write ``restore`` and index it at
+    ``index_at``, bump ``counter`` and ``seq``, write ``fields``, append ``entry`` to the history and count
+    ``status``, drop (``persist``) or set (``expire``) the expiry, then publish :meth:`message`."""
+
+    tid: str
+    status: str
+    at: float  #: when the change was planned (its update's ``ts``)
+    head: str  #: the update message without its counter, sequence number and closing brace
+    fields: Mapping[str, JSON]  #: fields written (none is None)
+    restore: Mapping[str, JSON] = dataclasses.field(default_factory=dict)
+    clear: tuple[str, ...] = ()
+    guard: tuple[str, ...] = ()  #: statuses the record must be in ("" = none); () = any
+    counter: str = ""
+    entry: str | None = None  #: history entry (JSON); None: not a change of status
+    expire: int = 0  #: seconds the record is kept from now on (0 = no change)
+    persist: bool = False
+    index_at: float | None = None
+    index_keep: int = 0  #: the size the recent-tasks index is trimmed to
+
+    def message(self, seq: int, count: int) -> str:
+        """The update as published, with the new value of ``counter`` and the sequence number (Redis's
+        update script splices them into ``head`` the same way, atomically with the write)."""
+        extra = f',"{self.counter}":{count}' if self.counter else ""
+        return f'{self.head}{extra},"seq":{seq}}}'
+
+
+def plan_change(
+    event: str,
+    tid: str,
+    ttype: str,
+    fields: Mapping[str, JSON],
+    *,
+    tasks: TasksConfig,
+    now: float | None = None,
+    restore: Mapping[str, JSON] | None = None,
+) -> Change:
+    """The change ``event`` (a key of TRANSITIONS) makes to task ``tid``, given the fields it reports.
+
+    ``restore``: fields written only if the record has no status, i.e. was lost (a Redis restart
+    without persistence, an eviction, a flush) while its message waited: the worker knows them from
+    the envelope; the task is then indexed again at its ``created_at``, or at ``now`` when that is unknown.
+    """
+    t = TRANSITIONS[event]
+    now = time.time() if now is None else now
+    values: dict[str, JSON] = {"id": tid, "type": ttype, "attempts": 0} if t.new or t.reset else {}
+    values.update(fields)
+    if t.stamp:
+        values[t.stamp] = now
+    values["status"] = t.status
+    public = {k: values.get(k) for k in t.public}
+    entry = None
+    if t.timeline:
+        entry = dumps({"status": t.status, "ts": now, **{k: v for k, v in public.items() if k in HISTORY_FIELDS}})
+    restored = {k: v for k, v in (restore or {}).items() if v is not None}
+    # A requeued task whose record expired meanwhile is indexed again, as a lost one is.
+    index_at: float | None = now if t.new or t.reset else None
+    if restored:
+        created = restored.get("created_at")
+        index_at = float(created) if isinstance(created, int | float) else now
+    return Change(
+        tid=tid,
+        status=t.status,
+        at=now,
+        head=dumps({"id": tid, "type": ttype, "status": t.status, "ts": now, **public})[:-1],
+        fields={k: v for k, v in values.items() if v is not None},
+        restore=restored,
+        clear=RESET_FIELDS if t.reset else (),
+        guard=t.after,
+        counter=t.counter,
+        entry=entry,
+        expire=tasks.result_ttl if t.final else 0,
+        persist=t.reset,
+        index_at=index_at,
+        index_keep=tasks.max_recent,
+    )
 
 
 def origin_allowed(origin: str, host: str | None, allowed: Iterable[str]) -> bool:
-    """Whether a browser page from ``origin`` may open the WebSocket: the page's own origin, or a listed one."""
+    """Whether a browser page from ``origin`` may open the WebSocket or act: the page's own origin, or a listed one."""
     if origin in allowed:
         return True
     try:
         return host is not None and urlsplit(origin).netloc.lower() == host.lower()
     except ValueError:
         return False
+
+
+#: Methods that change state: refused from cross-site pages and to the read-only token.
+MUTATING: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def access_of(api: ApiConfig, authorization: str | None, query_token: str | None) -> str | None:
+    """What a request may do: ``operator`` (everything), ``read`` (GETs and the stream), ``open`` (no token is
+    set: everything), or None (a token is set and the request has neither). Both tokens are always compared, in
+    constant time."""
+    if not api.token:
+        return "open"
+    operator = token_matches(api.token, authorization, query_token)
+    reader = bool(api.read_token) & token_matches(api.read_token or "\0", authorization, query_token)
+    return "operator" if operator else "read" if reader else None
+
+
+def cross_site(origin: str | None, fetch_site: str | None, host: str | None, allowed: Iterable[str]) -> str | None:
+    """Why a state-changing request comes from another site's page (refused), or None: its ``Origin`` is
+    present and neither the page's own nor allowed, or ``Sec-Fetch-Site`` says ``cross-site``. A request with
+    neither header (curl, scripts, the CLI) is not a browser's and passes."""
+    if fetch_site is not None and fetch_site.strip().lower() == "cross-site":
+        return "Sec-Fetch-Site: cross-site"
+    if origin is not None and not origin_allowed(origin, host, allowed):
+        return f"Origin {origin[:100]!r}"
+    return None
 
 
 def token_matches(expected: str, authorization: str | None, query_token: str | None) -> bool:
@@ -1117,7 +1291,7 @@ class TaskQueue(Protocol):
         """Put a task in the dead-letter queue, with why in its headers."""
 
     async def start_consuming(self, callback: Callable[[Delivery], Awaitable[None]], prefetch: int) -> None:
-        """Deliver tasks to ``callback``, up to ``prefetch`` unsettled at once."""
+        """Deliver tasks to ``callback``, up to ``prefetch`` unsettled at once (raise BrokerUnavailable if not yet)."""
 
     async def wait_consuming(self, stop: asyncio.Event) -> bool:
         """Wait for ``stop``; return True early if consuming has been impossible for ``no_consumer_exit`` seconds."""
@@ -1160,27 +1334,10 @@ class TaskStore(Protocol):
     name: str  # what /readyz calls it
     label: str  # what an error message calls it
 
-    async def create(self, tid: str, ttype: str, payload: dict[str, Any], now: float) -> int:
-        """Record a new pending task and publish it; return its sequence number."""
-
-    def update(
-        self,
-        tid: str,
-        ttype: str,
-        status: str,
-        fields: Mapping[str, JSON],
-        *,
-        public: Iterable[str] = (),
-        counter: str = "",
-        guard: Iterable[str] = (),
-        ttl: int = 0,
-        timeline: bool = True,
-    ) -> Awaitable[tuple[int, int] | None]:
-        """Write and publish a change of state atomically; awaited, it gives (seq, counter), or None if
-        ``guard`` kept it out."""
-
-    async def reset(self, tid: str, ttype: str, payload: dict[str, Any]) -> None:
-        """Make a dead-lettered task pending again as if new."""
+    def apply(self, change: Change) -> Awaitable[tuple[int, int] | None]:
+        """Make a change planned by plan_change, atomically, and publish it; awaited, it gives (seq, new value
+        of its counter), or None if its guard kept it out. Changes made in one turn of the event loop may
+        share one round trip (a pipeline, a transaction)."""
 
     async def get(self, tid: str) -> dict[str, JSON] | None:
         """One task with its history, or None."""
@@ -1226,6 +1383,9 @@ class TaskStore(Protocol):
 # Adapter: RabbitMQ
 # ============================================================================
 
+#: Seconds between reconnection attempts of a robust RabbitMQ connection.
+RECONNECT_INTERVAL: Final = 1.0
+
 
 async def declare_queues(channel: aio_pika.abc.AbstractChannel, cfg: BrokerConfig) -> aio_pika.abc.AbstractQueue:
     """Declare the dead-letter queue and the work queue; return the work queue."""
@@ -1259,7 +1419,7 @@ def _broker_errors(what: str = "RabbitMQ unreachable") -> Iterator[None]:
         raise BrokerUnavailable(f"{what}: {e or type(e).__name__}") from None
 
 
-class AmqpDelivery:
+class RabbitDelivery:
     """A delivery as aiormq hands it over, settled on the channel it came on (stale after a reconnect: the
     settle fails, and RabbitMQ redelivers it)."""
 
@@ -1281,7 +1441,7 @@ class AmqpDelivery:
         await self._channel.basic_reject(self._tag, requeue=requeue)
 
 
-class Broker:
+class RabbitQueue:
     """The TaskQueue on RabbitMQ; it connects lazily, so the API starts (and answers 503) while RabbitMQ is down."""
 
     name = "rabbitmq"
@@ -1370,15 +1530,13 @@ class Broker:
         await self.publish(envelope, self.cfg.queue + DLQ_SUFFIX, headers)
 
     async def start_consuming(self, callback: Callable[[Delivery], Awaitable[None]], prefetch: int) -> None:
-        """Open the consuming channel, declare the queues and consume, retrying while RabbitMQ is not ready.
-
-        Workers starting together race to declare a new quorum queue, and RabbitMQ 3.10 can
-        answer a consume on it with INTERNAL_ERROR until its leader is elected.
-        """
+        """Open the consuming channel, declare the queues and consume; raise BrokerUnavailable if RabbitMQ is
+        not ready (the worker retries). Workers starting together race to declare a new quorum queue, and
+        RabbitMQ 3.10 can answer a consume on it with INTERNAL_ERROR until its leader is elected."""
         connection = await self.connect()
 
         async def deliver(message: aiormq.abc.DeliveredMessage) -> None:
-            await callback(AmqpDelivery(message))
+            await callback(RabbitDelivery(message))
 
         async def consume(channel: aio_pika.abc.AbstractRobustChannel | None) -> None:
             # On aiormq's channel under the robust one: no message object of aio-pika's per delivery.
@@ -1389,28 +1547,21 @@ class Broker:
             amqp.on_consumer_cancel_callbacks.add(self._on_cancel)
             await amqp.basic_consume(self.cfg.queue, deliver, consumer_tag=self._consumer_tag)
 
-        delay = 0.2
-        for attempt in range(1, START_ATTEMPTS + 1):
-            channel: aio_pika.abc.AbstractRobustChannel | None = None
-            try:
-                channel = await connection.channel()
-                await channel.set_qos(prefetch_count=prefetch)
-                await declare_queues(channel, self.cfg)
-                await consume(channel)
-                channel.reopen_callbacks.add(consume)
-                self._consumer = channel, consume
-                return
-            except AMQP_ERRORS as e:
-                if channel is not None:  # a robust channel left open would be restored, consumerless, for ever
-                    with contextlib.suppress(*AMQP_ERRORS, TimeoutError):
-                        await asyncio.wait_for(channel.close(), SHUTDOWN_STEP_TIMEOUT)
-                if attempt == START_ATTEMPTS:
-                    raise
-                self.log.warning("cannot consume yet (%s); retrying in %.1f s", e or type(e).__name__, delay)
-                await asyncio.sleep(delay)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(connection.connected.wait(), self.cfg.connect_timeout)
-                delay = min(delay * 2, 5.0)
+        with contextlib.suppress(TimeoutError):  # reconnecting after a failed attempt
+            await asyncio.wait_for(connection.connected.wait(), self.cfg.connect_timeout)
+        channel: aio_pika.abc.AbstractRobustChannel | None = None
+        try:
+            channel = await connection.channel()
+            await channel.set_qos(prefetch_count=prefetch)
+            await declare_queues(channel, self.cfg)
+            await consume(channel)
+        except AMQP_ERRORS as e:
+            if channel is not None:  # a robust channel left open would be restored, consumerless, for ever
+                with contextlib.suppress(*AMQP_ERRORS, TimeoutError):
+                    await asyncio.wait_for(channel.close(), SHUTDOWN_STEP_TIMEOUT)
+            raise BrokerUnavailable(f"cannot consume yet: {e or type(e).__name__}") from None
+        channel.reopen_callbacks.add(consume)
+        self._consumer = channel, consume
 
     async def wait_consuming(self, stop: asyncio.Event) -> bool:
         """Wait for ``stop``; return True if the consumer (connection or channel) is down too long.
@@ -1582,23 +1733,44 @@ class Broker:
 # Adapter: Redis
 # ============================================================================
 
-# One state change = one round trip: check the guard, bump the sequence number
-# (and a counter such as attempts), write the fields, set the expiry, append to the
-# task's history, count the status and publish the update with the sequence number
-# spliced in.
-#   KEYS[1] task hash; for a change of status: KEYS[2] its history list, KEYS[3] the stats hash;
-#   for a new task: KEYS[4] the recent-tasks index
-#   ARGV[1] channel; ARGV[2] update message without its closing brace
-#   ARGV[3] allowed current statuses, comma separated ('' = any; an empty item = no record yet)
-#   ARGV[4] expire seconds (0 = keep); ARGV[5] counter field to increment ('' = none)
-#   ARGV[6] status; ARGV[7] history entry (JSON); for a new task: ARGV[8] its score in the index
-#   (its time; '' = not new), ARGV[9] the size the index is trimmed to, ARGV[10] its id;
-#   ARGV[11..] field, value pairs
+#: Suffix, after ``[redis] key_prefix``, of the hash counting how many tasks reached each status.
+STATS_SUFFIX: Final = "~stats"
+#: Suffix, after a task's key, of the list of its changes of status (its timeline).
+HISTORY_SUFFIX: Final = "~history"
+#: Suffix, after ``[redis] key_prefix``, of the sorted set of live workers and of each worker's heartbeat key.
+WORKERS_SUFFIX: Final = "~workers"
+#: Suffix, after ``[redis] key_prefix``, of the sorted set indexing recent tasks.
+#: Task ids are UUIDs, so ``~`` can never collide with a task's own key.
+RECENT_SUFFIX: Final = "~recent"
+#: Pipelines of state writes one process has in flight at once (the rest wait and go out together).
+REDIS_PIPELINES: Final = 8
+#: Fields of a task that hold JSON rather than text in its Redis hash.
+JSON_FIELDS: Final = frozenset({"payload", "result"})
+#: Fields of a task that hold numbers in its Redis hash.
+FLOAT_FIELDS: Final = frozenset({"created_at", "started_at", "finished_at", "progress", "ts", "next_attempt_at"})
+INT_FIELDS: Final = frozenset({"attempts", "seq", "attempt", "retries"})
+
+# The one script behind every change of a task's state: it makes a Change (see plan_change) atomically
+# and publishes it, in one round trip.
+#   KEYS[1] the task's hash, KEYS[2] its history list, KEYS[3] the stats hash, KEYS[4] the recent-tasks index
+#   ARGV[1] channel; ARGV[2] Change.head; ARGV[3] guard, comma separated ('' = any; an empty item = no
+#   status yet); ARGV[4] expire seconds (0 = no change); ARGV[5] counter field ('' = none); ARGV[6] status;
+#   ARGV[7] history entry ('' = none); ARGV[8] score in the index ('' = none); ARGV[9] the size the index is
+#   trimmed to; ARGV[10] the task's id; ARGV[11] '1' to drop any expiry; ARGV[12] n, how many fields to clear;
+#   ARGV[13] m, how many strings of restore pairs; then the n fields, the m strings, and the field, value pairs.
+# The published message is Change.message(seq, count), spliced here exactly as there.
 _UPDATE_LUA: Final = """
-if ARGV[3] ~= '' then
-  local cur = redis.call('HGET', KEYS[1], 'status') or ''
-  if not string.find(',' .. ARGV[3] .. ',', ',' .. cur .. ',', 1, true) then
-    return false
+local cur = redis.call('HGET', KEYS[1], 'status') or ''
+if ARGV[3] ~= '' and not string.find(',' .. ARGV[3] .. ',', ',' .. cur .. ',', 1, true) then
+  return false
+end
+local n, m = tonumber(ARGV[12]), tonumber(ARGV[13])
+if n > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, 14, 13 + n)) end
+if cur == '' then
+  if m > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 14 + n, 13 + n + m)) end
+  if ARGV[8] ~= '' then
+    redis.call('ZADD', KEYS[4], ARGV[8], ARGV[10])
+    redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -tonumber(ARGV[9]) - 1)
   end
 end
 local count = 0
@@ -1608,25 +1780,52 @@ if ARGV[5] ~= '' then
   extra = ',"' .. ARGV[5] .. '":' .. count
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-if #ARGV >= 12 then redis.call('HSET', KEYS[1], unpack(ARGV, 11)) end
-if ARGV[8] ~= '' then
-  redis.call('ZADD', KEYS[4], ARGV[8], ARGV[10])
-  redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -tonumber(ARGV[9]) - 1)
-end
-if #KEYS >= 3 then
+if #ARGV > 13 + n + m then redis.call('HSET', KEYS[1], unpack(ARGV, 14 + n + m)) end
+if ARGV[7] ~= '' then
   redis.call('RPUSH', KEYS[2], ARGV[7])
   redis.call('HINCRBY', KEYS[3], ARGV[6], 1)
 end
+if ARGV[11] == '1' then
+  redis.call('PERSIST', KEYS[1])
+  redis.call('PERSIST', KEYS[2])
+end
 if tonumber(ARGV[4]) > 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[4])
-  if #KEYS >= 3 then redis.call('EXPIRE', KEYS[2], ARGV[4]) end
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
 end
 redis.call('PUBLISH', ARGV[1], ARGV[2] .. extra .. ',"seq":' .. seq .. '}')
 return {seq, count}
 """
 
 
-class RedisState:
+def encode_fields(fields: Mapping[str, JSON]) -> list[str]:
+    """Flatten a task's fields to the strings stored in its Redis hash (None is skipped)."""
+    flat: list[str] = []
+    for key, value in fields.items():
+        if value is not None:
+            flat += [key, dumps(value) if key in JSON_FIELDS else str(value)]
+    return flat
+
+
+def decode_record(tid: str, raw: Mapping[str, str]) -> dict[str, JSON]:
+    """A task as the API shows it, from the strings of its Redis hash."""
+    rec = blank_record(tid)
+    for key, value in raw.items():
+        if key in JSON_FIELDS:
+            try:
+                rec[key] = loads(value)
+            except ValueError:
+                rec[key] = value
+        elif key in FLOAT_FIELDS:
+            rec[key] = float(value)
+        elif key in INT_FIELDS:
+            rec[key] = int(value)
+        else:
+            rec[key] = value
+    return rec
+
+
+class RedisStore:
     """The TaskStore on Redis: task records, the recent-tasks index and the update channel."""
 
     name = "redis"
@@ -1649,38 +1848,26 @@ class RedisState:
         """The hash holding task ``tid``."""
         return self.cfg.key_prefix + tid
 
-    def _write(
-        self,
-        tid: str,
-        ttype: str,
-        status: str,
-        fields: Mapping[str, JSON],
-        *,
-        public: Iterable[str] = (),
-        counter: str = "",
-        guard: Iterable[str] = (),
-        ttl: int = 0,
-        timeline: bool = True,
-        client: Any = None,
-        created: float | None = None,
-    ) -> Awaitable[Any]:
-        """The one script call behind every write (see _UPDATE_LUA); ``timeline``: a change of status
-        (appended to the task's history and counted), not a progress report; ``created``: a new task's
-        time, under which it is added to the recent-tasks index."""
-        now = time.time()
-        extra = {k: fields.get(k) for k in public}
-        head = update_message(tid, ttype, status, now, extra)
-        keys = [self.key(tid), self.key(tid) + HISTORY_SUFFIX, self.stats_key] if timeline else [self.key(tid)]
-        entry = {"status": status, "ts": now, **{k: v for k, v in extra.items() if k in HISTORY_FIELDS}}
-        args: list[str | int | float] = [self.cfg.channel, head, ",".join(guard), ttl, counter, status, dumps(entry)]
-        if created is None:
-            args += ["", 0, ""]
-        else:
-            keys.append(self.recent_key)
-            args += [created, self.cfg.max_recent, tid]
-        args += encode_fields({**fields, "status": status})
-        if client is not None:
-            return self._update(keys=keys, args=args, client=client)
+    def apply(self, change: Change) -> Awaitable[tuple[int, int] | None]:
+        """Make ``change`` and publish it in one script call, in a pipeline shared with the changes queued in
+        the same turn of the loop; awaited, it gives (seq, counter), or None if its guard kept it out."""
+        key = self.cfg.key_prefix + change.tid
+        keys = [key, key + HISTORY_SUFFIX, self.stats_key, self.recent_key]
+        args: list[str | int | float] = [
+            self.cfg.channel,
+            change.head,
+            ",".join(change.guard),
+            change.expire,
+            change.counter,
+            change.status,
+            change.entry or "",
+            "" if change.index_at is None else change.index_at,
+            change.index_keep,
+            change.tid,
+            "1" if change.persist else "",
+        ]
+        restore = encode_fields(change.restore)
+        args += [len(change.clear), len(restore), *change.clear, *restore, *encode_fields(change.fields)]
         return self._enqueue(keys, args)
 
     def _enqueue(self, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
@@ -1765,45 +1952,6 @@ class RedisState:
             raise
         self._idle.append(conn)
         return results
-
-    async def create(self, tid: str, ttype: str, payload: dict[str, Any], now: float) -> int:
-        """Record a new pending task, index it and publish it, in one round trip; return its sequence number."""
-        fields = pending_fields(tid, ttype, payload, now)
-        res = await self._write(tid, ttype, "pending", fields, public=("attempts",), created=now)
-        return int(res[0])
-
-    def update(
-        self,
-        tid: str,
-        ttype: str,
-        status: str,
-        fields: Mapping[str, JSON],
-        *,
-        public: Iterable[str] = (),
-        counter: str = "",
-        guard: Iterable[str] = (),
-        ttl: int = 0,
-        timeline: bool = True,
-    ) -> Awaitable[tuple[int, int] | None]:
-        """Write a change of state and publish it, in one round trip shared with the writes queued in the
-        same turn of the loop; awaited, it gives [seq, counter], or None if guarded out.
-
-        ``public``: fields also put in the update message; ``counter``: a field incremented (and published);
-        ``timeline``: False for a progress report, which is neither history nor a status to count.
-        """
-        return self._write(
-            tid, ttype, status, fields, public=public, counter=counter, guard=guard, ttl=ttl, timeline=timeline
-        )
-
-    async def reset(self, tid: str, ttype: str, payload: dict[str, Any]) -> None:
-        """Make a dead-lettered task pending again as if new: attempts, result, error and expiry cleared."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.hdel(self.key(tid), *RESET_FIELDS)
-            pipe.persist(self.key(tid))
-            pipe.persist(self.key(tid) + HISTORY_SUFFIX)
-            fields = pending_fields(tid, ttype, payload)
-            await self._write(tid, ttype, "pending", fields, public=("attempts",), client=pipe)
-            await pipe.execute()
 
     async def get(self, tid: str) -> dict[str, JSON] | None:
         """The task ``tid`` as the API shows it, or None."""
@@ -1912,6 +2060,17 @@ class RedisState:
 # no half-written one.  Each process has one connection, served by a thread of
 # its own so that waiting for the write lock never blocks the event loop; the
 # writes queued meanwhile commit together (one fsync for many API requests).
+
+#: Seconds an embedded process waits for the SQLite write lock before the operation fails.
+SQLITE_BUSY_TIMEOUT: Final = 10.0
+#: Shortest and longest pause between polls of the SQLite file for work or updates (idle backs off to the longest).
+SQLITE_POLL: Final = (0.002, 0.025)
+#: Seconds between an embedded worker's checks for tasks held by processes that died.
+LEASE_CHECK_INTERVAL: Final = 0.5
+#: Updates the SQLite file keeps for the API to tail (older ones are pruned).
+UPDATES_KEPT: Final = 20_000
+#: Seconds between prunes of expired and surplus finished tasks from the SQLite file.
+PRUNE_INTERVAL: Final = 5.0
 
 _SCHEMA: Final = (
     """CREATE TABLE IF NOT EXISTS messages (
@@ -2072,10 +2231,10 @@ class Database:
             self._thread = None
 
 
-class EmbeddedDelivery:
+class SqliteDelivery:
     """A task claimed from the SQLite file by this process; settling it ends the lease."""
 
-    def __init__(self, owner: EmbeddedQueue, mid: int, body: bytes, headers: dict[str, Any]) -> None:
+    def __init__(self, owner: SqliteQueue, mid: int, body: bytes, headers: dict[str, Any]) -> None:
         self.owner = owner
         self.id = mid
         self.body = body
@@ -2110,7 +2269,7 @@ class EmbeddedDelivery:
         )
 
 
-class EmbeddedQueue:
+class SqliteQueue:
     """The TaskQueue on the SQLite file: rows of ``messages``, each claimed under a lease by one worker."""
 
     name = "sqlite"
@@ -2265,7 +2424,7 @@ class EmbeddedQueue:
                 batch, busy = [], False
             for mid, body, headers in batch:
                 self.held.add(mid)
-                await callback(EmbeddedDelivery(self, mid, body, headers))
+                await callback(SqliteDelivery(self, mid, body, headers))
             if batch:
                 pause = SQLITE_POLL[0]
                 continue
@@ -2372,90 +2531,58 @@ class EmbeddedQueue:
         await self.db.close()
 
 
-class EmbeddedStore:
+class SqliteStore:
     """The TaskStore on the SQLite file: ``tasks`` rows, the ``updates`` log the API tails, heartbeats."""
 
     name = "sqlite"
     label = "task store (SQLite)"
 
-    def __init__(self, db: Database, cfg: Config) -> None:
+    def __init__(self, db: Database, tasks: TasksConfig) -> None:
         self.db = db
-        self.cfg = cfg.redis
+        self.tasks = tasks
         self._next_prune = 0.0
 
-    def _write(
-        self,
-        conn: sqlite3.Connection,
-        tid: str,
-        ttype: str,
-        status: str,
-        fields: Mapping[str, JSON],
-        public: Iterable[str],
-        counter: str,
-        guard: Iterable[str],
-        ttl: int,
-        timeline: bool,
-        reset: bool = False,
-    ) -> tuple[int, int] | None:
-        """What _UPDATE_LUA does in Redis, inside the write transaction."""
-        now = time.time()
-        row = conn.execute("SELECT record, history, created_at, expires_at FROM tasks WHERE id = ?", (tid,)).fetchone()
+    @staticmethod
+    def _apply(conn: sqlite3.Connection, change: Change) -> tuple[int, int] | None:
+        """Make ``change`` inside the write transaction (as _UPDATE_LUA makes it in Redis)."""
+        row = conn.execute(
+            "SELECT record, history, created_at, expires_at FROM tasks WHERE id = ?", (change.tid,)
+        ).fetchone()
         rec, history = (loads(row[0]), loads(row[1])) if row else ({}, [])
-        created, expires = (row[2], row[3]) if row else (now, None)
-        guard = tuple(guard)
-        if guard and (rec.get("status") or "") not in guard:
+        created, expires = (row[2], row[3]) if row else (change.at, None)
+        current = rec.get("status") or ""
+        if change.guard and current not in change.guard:
             return None
-        if reset:
-            rec = {k: v for k, v in rec.items() if k not in RESET_FIELDS}
-            expires = None
-        extra = {k: fields.get(k) for k in public}
-        entry = {"status": status, "ts": now, **{k: v for k, v in extra.items() if k in HISTORY_FIELDS}}
+        for name in change.clear:
+            rec.pop(name, None)
+        if not current:
+            rec.update(change.restore)
+            if change.index_at is not None:
+                created = change.index_at
         count = 0
-        if counter:
-            count = extra[counter] = rec[counter] = int(rec.get(counter) or 0) + 1
+        if change.counter:
+            count = rec[change.counter] = int(rec.get(change.counter) or 0) + 1
         seq = rec["seq"] = int(rec.get("seq") or 0) + 1
-        rec.update((k, v) for k, v in fields.items() if v is not None)
-        rec["status"] = status
-        if timeline:
-            history.append(entry)
-            conn.execute("INSERT INTO stats VALUES (?, 1) ON CONFLICT (status) DO UPDATE SET n = n + 1", (status,))
-        if ttl > 0:
-            expires = now + ttl
+        rec.update(change.fields)
+        if change.entry is not None:
+            history.append(loads(change.entry))
+            conn.execute(
+                "INSERT INTO stats VALUES (?, 1) ON CONFLICT (status) DO UPDATE SET n = n + 1", (change.status,)
+            )
+        if change.persist:
+            expires = None
+        if change.expire > 0:
+            expires = change.at + change.expire
         conn.execute(
             "INSERT OR REPLACE INTO tasks (id, record, history, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
-            (tid, dumps(rec), dumps(history), created, expires),
+            (change.tid, dumps(rec), dumps(history), created, expires),
         )
-        message = {"id": tid, "type": ttype, "status": status, "ts": now, **extra, "seq": seq}
-        conn.execute("INSERT INTO updates (message) VALUES (?)", (dumps(message),))
+        conn.execute("INSERT INTO updates (message) VALUES (?)", (change.message(seq, count),))
         return seq, count
 
-    async def create(self, tid: str, ttype: str, payload: dict[str, Any], now: float) -> int:
-        """Record a new pending task and log its update; return its sequence number."""
-        fields = pending_fields(tid, ttype, payload, now)
-        res = await self.db.write(self._write, tid, ttype, "pending", fields, ("attempts",), "", (), 0, True)
-        return int(res[0])
-
-    def update(
-        self,
-        tid: str,
-        ttype: str,
-        status: str,
-        fields: Mapping[str, JSON],
-        *,
-        public: Iterable[str] = (),
-        counter: str = "",
-        guard: Iterable[str] = (),
-        ttl: int = 0,
-        timeline: bool = True,
-    ) -> Awaitable[tuple[int, int] | None]:
-        """Write a change of state and log its update in one transaction (see TaskStore.update)."""
-        args = (tid, ttype, status, dict(fields), tuple(public), counter, tuple(guard), ttl, timeline)
-        return self.db.write(self._write, *args)
-
-    async def reset(self, tid: str, ttype: str, payload: dict[str, Any]) -> None:
-        """Make a dead-lettered task pending again as if new."""
-        fields = pending_fields(tid, ttype, payload)
-        await self.db.write(self._write, tid, ttype, "pending", fields, ("attempts",), "", (), 0, True, True)
+    def apply(self, change: Change) -> Awaitable[tuple[int, int] | None]:
+        """Make ``change`` and log its update in one transaction (see TaskStore.apply)."""
+        return self.db.write(self._apply, change)
 
     @staticmethod
     def _record(tid: str, raw: str) -> dict[str, JSON]:
@@ -2472,7 +2599,7 @@ class EmbeddedStore:
         query = (
             "SELECT id, record FROM tasks WHERE expires_at IS NULL OR expires_at > ? ORDER BY created_at DESC LIMIT ?"
         )
-        rows = await self.db.read(_rows, query, time.time(), min(limit, self.cfg.max_recent))
+        rows = await self.db.read(_rows, query, time.time(), min(limit, self.tasks.max_recent))
         return [self._record(tid, raw) for tid, raw in rows]
 
     async def _field(self, tid: str, name: str) -> Any:
@@ -2515,7 +2642,7 @@ class EmbeddedStore:
         conn.execute(
             "DELETE FROM tasks WHERE expires_at IS NOT NULL AND created_at < "
             "(SELECT created_at FROM tasks ORDER BY created_at DESC LIMIT 1 OFFSET ?)",
-            (self.cfg.max_recent - 1,),
+            (self.tasks.max_recent - 1,),
         )
         conn.execute("DELETE FROM updates WHERE seq <= (SELECT MAX(seq) FROM updates) - ?", (UPDATES_KEPT,))
         conn.execute("DELETE FROM workers WHERE expires_at < ?", (now,))
@@ -2563,13 +2690,143 @@ def open_backend(cfg: Config, role: str) -> tuple[TaskQueue, TaskStore]:
         # commits are ordered, so a power loss can only take back its latest steps, and a task whose
         # completion or ack is taken back is run again (at least once, as with RabbitMQ).
         db = Database(cfg, "normal" if role == "worker" else cfg.embedded.synchronous)
-        return EmbeddedQueue(db, cfg, role), EmbeddedStore(db, cfg)
-    return Broker(cfg.broker, role), RedisState(cfg.redis)
+        return SqliteQueue(db, cfg, role), SqliteStore(db, cfg.tasks)
+    return RabbitQueue(cfg.broker, role), RedisStore(cfg.redis)
+
+
+# ============================================================================
+# Services: what the roles and commands share
+# ============================================================================
+# Each role and command opens its backend here, stops on the event made here, retries under the one
+# policy here, and acts on dead letters through the functions here; none calls into another's section.
+
+#: Largest ``limit`` accepted by ``GET /api/tasks``.
+MAX_LIST_LIMIT: Final = 1000
+
+#: Attempts a worker makes to start consuming before it gives up (and supervisord restarts it).
+START_ATTEMPTS: Final = 8
+#: Seconds a worker keeps retrying a store write before it hands the task back to the queue.
+STORE_PATIENCE: Final = 300.0
+#: The one backoff policy of every retry and reconnect: exponential from 0.1 s up to 5 s, with full
+#: jitter, so that many processes retrying at once spread out.
+BACKOFF: Final = tenacity.wait_random_exponential(multiplier=0.1, max=5.0)
+
+
+def stop_event() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT (the handlers only set it)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+@contextlib.asynccontextmanager
+async def backend(cfg: Config, role: str) -> AsyncIterator[tuple[TaskQueue, TaskStore]]:
+    """The task queue and the task store the config names (see open_backend), closed on the way out."""
+    queue, store = open_backend(cfg, role)
+    try:
+        yield queue, store
+    finally:
+        await queue.close()
+        await store.close()
+
+
+class _StopWhenSet(tenacity.stop.stop_base):
+    """Stop retrying once an asyncio event is set."""
+
+    def __init__(self, event: asyncio.Event) -> None:
+        self.event = event
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        return self.event.is_set()
+
+
+def retrying(
+    errors: type[BaseException] | tuple[type[BaseException], ...],
+    *,
+    what: str,
+    logger: logging.Logger,
+    patience: float | None = None,
+    attempts: int | None = None,
+    stop: asyncio.Event | None = None,
+) -> tenacity.AsyncRetrying:
+    """Retry what raises ``errors`` under BACKOFF, logging each retry; the last error is raised after
+    ``patience`` seconds, ``attempts`` tries, or once ``stop`` is set (which also cuts a pause short).
+
+    Use: ``async for attempt in retrying(...): with attempt: await operation()``.
+    """
+    limits: list[tenacity.stop.stop_base] = []
+    if patience is not None:
+        limits.append(tenacity.stop_after_delay(patience))
+    if attempts is not None:
+        limits.append(tenacity.stop_after_attempt(attempts))
+    if stop is not None:
+        limits.append(_StopWhenSet(stop))
+
+    async def pause(seconds: float) -> None:
+        if stop is None:
+            await asyncio.sleep(seconds)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), seconds)
+
+    def report(state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0.0
+        logger.warning("%s (%s); retrying in %.1f s", what, error or type(error).__name__, wait)
+
+    return tenacity.AsyncRetrying(
+        retry=tenacity.retry_if_exception_type(errors),
+        wait=BACKOFF,
+        stop=tenacity.stop_any(*limits) if limits else tenacity.stop_never,
+        sleep=pause,
+        before_sleep=report,
+        reraise=True,
+    )
+
+
+async def requeue_dead_letters(queue: TaskQueue, store: TaskStore, tasks: TasksConfig, task_id: str | None) -> int:
+    """Put dead letters (one by id, or all) back on the work queue as fresh tasks; return how many."""
+
+    async def take(env: Envelope | None, item: dict[str, JSON]) -> None:
+        if env is None:
+            raise BrokerUnavailable(f"dead letter {item['id']!r} is not a task envelope; discard it instead")
+        restore = {"created_at": env.created_at}  # should its record have expired meanwhile
+        change = plan_change("requeued", env.id, env.type, {"payload": env.payload}, tasks=tasks, restore=restore)
+        await store.apply(change)
+        await queue.publish(dataclasses.replace(env, created_at=env.created_at or change.at))
+
+    return await queue.take_dead_letters(lambda item: task_id is None or item["id"] == task_id, take)
+
+
+async def discard_dead_letter(queue: TaskQueue, task_id: str) -> int:
+    """Drop the dead letter of task ``task_id`` (the task stays ``failed``); return how many were dropped."""
+
+    async def take(env: Envelope | None, item: dict[str, JSON]) -> None:
+        return None
+
+    return await queue.take_dead_letters(lambda item: item["id"] == task_id, take)
 
 
 # ============================================================================
 # Role: api
 # ============================================================================
+
+#: Seconds between the ``stats`` messages the API sends its WebSocket clients.
+STATS_INTERVAL: Final = 1.0
+#: Seconds the API gathers updates before sending them, one frame per client (fewer, larger frames).
+WS_FLUSH_INTERVAL: Final = 0.02
+#: Updates a WebSocket client may have queued before it counts as too slow and is dropped.
+WS_CLIENT_BUFFER: Final = 10_000
+#: Largest message a WebSocket client may send (it only ever sends small control messages).
+WS_MAX_MESSAGE: Final = 64 * 1024
+#: Seconds between WebSocket pings; a client that misses a pong is dropped.
+WS_HEARTBEAT: Final = 30.0
+#: Seconds a new WebSocket client waits for the relay to follow the store before taking its snapshot anyway.
+RELAY_START_TIMEOUT: Final = 5.0
+#: How many recent tasks a (re)connecting WebSocket client is sent.
+SNAPSHOT_SIZE: Final = 200
 
 # The application's keys, made with aiohttp by the first make_app (see _LazyModule).
 CFG_KEY: web.AppKey[Config]
@@ -2694,15 +2951,27 @@ async def _error_middleware(request: web.Request, handler: _Handler) -> web.Stre
         return _json_error(500, "internal error")
 
 
-async def _token_middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
-    """With ``[api] token`` set, /api/* and /ws need it (Bearer header, or ?token= for the WebSocket)."""
-    token = request.app[CFG_KEY].api.token
-    if token and (request.path.startswith("/api/") or request.path == "/ws"):
+async def _guard_middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """Refuse a state-changing request from another site's page (403, whatever its token), then, with
+    ``[api] token`` set, require a token on /api/* and /ws (a Bearer header, or ?token= for the WebSocket):
+    the operator's for everything, the read token's for all but state-changing requests (403)."""
+    api = request.app[CFG_KEY].api
+    mutating = request.method in MUTATING
+    if mutating:
+        why = cross_site(
+            request.headers.get("Origin"), request.headers.get("Sec-Fetch-Site"), request.host, api.allowed_origins
+        )
+        if why is not None:
+            return _json_error(403, f"cross-site request refused ({why}); nothing was changed")
+    if api.token and (request.path.startswith("/api/") or request.path == "/ws"):
         query_token = request.query.get("token") if request.path == "/ws" else None
-        if not token_matches(token, request.headers.get("Authorization"), query_token):
+        found = access_of(api, request.headers.get("Authorization"), query_token)
+        if found is None:
             response = _json_error(401, "missing or wrong token (Authorization: Bearer <token>)")
             response.headers["WWW-Authenticate"] = "Bearer"
             return response
+        if mutating and found == "read":
+            return _json_error(403, "the read-only token cannot change anything; use the operator token")
     return await handler(request)
 
 
@@ -2724,6 +2993,13 @@ async def page_index(request: web.Request) -> web.Response:
     types = [t.describe(request.app[CFG_KEY].api.max_text) for t in sorted(REGISTRY.values(), key=lambda t: t.name)]
     context = {"title": "asyncnode", "version": __version__, "task_types": types}
     return aiohttp_jinja2.render_template("index.html", request, context)
+
+
+async def api_access(request: web.Request) -> web.Response:
+    """``GET /api/access``: what this request's token may do (``operator``, ``read``, or ``open``: no token set),
+    so the page shows its actions only to those who may use them."""
+    access = access_of(request.app[CFG_KEY].api, request.headers.get("Authorization"), None)
+    return _json_response({"access": access})  # a token set and none given never gets here: 401
 
 
 async def api_task_types(request: web.Request) -> web.Response:
@@ -2752,18 +3028,18 @@ async def api_submit(request: web.Request) -> web.Response:
     tid = new_task_id()
     ttype, payload = sub.type, sub.payload
     state = request.app[STATE_KEY]
+    change = plan_change("submitted", tid, ttype.name, {"payload": payload}, tasks=cfg.tasks)
     try:
-        await state.create(tid, ttype.name, payload, time.time())
+        await state.apply(change)
     except STORE_ERRORS as e:
         log.getChild("api").warning("%s unavailable, refusing task: %s", state.label, e)
         return _json_error(503, f"{state.label} unavailable; nothing was queued, retry later")
     try:
-        await request.app[BROKER_KEY].publish(Envelope(tid, ttype.name, payload, sub.timeout))
+        await request.app[BROKER_KEY].publish(Envelope(tid, ttype.name, payload, sub.timeout, change.at))
     except BrokerUnavailable as e:
         log.getChild("api").warning("refusing task %s: %s", tid, e)
         with contextlib.suppress(*STORE_ERRORS):
-            fields = {"error": str(e), "finished_at": time.time()}
-            await state.update(tid, ttype.name, "rejected", fields, public=("error",), ttl=cfg.redis.result_ttl)
+            await state.apply(plan_change("rejected", tid, ttype.name, {"error": str(e)}, tasks=cfg.tasks))
         return _json_error(503, f"task not queued: {e}; retry later", id=tid)
     return _json_response({"id": tid, "status": "pending"}, status=202, headers={"Location": f"/api/tasks/{tid}"})
 
@@ -2800,23 +3076,12 @@ async def api_dlq_list(request: web.Request) -> web.Response:
     return _json_response({"items": items, "total": total})
 
 
-async def requeue_dead_letters(broker: TaskQueue, state: TaskStore, task_id: str | None) -> int:
-    """Put dead letters (one by id, or all) back on the work queue as fresh tasks; return how many."""
-
-    async def take(env: Envelope | None, item: dict[str, JSON]) -> None:
-        if env is None:
-            raise BrokerUnavailable(f"dead letter {item['id']!r} is not a task envelope; discard it instead")
-        await state.reset(env.id, env.type, env.payload)
-        await broker.publish(env)
-
-    return await broker.take_dead_letters(lambda item: task_id is None or item["id"] == task_id, take)
-
-
 async def api_dlq_requeue(request: web.Request) -> web.Response:
     """``POST /api/dlq/<id>/requeue`` (one) or ``POST /api/dlq/requeue`` (all): back to the queue as fresh tasks."""
     task_id = request.match_info.get("id")
     try:
-        count = await requeue_dead_letters(request.app[BROKER_KEY], request.app[STATE_KEY], task_id)
+        app = request.app
+        count = await requeue_dead_letters(app[BROKER_KEY], app[STATE_KEY], app[CFG_KEY].tasks, task_id)
     except BrokerUnavailable as e:
         return _json_error(503, str(e))
     except STORE_ERRORS:
@@ -2829,12 +3094,8 @@ async def api_dlq_requeue(request: web.Request) -> web.Response:
 async def api_dlq_discard(request: web.Request) -> web.Response:
     """``DELETE /api/dlq/<id>``: drop one dead letter (the task stays ``failed``)."""
     task_id = request.match_info["id"]
-
-    async def take(env: Envelope | None, item: dict[str, JSON]) -> None:
-        return None
-
     try:
-        count = await request.app[BROKER_KEY].take_dead_letters(lambda item: item["id"] == task_id, take)
+        count = await discard_dead_letter(request.app[BROKER_KEY], task_id)
     except BrokerUnavailable as e:
         return _json_error(503, str(e))
     if count == 0:
@@ -2922,42 +3183,54 @@ async def _relay_updates(app: web.Application) -> None:
     """Follow the store's updates while any WebSocket client is connected, and hand every one to the hub.
 
     With no client left it stops following at the next update (no parsing of updates nobody reads) and
-    starts again with the next client, which waits for it before taking its snapshot.
+    starts again with the next client, which waits for it before taking its snapshot. A subscription
+    lost is taken up again under the one backoff policy, and then every client is sent the truth.
     """
-    state, hub = app[STATE_KEY], app[HUB_KEY]
-    alog = log.getChild("api")
-    delay, lost, first = 0.1, False, True
+    hub, alog = app[HUB_KEY], log.getChild("api")
+    first, lost = True, False
     while True:
         await hub.wanted.wait()
-        try:
-            async with contextlib.aclosing(state.follow()) as updates:
-                async for message in updates:
-                    if message is not None:
-                        if not hub.clients:
-                            hub.live.clear()  # at once: a client joining now waits for the next follow
-                            break
-                        hub.broadcast(message)
-                        continue
-                    alog.log(
-                        logging.INFO if first or lost else logging.DEBUG, "relaying updates from %s", state.describe()
-                    )
-                    if lost:
-                        # Updates published while we were away are gone: resend the current
-                        # state of recent tasks so every client ends on the truth.
-                        for task in reversed(await state.recent(SNAPSHOT_SIZE)):
-                            hub.broadcast(snapshot_update(task))
-                    hub.live.set()
-                    delay, lost, first = 0.1, False, False
-        except STORE_ERRORS as e:
-            hub.live.clear()
-            lost = True
-            alog.warning("update subscription lost (%s); retrying in %.1f s", e, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-            continue
+        # retrying() has no limit here: it returns once a follow ends without an error.
+        async for attempt in retrying(STORE_ERRORS, what="cannot follow the updates", logger=alog):
+            with attempt:
+                resync, lost = lost, True  # until a follow returns, updates may be missed
+                lost = await _follow_updates(app, announce=first or resync, resync=resync)
+                first = False
         hub.live.clear()
         if not hub.clients:
             hub.wanted.clear()
+
+
+async def _follow_updates(app: web.Application, *, announce: bool, resync: bool) -> bool:
+    """Relay updates until no client is left (False), or until the subscription, once live, is lost (True:
+    the caller follows again at once, then resyncs). Raise one of STORE_ERRORS if it cannot subscribe."""
+    state, hub = app[STATE_KEY], app[HUB_KEY]
+    live = False
+    try:
+        async with contextlib.aclosing(state.follow()) as updates:
+            async for message in updates:
+                if message is not None:
+                    if not hub.clients:
+                        hub.live.clear()  # at once: a client joining now waits for the next follow
+                        return False
+                    hub.broadcast(message)
+                    continue
+                level = logging.INFO if announce or resync else logging.DEBUG
+                log.getChild("api").log(level, "relaying updates from %s", state.describe())
+                if resync:
+                    # Updates published while we were away are gone: resend the current
+                    # state of recent tasks so every client ends on the truth.
+                    for task in reversed(await state.recent(SNAPSHOT_SIZE)):
+                        hub.broadcast(snapshot_update(task))
+                hub.live.set()
+                live, announce, resync = True, False, False
+    except STORE_ERRORS as e:
+        hub.live.clear()
+        if not live:
+            raise
+        log.getChild("api").warning("update subscription lost (%s); following again", e)
+        return True
+    return False
 
 
 async def _stats_loop(app: web.Application) -> None:
@@ -2993,10 +3266,8 @@ async def _stats_loop(app: web.Application) -> None:
 
 
 async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[BROKER_KEY], app[STATE_KEY] = open_backend(app[CFG_KEY], "api")
-    yield
-    await app[BROKER_KEY].close()
-    await app[STATE_KEY].close()
+    async with backend(app[CFG_KEY], "api") as (app[BROKER_KEY], app[STATE_KEY]):
+        yield
 
 
 async def _relay_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -3020,7 +3291,7 @@ def make_app(cfg: Config) -> web.Application:
     """The API application: routes, templates, the update relay and the task queue."""
     load_handlers(cfg.handlers.modules)
     _make_app_keys()
-    middlewares = [web.middleware(_error_middleware), web.middleware(_token_middleware)]
+    middlewares = [web.middleware(_error_middleware), web.middleware(_guard_middleware)]
     app = web.Application(middlewares=middlewares, client_max_size=cfg.api.client_max_size)
     app[CFG_KEY] = cfg
     app[HUB_KEY] = UpdateHub()
@@ -3031,6 +3302,7 @@ def make_app(cfg: Config) -> web.Application:
     )
     app.router.add_get("/", page_index)
     app.router.add_static("/static/", HERE / "web" / "static")
+    app.router.add_get("/api/access", api_access)
     app.router.add_get("/api/task-types", api_task_types)
     app.router.add_post("/api/tasks", api_submit)
     app.router.add_get("/api/tasks", api_list_tasks)
@@ -3050,19 +3322,13 @@ def make_app(cfg: Config) -> web.Application:
     return app
 
 
-def _stop_event() -> asyncio.Event:
-    """An event set by SIGTERM or SIGINT (the handlers only set it)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
-
-
 async def run_api(cfg: Config) -> int:
     """Serve the API until SIGTERM/SIGINT, then close WebSockets and connections."""
     alog = log.getChild("api")
-    stop = _stop_event()
+    problem = exposure_error(cfg)
+    if problem is not None:
+        raise ConfigError(problem)
+    stop = stop_event()
     runner = web.AppRunner(make_app(cfg), handle_signals=False, access_log=None)
     await runner.setup()
     try:
@@ -3071,7 +3337,7 @@ async def run_api(cfg: Config) -> int:
         await runner.cleanup()
         alog.error("cannot listen on %s:%d: %s", cfg.api.host, cfg.api.port, e.strerror or e)
         return 1
-    if not cfg.smtp.allow and cfg.api.host not in ("127.0.0.1", "::1", "localhost"):
+    if not cfg.smtp.allow and not is_loopback(cfg.api.host):
         alog.warning(
             "[smtp] allow is empty and the API listens on %s: anyone who can reach it may send e-mail to any "
             "address through %s:%d; set [smtp] allow (addresses or *@domain)",
@@ -3095,66 +3361,11 @@ async def run_api(cfg: Config) -> int:
 # Role: worker
 # ============================================================================
 
-
-class TaskContext:
-    """What a handler gets besides its payload: the task's identity, config and progress reporting."""
-
-    def __init__(self, tid: str, ttype: str, attempt: int, cfg: Config, state: TaskStore) -> None:
-        self.id = tid
-        self.type = ttype
-        self.attempt = attempt
-        self.config = cfg
-        self._state = state
-        self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
-        self._latest: tuple[float, str | None] | None = None
-        self._flusher: asyncio.Task[None] | None = None
-
-    @functools.cached_property
-    def log(self) -> logging.Logger:
-        """The logger ``asyncnode.task.<type>`` (made on first use: few handlers log)."""
-        return log.getChild("task").getChild(self.type)
-
-    def progress(self, fraction: float, note: str | None = None) -> None:
-        """Report progress (0..1) and a note, from async or sync handlers (writes coalesce: the newest wins)."""
-        value = (min(max(float(fraction), 0.0), 1.0), note)
-        if threading.get_ident() == self._loop_thread:
-            self._set_progress(value)
-        else:
-            self._loop.call_soon_threadsafe(self._set_progress, value)
-
-    def _set_progress(self, value: tuple[float, str | None]) -> None:
-        self._latest = value
-        if self._flusher is None or self._flusher.done():
-            self._flusher = self._loop.create_task(self._flush_progress())
-
-    async def _flush_progress(self) -> None:
-        while self._latest is not None:
-            (fraction, note), self._latest = self._latest, None
-            fields = {"progress": fraction, "note": note}
-            try:
-                # Guarded on "started": a late progress write never overwrites a final state.
-                await self._state.update(
-                    self.id, self.type, "started", fields, public=tuple(fields), guard=("started",), timeline=False
-                )
-            except STORE_ERRORS as e:
-                self.log.warning("progress of %s not recorded: %s", self.id, e)
-
-    async def drain(self) -> None:
-        """Wait until every progress write has been made."""
-        while self._flusher is not None and not self._flusher.done():
-            await self._flusher
-
-
-async def run_handler(ttype: TaskType, payload: dict[str, Any], ctx: TaskContext, limit: float) -> JSON:
-    """Run a handler under its time limit: coroutines on the loop, plain functions in a thread.
-
-    Past the limit a coroutine is cancelled; a thread cannot be, so it runs on unobserved (the attempt failed).
-    """
-    async with asyncio.timeout(limit):
-        if ttype.is_async:
-            return await ttype.handler(payload, ctx)
-        return await asyncio.to_thread(ttype.handler, payload, ctx)
+#: Frames and characters of a traceback kept with a dead letter.
+TRACEBACK_FRAMES: Final = 8
+TRACEBACK_CHARS: Final = 4000
+#: Longest error message kept with a task.
+ERROR_CHARS: Final = 2000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3245,21 +3456,23 @@ class Worker:
             self.log.warning("could not %s a delivery (%s); it will be redelivered", what, e or type(e).__name__)
 
     async def _durably(self, write: Callable[[], Awaitable[Any]]) -> Any:
-        """Run a store write, retrying with backoff while the store is away (up to REDIS_PATIENCE seconds)."""
-        delay, deadline = 0.1, time.monotonic() + REDIS_PATIENCE
-        while True:
-            try:
+        """Run a store write, retrying under BACKOFF while the store is away (up to STORE_PATIENCE seconds)."""
+        try:
+            return await write()  # the common case, with no retry machinery
+        except STORE_ERRORS as e:
+            self.log.warning("%s unavailable (%s); retrying the write", self.state.label, e)
+        what = f"{self.state.label} unavailable"
+        async for attempt in retrying(STORE_ERRORS, what=what, logger=self.log, patience=STORE_PATIENCE):
+            with attempt:
                 return await write()
-            except STORE_ERRORS as e:
-                if time.monotonic() > deadline:
-                    raise
-                self.log.warning("%s unavailable (%s); retrying the write in %.1f s", self.state.label, e, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        raise AssertionError("unreachable: retrying raises its last error")
 
-    async def _record(self, env: Envelope, status: str, fields: Mapping[str, JSON], **options: Any) -> Any:
-        """Write a change of state of ``env``'s task durably (``options`` as for TaskStore.update)."""
-        return await self._durably(lambda: self.state.update(env.id, env.type, status, fields, **options))
+    async def _record(
+        self, env: Envelope, event: str, fields: Mapping[str, JSON], restore: Mapping[str, JSON] | None = None
+    ) -> Any:
+        """Record a change of state of ``env``'s task (an event of TRANSITIONS), durably."""
+        change = plan_change(event, env.id, env.type, fields, tasks=self.cfg.tasks, restore=restore)
+        return await self._durably(lambda: self.state.apply(change))
 
     async def handle(self, message: Delivery) -> None:
         """Run one delivery to its end: completed, retried later, or dead-lettered; then acknowledge it."""
@@ -3310,7 +3523,7 @@ class Worker:
         retries = _int_header(headers, "x-retries")
         if deliveries:  # a redelivery: finished by a worker that died before its ack, or a poison message?
             status = await self._durably(lambda: self.state.status_of(env.id))
-            if status in ("completed", "failed"):
+            if status is not None and status not in RUNNABLE:
                 self.log.info("task %s is already %s; acknowledging the redelivery without running it", env.id, status)
                 return
             if deliveries >= self.cfg.broker.delivery_limit - 1:
@@ -3318,8 +3531,9 @@ class Worker:
                 failure = Failure(f"worker died {deliveries} times running this task (delivery limit)", "", True)
                 await self.give_up(env, failure, retries, headers)
                 return
-        started = {"worker": self.name, "started_at": time.time()}
-        recorded = await self._record(env, "started", started, public=("worker",), counter="attempts", guard=RUNNABLE)
+        # Should the record be gone (a Redis restart without persistence, an eviction), the envelope restores it.
+        restore = {"id": env.id, "type": env.type, "payload": env.payload, "created_at": env.created_at}
+        recorded = await self._record(env, "started", {"worker": self.name}, restore=restore)
         if recorded is None:
             self.log.info("task %s is already finished; acknowledging it without running it", env.id)
             return
@@ -3335,12 +3549,17 @@ class Worker:
             else:
                 await self.retry_later(env, outcome, retries, headers, attempt)
             return
-        completed = {"result": outcome, "finished_at": time.time()}
-        await self._record(env, "completed", completed, public=("result",), ttl=self.cfg.redis.result_ttl)
+        await self._record(env, "completed", {"result": outcome})
 
     async def run(self, env: Envelope, attempt: int) -> JSON | Failure:
         """Run the handler; return its result, or a Failure."""
-        ctx = TaskContext(env.id, env.type, attempt, self.cfg, self.state)
+
+        def report(fraction: float, note: str | None) -> Awaitable[Any]:
+            change = plan_change("progress", env.id, env.type, {"progress": fraction, "note": note}, tasks=tasks)
+            return self.state.apply(change)
+
+        tasks = self.cfg.tasks
+        ctx = TaskContext(env.id, env.type, attempt, self.cfg, report)
         ttype = REGISTRY.get(env.type)
         limit = task_time_limit(self.cfg.broker, env.timeout, ttype.timeout if ttype else None)
         try:
@@ -3366,7 +3585,7 @@ class Worker:
         delay = retry_delay_for(retries + 1, self.cfg.broker.retry_delays)
         now = time.time()
         fields = {"error": failure.error, "next_attempt_at": now + delay, "attempt": attempt, "retries": retries + 1}
-        await self._record(env, "retrying", fields, public=("error", "next_attempt_at", "attempt"))
+        await self._record(env, "retrying", fields)
         retry_headers = {
             "x-retries": retries + 1,
             "x-first-failed-at": headers.get("x-first-failed-at") or header_time(now),
@@ -3386,8 +3605,7 @@ class Worker:
             "x-last-failed-at": header_time(now),
         }
         await self.broker.dead_letter(env, dlq_headers)
-        failed = {"error": failure.error, "finished_at": now}
-        await self._record(env, "failed", failed, public=("error",), ttl=self.cfg.redis.result_ttl)
+        await self._record(env, "failed", {"error": failure.error})
 
     async def drain(self) -> None:
         """Wait for every task in hand to finish and be acknowledged."""
@@ -3402,41 +3620,36 @@ def _int_header(headers: Mapping[str, Any], name: str) -> int:
         return 0
 
 
-async def _connect_worker(broker: TaskQueue, stop: asyncio.Event) -> bool:
-    """Connect to the queue, retrying with backoff and jitter until connected (True) or asked to stop."""
-    wlog = log.getChild("worker")
-    delay = 0.5
-    while not stop.is_set():
-        try:
-            await broker.connect()
-            return True
-        except BrokerUnavailable as e:
-            wait = delay * (1 + random.random() / 2)
-            wlog.warning("%s; retrying in %.1f s", e, wait)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), wait)
-            delay = min(delay * 2, 10.0)
-    return False
-
-
 async def run_worker(cfg: Config) -> int:
     """Consume tasks until SIGTERM/SIGINT; then stop consuming, finish the tasks in hand and exit 0."""
     wlog = log.getChild("worker")
     load_handlers(cfg.handlers.modules)
-    stop = _stop_event()
-    broker, state = open_backend(cfg, "worker")
-    if not await _connect_worker(broker, stop):
-        await broker.close()
-        await state.close()
-        return 0
+    stop = stop_event()
     code = 0
-    try:
+    async with backend(cfg, "worker") as (broker, state):
+        try:
+            # Until connected, however long RabbitMQ is away (supervisord would only restart us).
+            async for attempt in retrying(BrokerUnavailable, what="task queue unreachable", logger=wlog, stop=stop):
+                with attempt:
+                    await broker.connect()
+        except BrokerUnavailable:
+            return 0  # asked to stop before RabbitMQ came
         worker = Worker(cfg, state, broker, os.environ.get("ASYNCNODE_INSTANCE", ""))
         # Up to [worker] concurrency tasks run at once; with as many again in hand, the next one is
         # there the moment one finishes.
         concurrency = cfg.worker.concurrency
         prefetch = max(cfg.broker.prefetch, 2 * concurrency if concurrency > 1 else 1)
-        await broker.start_consuming(worker.on_message, prefetch)
+        try:
+            async for attempt in retrying(
+                BrokerUnavailable, what="cannot consume", logger=wlog, attempts=START_ATTEMPTS, stop=stop
+            ):
+                with attempt:
+                    await broker.start_consuming(worker.on_message, prefetch)
+        except BrokerUnavailable as e:
+            if stop.is_set():
+                return 0
+            wlog.error("giving up after %d attempts: %s", START_ATTEMPTS, e)
+            return 1
         heartbeat = asyncio.create_task(worker.heartbeat_loop())
         wlog.info(
             "worker %s consuming %r from %s (prefetch %d; types: %s)",
@@ -3459,15 +3672,12 @@ async def run_worker(cfg: Config) -> int:
         await asyncio.wait({heartbeat})
         with contextlib.suppress(*STORE_ERRORS):
             await state.forget_worker(worker.name)
-    finally:
-        await broker.close()
-        await state.close()
     wlog.info("stopped after %d task(s)", worker.tasks_done)
     return code
 
 
 # ============================================================================
-# Role: up (supervise one host), with ctl and check
+# Role: up (supervise one host's processes), and ctl
 # ============================================================================
 
 
@@ -3515,6 +3725,8 @@ def _describe_instance(cfg: Config, name: str, inst: InstanceConfig) -> str:
 def run_up(cfg: Config, args: argparse.Namespace) -> int:
     """Run supervisord in the foreground with this host's processes (replaces this process)."""
     name, inst = select_instance(cfg, args.instance, os.environ, socket.gethostname())
+    if "api" in inst.roles and (problem := exposure_error(cfg)) is not None:
+        raise ConfigError(problem)  # before supervisord, which would restart a refusing API for ever
     run_dir = run_dir_for(cfg, name, args.run_dir)
     conf = write_supervisord_conf(cfg, name, inst, run_dir)
     print(f"asyncnode: {_describe_instance(cfg, name, inst)}", flush=True)
@@ -3541,23 +3753,28 @@ def run_ctl(cfg: Config, args: argparse.Namespace) -> int:
     return subprocess.call([sys.executable, "-m", "supervisor.supervisorctl", "-c", str(conf), *command])
 
 
+# ============================================================================
+# Commands: check, dlq
+# ============================================================================
+
+
 async def run_check(cfg: Config, args: argparse.Namespace) -> int:
     """Validate the config, reach the queue and the store (RabbitMQ and Redis, or the SQLite file) and supervisord."""
     name, inst = select_instance(cfg, args.instance, os.environ, socket.gethostname())
     problems: list[str] = []
     print(f"config     {cfg.path}: ok; {_describe_instance(cfg, name, inst)}")
-    broker, state = open_backend(cfg, "check")
-    try:
-        for part, what in ((broker, broker.describe()), (state, state.describe())):
+    if "api" in inst.roles and (problem := exposure_error(cfg)) is not None:
+        problems.append(problem)
+    async with backend(cfg, "check") as (broker, state):
+        # Embedded, the queue and the store are one file: name it once.
+        shared = broker.describe() == state.describe()
+        for label, part, what in (("queue", broker, broker.describe()), ("store", state, state.describe())):
             try:
-                print(f"{part.name:<10} {what}: {await part.report()}")
+                print(f"{label:<10} {'the same file' if shared and part is state else what}: {await part.report()}")
             except (BrokerUnavailable, *STORE_ERRORS, TimeoutError) as e:
                 problems.append(
                     str(e) if isinstance(e, BrokerUnavailable) else f"{what} unreachable: {e or type(e).__name__}"
                 )
-    finally:
-        await broker.close()
-        await state.close()
     run_dir = run_dir_for(cfg, name, args.run_dir)
     if (run_dir / "supervisor.sock").exists():
         try:
@@ -3578,37 +3795,34 @@ async def run_check(cfg: Config, args: argparse.Namespace) -> int:
 
 async def run_dlq(cfg: Config, args: argparse.Namespace) -> int:
     """``dlq list``, ``dlq requeue [ID ...]`` (all when no id) or ``dlq purge``."""
-    broker, state = open_backend(cfg, "dlq")
-    try:
-        if args.action == "list":
-            items, total = await broker.dead_letters(MAX_LIST_LIMIT)
-            for item in items:
-                when = item["failed_at"]
-                stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if isinstance(when, float) else "?"
-                print(
-                    f"{item['id']}  {item['type'] or '?':<10}  {stamp}  attempts={item['attempts'] or '?'}  "
-                    f"{item['error']}"
-                )
-            print(f"{total} dead letter(s) in {cfg.broker.queue + DLQ_SUFFIX}")
-        elif args.action == "requeue":
-            count = 0
-            for task_id in args.ids or [None]:
-                n = await requeue_dead_letters(broker, state, task_id)
-                if task_id is not None and n == 0:
-                    print(f"asyncnode: no dead letter with id {task_id}", file=sys.stderr)
-                count += n
-            print(f"requeued {count} task(s)")
-        else:
-            print(f"purged {await broker.purge_dead_letters()} dead letter(s)")
-    except BrokerUnavailable as e:
-        print(f"asyncnode: {e}", file=sys.stderr)
-        return 1
-    except STORE_ERRORS as e:
-        print(f"asyncnode: {state.describe()} unavailable: {e}", file=sys.stderr)
-        return 1
-    finally:
-        await broker.close()
-        await state.close()
+    async with backend(cfg, "dlq") as (broker, state):
+        try:
+            if args.action == "list":
+                items, total = await broker.dead_letters(MAX_LIST_LIMIT)
+                for item in items:
+                    when = item["failed_at"]
+                    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if isinstance(when, float) else "?"
+                    print(
+                        f"{item['id']}  {item['type'] or '?':<10}  {stamp}  attempts={item['attempts'] or '?'}  "
+                        f"{item['error']}"
+                    )
+                print(f"{total} dead letter(s) in {cfg.broker.queue + DLQ_SUFFIX}")
+            elif args.action == "requeue":
+                count = 0
+                for task_id in args.ids or [None]:
+                    n = await requeue_dead_letters(broker, state, cfg.tasks, task_id)
+                    if task_id is not None and n == 0:
+                        print(f"asyncnode: no dead letter with id {task_id}", file=sys.stderr)
+                    count += n
+                print(f"requeued {count} task(s)")
+            else:
+                print(f"purged {await broker.purge_dead_letters()} dead letter(s)")
+        except BrokerUnavailable as e:
+            print(f"asyncnode: {e}", file=sys.stderr)
+            return 1
+        except STORE_ERRORS as e:
+            print(f"asyncnode: {state.describe()} unavailable: {e}", file=sys.stderr)
+            return 1
     return 0
 
 

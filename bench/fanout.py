@@ -442,6 +442,13 @@ async def _paced(total: int, rate: float, emit: Any) -> tuple[float, float]:
     return start, time.monotonic()
 
 
+def bare_update(tid: str) -> asyncnode.Change:
+    """An update of task ``tid`` and nothing else: no history, no counter, no guard (the fan-out's load)."""
+    now = time.time()
+    head = asyncnode.dumps({"id": tid, "type": UPDATE_TYPE, "status": UPDATE_STATUS, "ts": now})[:-1]
+    return asyncnode.Change(tid=tid, status=UPDATE_STATUS, at=now, head=head, fields={"status": UPDATE_STATUS})
+
+
 async def produce_redis(cfg: asyncnode.Config, ids: list[str], total: int, rate: float) -> Metrics:
     """PUBLISH update messages on the deployment's channel; n goes to id n % len(ids) with seq n // len(ids) + 1."""
     client = aioredis.from_url(cfg.redis.url)
@@ -452,8 +459,7 @@ async def produce_redis(cfg: asyncnode.Config, ids: list[str], total: int, rate:
         nonlocal unheard
         async with client.pipeline(transaction=False) as pipe:
             for n in range(first, last):
-                message = asyncnode.update_message(ids[n % width], UPDATE_TYPE, UPDATE_STATUS, time.time(), {})
-                pipe.publish(channel, f'{message},"seq":{n // width + 1}}}')
+                pipe.publish(channel, bare_update(ids[n % width]).message(n // width + 1, 0))
             listeners = await pipe.execute()
         unheard += sum(1 for x in listeners if x < 1)
 
@@ -476,9 +482,7 @@ async def produce_embedded(cfg: asyncnode.Config, ids: list[str], total: int, ra
     async def emit(first: int, last: int) -> None:
         # Queued in order without waiting: one id's updates commit in order, so its seq counts up.
         for n in range(first, last):
-            writes.append(
-                asyncio.ensure_future(store.update(ids[n % width], UPDATE_TYPE, UPDATE_STATUS, {}, timeline=False))
-            )
+            writes.append(asyncio.ensure_future(store.apply(bare_update(ids[n % width]))))
 
     try:
         start, end = await _paced(total, rate, emit)

@@ -236,7 +236,7 @@ async def test_api_and_worker_killed_mid_stream_lose_nothing_accepted(
 
     async def client() -> None:
         nonlocal connection_errors
-        # The cap keeps every task within [redis] max_recent, so none is pruned before it is checked.
+        # The cap keeps every task within [tasks] max_recent, so none is pruned before it is checked.
         while not stop.is_set() and len(accepted) < 5000:
             try:
                 async with h.session.post(f"{h.base}/api/tasks", json={"type": "noop"}) as resp:
@@ -376,9 +376,10 @@ async def test_a_202_is_a_committed_row_in_the_configured_file(
             h.cfg, "SELECT queue, task_id, body, deliveries, holder FROM messages"
         )
         assert (queue, task_id, deliveries, holder) == (h.cfg.broker.queue, tid, 0, None)
-        assert json.loads(body) == {"id": tid, "type": "reverse", "payload": {"text": "hello"}}
         [(record,)] = await db_rows(h.cfg, "SELECT record FROM tasks WHERE id = ?", tid)
         assert json.loads(record)["status"] == "pending"
+        created = json.loads(record)["created_at"]  # the envelope carries it, so a lost record can be restored
+        assert json.loads(body) == {"id": tid, "type": "reverse", "payload": {"text": "hello"}, "created_at": created}
         assert expected.exists()
         await h.stop_all()
     finally:
@@ -418,18 +419,18 @@ async def test_updates_reach_the_websocket_within_tens_of_milliseconds(
 
 
 @pytest.mark.parametrize(
-    "redis",
+    "tasks",
     [
         pytest.param({"result_ttl": 1}, id="result_ttl"),
         pytest.param({"result_ttl": 3600, "max_recent": 5}, id="max_recent"),
     ],
 )
 async def test_finished_tasks_are_pruned_from_the_file(
-    redis: dict[str, Any], host: Callable[..., Awaitable[Host]]
+    tasks: dict[str, Any], host: Callable[..., Awaitable[Host]]
 ) -> None:
     h = await host(
         workers=1,
-        redis=redis,
+        tasks=tasks,
         broker={"retry_delays": [120.0], "max_retries": 1},
         worker={"heartbeat": 0.2},
     )
@@ -439,7 +440,7 @@ async def test_finished_tasks_are_pruned_from_the_file(
     ids = [await h.submit({"type": "noop"}) for _ in range(20)]  # one by one: their order is their age
     await h.wait_completed(ids, timeout=30)
 
-    kept = redis.get("max_recent", 0)
+    kept = tasks.get("max_recent", 0)
 
     left = set(ids)
 

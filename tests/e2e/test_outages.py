@@ -172,7 +172,8 @@ async def test_a_deleted_work_queue_is_declared_again_and_consumed(
     queue, state = asyncnode.open_backend(cfg, "api")
     try:
         tid = asyncnode.new_task_id()
-        await state.create(tid, "reverse", {"text": "again"}, 0.0)
+        submitted = asyncnode.plan_change("submitted", tid, "reverse", {"payload": {"text": "again"}}, tasks=cfg.tasks)
+        await state.apply(submitted)
         await queue.publish(asyncnode.Envelope(tid, "reverse", {"text": "again"}))
 
         async def completed() -> bool:

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import re
-import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
@@ -581,12 +580,12 @@ def fuzz_summary() -> Iterator[None]:
 async def audit(cfg: asyncnode.Config) -> AsyncIterator[Audit]:
     """The test's view of Redis and RabbitMQ, after declaring the queues (so they can be counted from the start)
     and seeding them: a task (so the recent index exists), a live worker and two dead letters, one not an envelope."""
-    state = asyncnode.RedisState(cfg.redis)
+    state = asyncnode.RedisStore(cfg.redis)
     connection = await aio_pika.connect(cfg.broker.url)
     try:
         channel = await connection.channel()
         await asyncnode.declare_queues(channel, cfg.broker)  # the same arguments the API declares them with
-        await state.create(asyncnode.new_task_id(), "noop", {}, time.time())
+        await state.apply(asyncnode.plan_change("submitted", asyncnode.new_task_id(), "noop", {}, tasks=cfg.tasks))
         await state.beat("fuzz-host:4242", {"id": "fuzz-host:4242", "host": "fuzz-host", "pid": 4242}, ttl=600)
         envelope = asyncnode.Envelope(str(uuid.uuid4()), "reverse", {"text": "dead"})
         for message in [  # confirmed publishes: counted from the first snapshot on

@@ -29,7 +29,9 @@ def test_shipped_config_loads_with_the_documented_keys() -> None:
     assert cfg.broker.max_retries == 3
     assert cfg.redis.channel == "task_updates"
     assert cfg.redis.key_prefix == "task:"
-    assert (cfg.api.host, cfg.api.port) == ("0.0.0.0", 5000)
+    assert (cfg.api.host, cfg.api.port) == ("127.0.0.1", 5000)
+    assert (cfg.api.token, cfg.api.read_token, cfg.api.insecure) == ("", "", False)
+    assert (cfg.tasks.result_ttl, cfg.tasks.max_recent) == (86400, 10000)
     assert (cfg.smtp.host, cfg.smtp.port, cfg.smtp.sender) == ("127.0.0.1", 1025, "asyncnode@localhost")
 
 

@@ -129,19 +129,6 @@ def test_record_fields_round_trip() -> None:
     assert rec["error"] is None and rec["finished_at"] is None
 
 
-def test_update_message_is_open_for_the_sequence_number() -> None:
-    head = asyncnode.update_message("id-1", "reverse", "completed", 2.0, {"result": "olleh", "error": None})
-    assert json.loads(head + ',"seq":3}') == {
-        "id": "id-1",
-        "type": "reverse",
-        "status": "completed",
-        "ts": 2.0,
-        "result": "olleh",
-        "error": None,
-        "seq": 3,
-    }
-
-
 def test_batch_frame() -> None:
     assert asyncnode.batch_frame(['{"a":1}']) == '{"a":1}'
     assert json.loads(asyncnode.batch_frame(['{"a":1}', '{"b":2}'])) == [{"a": 1}, {"b": 2}]

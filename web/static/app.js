@@ -64,6 +64,8 @@
 // Access token: when the server has `[api] token`, every /api/* call needs
 // `Authorization: Bearer <token>` and the socket needs /ws?token=<token>. The token is
 // asked for once (on the first 401) and kept in sessionStorage for this tab's session.
+// With the read-only token (`[api] read_token`), <body data-access="read"> hides every
+// action (submit forms, requeue, discard) and #readonly-note says why.
 'use strict';
 
 const MAX_ROWS = 200;    // rendered table rows cap
@@ -904,7 +906,7 @@ function handleStats(st, msg) {
   const waiting = $('chart-waiting');
   setHidden(waiting, true);
 
-  const wl = msg && Array.isArray(msg.workers) ? msg.workers : Array.isArray(st.workers) ? st.workers : null;
+  const wl = Array.isArray(st.workers) ? st.workers : null;
   if (wl) { workersViaStatsAt = Date.now(); applyWorkers(wl); }
   requestChart();
 }
@@ -2142,6 +2144,32 @@ function tick() {
   if (Date.now() - chart.summaryAt >= SUMMARY_EVERY) updateChartSummary();
 }
 
+// ---------------------------------------------------------------- access
+
+/**
+ * What this page's token may do, from GET /api/access: "operator" or "open" (everything) or
+ * "read" (a read-only token: the page hides its actions, which the server would refuse with 403).
+ * Kept on <body data-access>, which style.css reads; asked again whenever the token changes.
+ */
+let accessToken = undefined; // the token the current data-access was learnt with
+async function refreshAccess() {
+  const token = getToken();
+  if (token === accessToken) return;
+  let res;
+  try {
+    res = await api('/api/access', { headers: { Accept: 'application/json' }, cache: 'no-store' });
+  } catch (e) {
+    return; // unreachable: the next poll asks again
+  }
+  if (!res.ok) return;
+  let body = null;
+  try { body = await res.json(); } catch (e) { return; }
+  accessToken = getToken();
+  const access = body && typeof body.access === 'string' ? body.access : 'open';
+  document.body.dataset.access = access;
+  setHidden($('readonly-note'), access !== 'read');
+}
+
 // ---------------------------------------------------------------- boot
 
 function init() {
@@ -2153,7 +2181,7 @@ function init() {
   initDlq();
   // Background polls start once the first call settled, so a server asking for a token
   // prompts once (for that call and the socket's probe) rather than for every poll.
-  loadTasks().finally(startPolling);
+  loadTasks().finally(() => { startPolling(); refreshAccess(); setInterval(refreshAccess, 2000); });
   connect();
   window.addEventListener('online', () => { if (!sock) connect(); pollAllNow(); });
   document.addEventListener('visibilitychange', () => {

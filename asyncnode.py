@@ -6,12 +6,28 @@ report every change of state through Redis; the API relays each change to
 browsers over a WebSocket.  With no RabbitMQ and Redis configured, the same
 program runs embedded: one SQLite file shared by the processes of one host.
 
-The file is cut into sections in dependency order (each uses only those above
-it): constants, errors, config, handler registry, pure core, the backend
-interface and its adapters (RabbitMQ, Redis, embedded SQLite), role ``api``,
-role ``worker``, command line.
-"""
+Sections, in dependency order (each uses only those above it; banners mark them):
 
+    Constants            what several sections share (a constant serving one lives in it)
+    Errors               the exception tree, and what each backend raises when away
+    Config               the frozen dataclass tree from config.toml; protected mode's rule
+    Handler API          Field, TaskType, task(), load_handlers, TaskContext, run_handler:
+                         everything a handler author needs
+    Pure core            validation, envelopes, the status machine and plan_change() (the
+                         one home of what a change of state does), queue arguments, retry
+                         schedule, access and cross-site rules, supervisord rendering
+    Backend interface    TaskQueue and TaskStore, which the roles talk to
+    Adapter: RabbitMQ    RabbitQueue
+    Adapter: Redis       RedisStore: makes a planned Change in one Lua call
+    Adapter: SQLite      SqliteQueue and SqliteStore on one file; open_backend()
+    Services             backend(), stop_event(), retrying() (the one backoff policy),
+                         dead-letter requeue and discard
+    Role: api            the aiohttp application, the WebSocket hub, run_api()
+    Role: worker         Worker, run_worker()
+    Role: up             supervisord for one host, and ctl
+    Commands             check, dlq
+    Command line         main()
+"""
 from __future__ import annotations
 
 import argparse
@@ -512,7 +528,7 @@ def redact_url(url: str) -> str:
 
 
 # ============================================================================
-# Handler API: what a handler author needs (task types, registration, the context, running one)
+# Handler API: everything a handler author needs, and nothing else
 # ============================================================================
 
 FIELD_TYPES: Final = ("string", "integer", "number", "boolean")
@@ -676,7 +692,7 @@ async def run_handler(ttype: TaskType, payload: dict[str, Any], ctx: TaskContext
 
 
 # ============================================================================
-# Pure core: envelopes, validation, task records, update messages
+# Pure core: validation, envelopes, the status machine, queue arguments, access rules
 # ============================================================================
 
 #: Suffix of the dead-letter queue's name (``<queue>.dlq``).
@@ -2053,8 +2069,10 @@ class RedisStore:
 
 
 # ============================================================================
-# Adapter: embedded SQLite
+# Adapter: SQLite (the embedded backend)
 # ============================================================================
+# Longer than the others (about 650 lines) for a reason: it implements a queue (leases, redelivery,
+# retries, dead letters) as well as a store, where the RabbitMQ adapter leaves the queue to RabbitMQ.
 # One file shared by the processes of one host, in WAL mode: readers never wait
 # for the writer, and a SIGKILL at any moment leaves every committed write and
 # no half-written one.  Each process has one connection, served by a thread of
@@ -2353,7 +2371,8 @@ class SqliteQueue:
         query = "SELECT 1 FROM messages WHERE queue = ? AND holder IS NULL AND ready_at <= ? LIMIT 1"
         return conn.execute(query, (self.cfg.queue, now)).fetchone() is not None
 
-    def _holders(self, conn: sqlite3.Connection, now: float) -> list[tuple[str, int, float]]:
+    @staticmethod
+    def _holders(conn: sqlite3.Connection) -> list[tuple[str, int, float]]:
         return conn.execute(
             "SELECT DISTINCT holder, holder_pid, lease_until FROM messages WHERE holder IS NOT NULL"
         ).fetchall()
@@ -2373,7 +2392,7 @@ class SqliteQueue:
     async def _reap(self) -> None:
         """Redeliver the tasks of workers of this host that died (their pid is gone) or whose lease ran out."""
         now = time.time()
-        holders = await self.db.read(self._holders, now)
+        holders = await self.db.read(self._holders)
         dead = [h for h, pid, _ in holders if h.startswith(self.host + ":") and h != self.holder and not pid_alive(pid)]
         if dead or any(until < now for _, _, until in holders):
             released = await self.db.write(self._release, dead, now)

@@ -17,7 +17,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 import asyncnode
-from tests.conftest import ROOT, write_config
+from tests.conftest import ROOT, Proc, wait_for, write_config
 
 Client = TestClient  # type: ignore[type-arg]
 TOKEN = "operator-s3cret"
@@ -181,18 +181,6 @@ def test_read_token_rules(api: dict[str, str], error: str, tmp_path: Path) -> No
         write_config(tmp_path / "config.toml", "t", backend="embedded", api={"host": "127.0.0.1", **api})
 
 
-def run_api(config: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """``asyncnode api`` as a process: it must exit on its own (a refusal), bounded."""
-    return subprocess.run(
-        [sys.executable, str(ROOT / "asyncnode.py"), "api", "--config", str(config), *extra],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": "/usr/bin:/bin", **(env or {})},
-    )
-
-
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10"])
 def test_protected_mode_refuses_a_non_loopback_bind_without_a_token(host: str, tmp_path: Path) -> None:
     config = write_config(tmp_path / "config.toml", "t", backend="embedded", api={"host": host})
@@ -255,3 +243,37 @@ def test_protected_mode_counts_the_token_from_the_environment(tmp_path: Path) ->
     config = write_config(tmp_path / "config.toml", "t", backend="embedded", api={"host": "0.0.0.0"})
     assert asyncnode.exposure_error(asyncnode.Config.from_toml(config, env={})) is not None
     assert asyncnode.exposure_error(asyncnode.Config.from_toml(config, env={"ASYNCNODE_TOKEN": TOKEN})) is None
+
+
+async def test_a_real_api_on_all_interfaces_takes_its_token_from_the_environment(
+    tmp_path: Path, procs: Callable[..., Proc]
+) -> None:
+    config = write_config(tmp_path / "config.toml", "t", backend="embedded", api={"host": "0.0.0.0"})
+    port = asyncnode.Config.from_toml(config, env={}).api.port
+    api = procs("api", config, {"ASYNCNODE_TOKEN": TOKEN, "ASYNCNODE_READ_TOKEN": READ})
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+
+        async def up() -> bool:
+            assert api.popen.poll() is None, api.log()
+            try:
+                async with session.get(f"{base}/healthz") as r:
+                    return r.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await wait_for(up, timeout=20, what="the API to answer")
+        async with session.get(f"{base}/api/tasks") as r:
+            assert r.status == 401
+        async with session.get(f"{base}/api/tasks", headers={"Authorization": f"Bearer {READ}"}) as r:
+            assert r.status == 200
+        async with session.post(f"{base}/api/tasks", json=BODY, headers={"Authorization": f"Bearer {READ}"}) as r:
+            assert r.status == 403
+        operator = {"Authorization": f"Bearer {TOKEN}"}
+        async with session.post(
+            f"{base}/api/tasks", json=BODY, headers={**operator, "Origin": "https://evil.example"}
+        ) as r:
+            assert r.status == 403
+        async with session.post(f"{base}/api/tasks", json=BODY, headers=operator) as r:
+            assert r.status == 202
+    assert TOKEN not in api.log() and READ not in api.log()  # secrets never reach the log

@@ -16,17 +16,19 @@ from tests.conftest import free_port, rabbitmq_only, stored_keys
 
 Client = TestClient  # type: ignore[type-arg]
 TOKEN = "s3cret-token"
+#: Every request of the test clients, WebSocket handshakes included.
+HTTP_TIMEOUT = aiohttp.ClientTimeout(total=30)
 
 
 @pytest.fixture
 async def secured(cfg: asyncnode.Config, aiohttp_client: Callable[..., Awaitable[Client]]) -> Client:
     api = dataclasses.replace(cfg.api, token=TOKEN)
-    return await aiohttp_client(asyncnode.make_app(dataclasses.replace(cfg, api=api)))
+    return await aiohttp_client(asyncnode.make_app(dataclasses.replace(cfg, api=api)), timeout=HTTP_TIMEOUT)
 
 
 @pytest.fixture
 async def client(cfg: asyncnode.Config, aiohttp_client: Callable[..., Awaitable[Client]]) -> Client:
-    return await aiohttp_client(asyncnode.make_app(cfg))
+    return await aiohttp_client(asyncnode.make_app(cfg), timeout=HTTP_TIMEOUT)
 
 
 BODY = {"type": "reverse", "payload": {"text": "x"}}
@@ -64,7 +66,7 @@ async def test_websocket_origin_must_be_the_page_or_allowed(
     cfg: asyncnode.Config, aiohttp_client: Callable[..., Awaitable[Client]]
 ) -> None:
     api = dataclasses.replace(cfg.api, allowed_origins=("https://ops.example.com",))
-    client = await aiohttp_client(asyncnode.make_app(dataclasses.replace(cfg, api=api)))
+    client = await aiohttp_client(asyncnode.make_app(dataclasses.replace(cfg, api=api)), timeout=HTTP_TIMEOUT)
     own = f"http://{client.host}:{client.port}"
     for origin in (own, "https://ops.example.com"):
         ws = await client.ws_connect("/ws", origin=origin)
@@ -101,7 +103,9 @@ async def test_readyz_names_what_is_down(
     assert resp.status == 200 and (await resp.json())["rabbitmq"] == "ok"
     broker = dataclasses.replace(cfg.broker, url=f"amqp://guest:guest@127.0.0.1:{free_port()}/")
     redis = dataclasses.replace(cfg.redis, url=f"redis://127.0.0.1:{free_port()}/0")
-    down = await aiohttp_client(asyncnode.make_app(dataclasses.replace(cfg, broker=broker, redis=redis)))
+    down = await aiohttp_client(
+        asyncnode.make_app(dataclasses.replace(cfg, broker=broker, redis=redis)), timeout=HTTP_TIMEOUT
+    )
     resp = await down.get("/readyz")
     assert resp.status == 503
     body = await resp.json()

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
-from collections.abc import Awaitable, Callable
+import os
+import re
+import shutil
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aio_pika
@@ -15,14 +20,34 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
 import asyncnode
-from tests.conftest import db_rows, is_embedded, rabbitmq_only, stored_keys, wait_for
+from tests.conftest import (
+    database_path,
+    db_rows,
+    free_port,
+    is_embedded,
+    rabbitmq_only,
+    stored_keys,
+    wait_for,
+)
 
 Client = TestClient  # type: ignore[type-arg]
+
+#: Every request of the test clients (a submission waits out the SQLite busy timeout in one test).
+HTTP_TIMEOUT = aiohttp.ClientTimeout(total=30)
+#: Connecting to, and each answer of, the shared RabbitMQ and Redis.
+SERVICE_TIMEOUT = 10.0
+#: The embedded variant only.
+embedded_only = pytest.mark.parametrize("backend", ["embedded"], indirect=True)
+
+
+def in_ci() -> bool:
+    """Whether this runs in CI, where a missing service or tool is a failure rather than a skip."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
 @pytest.fixture
 async def client(cfg: asyncnode.Config, aiohttp_client: Callable[..., Awaitable[Client]]) -> Client:
-    return await aiohttp_client(asyncnode.make_app(cfg))
+    return await aiohttp_client(asyncnode.make_app(cfg), timeout=HTTP_TIMEOUT)
 
 
 async def ready_messages(cfg: asyncnode.Config) -> list[dict[str, Any]]:
@@ -34,7 +59,7 @@ async def ready_messages(cfg: asyncnode.Config) -> list[dict[str, Any]]:
     if is_embedded(cfg):
         rows = await db_rows(cfg, "SELECT body FROM messages WHERE queue = ? ORDER BY id", cfg.broker.queue)
         return [{"body": json.loads(body), "persistent": True} for (body,) in rows]
-    connection = await aio_pika.connect(cfg.broker.url)
+    connection = await aio_pika.connect(cfg.broker.url, timeout=SERVICE_TIMEOUT)
     async with connection:
         channel = await connection.channel()
         try:
@@ -57,7 +82,9 @@ def post(client: Client, body: Any, **kwargs: Any) -> Any:
 
 @rabbitmq_only  # Redis pub/sub and a RabbitMQ peek; test_embedded.py reads the file instead
 async def test_submit_records_publishes_and_queues_persistently(client: Client, cfg: asyncnode.Config) -> None:
-    sub = aioredis.from_url(cfg.redis.url, decode_responses=True)
+    sub = aioredis.from_url(
+        cfg.redis.url, decode_responses=True, socket_connect_timeout=SERVICE_TIMEOUT, socket_timeout=SERVICE_TIMEOUT
+    )
     pubsub = sub.pubsub(ignore_subscribe_messages=True)
     await pubsub.subscribe(cfg.redis.channel)
     try:
@@ -87,7 +114,9 @@ async def test_submit_records_publishes_and_queues_persistently(client: Client, 
         await sub.aclose()
 
     queued = await ready_messages(cfg)
-    assert queued == [{"body": {"id": tid, "type": "reverse", "payload": {"text": "hello"}}, "persistent": True}]
+    created = float(stored["created_at"])  # the envelope carries it, so a lost record can be restored
+    body = {"id": tid, "type": "reverse", "payload": {"text": "hello"}, "created_at": created}
+    assert queued == [{"body": body, "persistent": True}]
 
     resp = await client.get(f"/api/tasks/{tid}")
     assert resp.status == 200
@@ -212,8 +241,6 @@ async def test_page_renders_a_form_per_type_with_security_headers(client: Client
 async def test_broker_down_answers_503_and_records_it(
     cfg: asyncnode.Config, aiohttp_client: Callable[..., Awaitable[Client]]
 ) -> None:
-    from tests.conftest import free_port
-
     broker = asyncnode.BrokerConfig(
         url=f"amqp://guest:guest@127.0.0.1:{free_port()}/",
         queue=cfg.broker.queue,
@@ -221,7 +248,7 @@ async def test_broker_down_answers_503_and_records_it(
         publish_timeout=2.0,
     )
     down = asyncnode.Config(path=cfg.path, broker=broker, redis=cfg.redis, api=cfg.api)
-    client = await aiohttp_client(asyncnode.make_app(down))
+    client = await aiohttp_client(asyncnode.make_app(down), timeout=HTTP_TIMEOUT)
     async with asyncio.timeout(5):
         resp = await post(client, {"type": "reverse", "payload": {"text": "a"}})
     assert resp.status == 503
@@ -229,6 +256,124 @@ async def test_broker_down_answers_503_and_records_it(
     assert "RabbitMQ" in body["error"]
     task = await (await client.get(f"/api/tasks/{body['id']}")).json()
     assert task["status"] == "rejected" and "RabbitMQ" in task["error"]
+
+
+def assert_refused(resp_status: int, body: dict[str, Any], why: str) -> str:
+    """A 503 whose JSON error says RabbitMQ refused the task and why; the id of the task it recorded."""
+    assert resp_status == 503, body
+    assert body["error"].startswith("task not queued: RabbitMQ refused the task") and why in body["error"], body
+    assert asyncnode.TASK_ID.fullmatch(body["id"]), body
+    return str(body["id"])
+
+
+async def assert_recorded_rejected(client: Client, tid: str, why: str) -> None:
+    """The task's record says rejected, and why, in its status, error and timeline."""
+    resp = await client.get(f"/api/tasks/{tid}")
+    assert resp.status == 200
+    task = await resp.json()
+    assert task["status"] == "rejected" and why in task["error"], task
+    assert [h["status"] for h in task["history"]] == ["pending", "rejected"]
+
+
+@rabbitmq_only  # a mandatory publish returned unroutable
+async def test_unroutable_task_answers_503_and_records_it_rejected(client: Client, cfg: asyncnode.Config) -> None:
+    resp = await post(client, {"type": "noop"})
+    assert resp.status == 202  # the API has declared the queues on its publishing channel
+    connection = await aio_pika.connect(cfg.broker.url, timeout=SERVICE_TIMEOUT)
+    async with connection:
+        await (await connection.channel()).queue_delete(cfg.broker.queue)
+
+    resp = await post(client, {"type": "reverse", "payload": {"text": "nowhere"}})
+    assert resp.content_type == "application/json"
+    tid = assert_refused(resp.status, await resp.json(), "NO_ROUTE")
+    await assert_recorded_rejected(client, tid, "NO_ROUTE")
+
+
+async def rabbitmqctl(*args: str) -> str:
+    """``rabbitmqctl args...`` on the shared broker (bounded); its output, or a failure."""
+    ctl = shutil.which("rabbitmqctl", path=f"{os.environ.get('PATH', '')}:/usr/local/sbin:/usr/sbin:/sbin")
+    if ctl is None:
+        reason = "rabbitmqctl is not installed (needed to set a policy on the test's queue)"
+        if in_ci():
+            pytest.fail(reason)
+        pytest.skip(reason)
+    proc = await asyncio.create_subprocess_exec(
+        ctl, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"rabbitmqctl {' '.join(args)} did not finish within 60 s") from None
+    assert proc.returncode == 0, f"rabbitmqctl {' '.join(args)} exited with {proc.returncode}: {out.decode()}"
+    return out.decode()
+
+
+#: How many tasks the work queue may hold under the test's max-length policy.
+MAX_LENGTH = 2
+
+
+@pytest.fixture
+async def bounded_queue(cfg: asyncnode.Config) -> AsyncIterator[str]:
+    """A max-length policy on the shared broker matching exactly this test's work queue, set before the queue
+    is declared (the queue itself is declared with reject-publish overflow); cleared afterwards."""
+    name = f"{cfg.broker.queue}-max-length"
+    pattern = f"^{re.escape(cfg.broker.queue)}$"
+    definition = json.dumps({"max-length": MAX_LENGTH})
+    await rabbitmqctl("set_policy", "--apply-to", "queues", "--priority", "100", name, pattern, definition)
+    try:
+        yield name
+    finally:
+        await rabbitmqctl("clear_policy", name)
+
+
+@rabbitmq_only  # a publish nacked by a full queue (reject-publish)
+async def test_full_queue_answers_503_and_records_it_rejected(
+    bounded_queue: str, client: Client, cfg: asyncnode.Config
+) -> None:
+    accepted: list[str] = []
+    for _ in range(MAX_LENGTH + 2):  # fill it: submit until RabbitMQ refuses
+        resp = await post(client, {"type": "reverse", "payload": {"text": f"task {len(accepted)}"}})
+        if resp.status != 202:
+            break
+        accepted.append((await resp.json())["id"])
+    # A quorum queue turns to rejecting once a publish has taken it past its limit (RabbitMQ 3.10: the
+    # third of two); a classic queue at the limit.
+    assert MAX_LENGTH <= len(accepted) <= MAX_LENGTH + 1, accepted
+    assert resp.content_type == "application/json"
+    body = await resp.json()
+    tid = assert_refused(resp.status, body, "RabbitMQ refused the task")
+    assert "NO_ROUTE" not in body["error"]  # nacked, not returned
+    await assert_recorded_rejected(client, tid, "RabbitMQ refused the task")
+    assert [m["body"]["id"] for m in await ready_messages(cfg)] == accepted
+
+
+@embedded_only  # the SQLite file locked by another connection past the busy timeout
+@pytest.mark.timeout(60)
+async def test_locked_database_answers_503_and_queues_nothing(client: Client, cfg: asyncnode.Config) -> None:
+    resp = await post(client, {"type": "noop"})
+    assert resp.status == 202  # the file and its tables exist, the API's connection is open
+    first = (await resp.json())["id"]
+
+    locker = sqlite3.connect(database_path(cfg), timeout=5, isolation_level=None, check_same_thread=False)
+    try:
+        await asyncio.to_thread(locker.execute, "BEGIN EXCLUSIVE")
+        async with asyncio.timeout(asyncnode.SQLITE_BUSY_TIMEOUT + 15):
+            resp = await post(client, {"type": "reverse", "payload": {"text": "locked out"}})
+        assert resp.status == 503
+        assert resp.content_type == "application/json"
+        body = await resp.json()
+    finally:
+        with contextlib.suppress(sqlite3.Error):
+            locker.execute("ROLLBACK")
+        locker.close()
+    assert set(body) == {"error"}, body  # no id: nothing was recorded
+    assert body["error"] == "task store (SQLite) unavailable; nothing was queued, retry later"
+    assert await db_rows(cfg, "SELECT id FROM tasks") == [(first,)]
+    assert [m["body"]["id"] for m in await ready_messages(cfg)] == [first]
+    resp = await post(client, {"type": "noop"})  # the lock gone, the API takes tasks again
+    assert resp.status == 202
 
 
 async def recv_updates(ws: aiohttp.ClientWebSocketResponse, want: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:

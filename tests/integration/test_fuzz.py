@@ -59,6 +59,9 @@ JSON_CT = (("Content-Type", "application/json"),)
 STATS: Counter[str] = Counter()  # requests sent and statuses seen by the whole module
 SUPPRESSED = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large]
 SUPPRESSED.append(HealthCheck.large_base_example)
+#: Every request of the HTTP clients, and connecting to RabbitMQ.
+HTTP_TIMEOUT = aiohttp.ClientTimeout(total=30)
+SERVICE_TIMEOUT = 10.0
 
 
 def fuzz(max_examples: int) -> settings:
@@ -121,7 +124,8 @@ def raw_sender(host: str, port: int) -> Send:
         head = [f"{req.method} {req.path} HTTP/1.1", f"Host: {host}:{port}", "Connection: close"]
         head += [f"{name}: {value}" for name, value in req.headers]
         head += [] if req.body is None else [f"Content-Length: {len(req.body)}"]
-        reader, writer = await asyncio.open_connection(host, port)
+        async with asyncio.timeout(10):
+            reader, writer = await asyncio.open_connection(host, port)
         try:
             writer.write("\r\n".join(head).encode("latin-1") + b"\r\n\r\n" + (req.body or b""))
             async with asyncio.timeout(10):
@@ -581,7 +585,7 @@ async def audit(cfg: asyncnode.Config) -> AsyncIterator[Audit]:
     """The test's view of Redis and RabbitMQ, after declaring the queues (so they can be counted from the start)
     and seeding them: a task (so the recent index exists), a live worker and two dead letters, one not an envelope."""
     state = asyncnode.RedisStore(cfg.redis)
-    connection = await aio_pika.connect(cfg.broker.url)
+    connection = await aio_pika.connect(cfg.broker.url, timeout=SERVICE_TIMEOUT)
     try:
         channel = await connection.channel()
         await asyncnode.declare_queues(channel, cfg.broker)  # the same arguments the API declares them with
@@ -608,9 +612,9 @@ async def senders(cfg: asyncnode.Config, aiohttp_client: Callable[..., Awaitable
     ``[api] token`` set ("token", a bare socket); one key prefix and queue."""
     assert dataclasses.replace(cfg.api, host="", port=0) == dataclasses.replace(ORACLE_CFG.api, host="", port=0)
     assert (cfg.smtp, cfg.broker.task_timeout) == (ORACLE_CFG.smtp, TASK_TIMEOUT)
-    api = await aiohttp_client(asyncnode.make_app(cfg))
+    api = await aiohttp_client(asyncnode.make_app(cfg), timeout=HTTP_TIMEOUT)
     token_cfg = dataclasses.replace(cfg, api=dataclasses.replace(cfg.api, token=TOKEN))
-    token_api = await aiohttp_client(asyncnode.make_app(token_cfg))
+    token_api = await aiohttp_client(asyncnode.make_app(token_cfg), timeout=HTTP_TIMEOUT)
     return {
         "open": http_sender(api.session, f"http://{api.host}:{api.port}"),
         "raw": raw_sender(api.host, api.port),
@@ -622,7 +626,7 @@ async def senders(cfg: asyncnode.Config, aiohttp_client: Callable[..., Awaitable
 async def api_process(procs: Callable[..., Proc], config_file: Path, cfg: asyncnode.Config) -> AsyncIterator[Any]:
     """A real ``asyncnode.py api`` on the test's config, answering /healthz, and a sender to it."""
     proc = procs("api", config_file)
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as session:
         send = http_sender(session, f"http://127.0.0.1:{cfg.api.port}")
 
         async def up() -> bool:

@@ -29,6 +29,17 @@ private_redis = privsvc.private_redis
 
 DURABLE_QUEUE = "privsvc-durable"
 SETTLE_BEFORE_KILL = 3.0  # seconds between the last durable change and a SIGKILL
+SERVICE_TIMEOUT = 10.0  # seconds to connect to, or hear back from, a private instance
+
+
+def in_ci() -> bool:
+    """Whether this runs in CI (CI=1, true or yes), where a server that cannot run here is a failure."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def redis_client(url: str) -> aioredis.Redis:
+    """A client of the Redis at ``url`` whose connects and commands are bounded."""
+    return aioredis.from_url(url, socket_connect_timeout=SERVICE_TIMEOUT, socket_timeout=SERVICE_TIMEOUT)
 
 
 def pid_alive(pid: int) -> bool:
@@ -96,7 +107,7 @@ async def rabbits(tmp_path: Path) -> AsyncIterator[Callable[..., PrivateRabbit]]
     """Make PrivateRabbit instances with options; every one is stopped at the end."""
     reason = rabbitmq_available()
     if reason:
-        if os.environ.get("CI"):
+        if in_ci():
             pytest.fail(reason)
         pytest.skip(reason)
     made: list[PrivateRabbit] = []
@@ -113,7 +124,7 @@ async def rabbits(tmp_path: Path) -> AsyncIterator[Callable[..., PrivateRabbit]]
 
 
 async def message_count(url: str, queue: str) -> int:
-    connection = await aio_pika.connect(url)
+    connection = await aio_pika.connect(url, timeout=SERVICE_TIMEOUT)
     async with connection:
         channel = await connection.channel()
         declared = await channel.declare_queue(queue, passive=True)
@@ -121,7 +132,7 @@ async def message_count(url: str, queue: str) -> int:
 
 
 async def get(url: str, key: str) -> bytes | None:
-    client = aioredis.from_url(url)
+    client = redis_client(url)
     try:
         return await client.get(key)
     finally:
@@ -129,7 +140,7 @@ async def get(url: str, key: str) -> bytes | None:
 
 
 async def set_(url: str, key: str, value: str) -> None:
-    client = aioredis.from_url(url)
+    client = redis_client(url)
     try:
         await client.set(key, value)
     finally:
@@ -148,7 +159,7 @@ async def timed(what: str, coro: Any) -> None:
 async def test_redis_start_stop_restart_on_same_port_and_kill(private_redis: PrivateRedis, tmp_path: Path) -> None:
     redis = private_redis
     assert redis.port != 6379 and redis.url == f"redis://127.0.0.1:{redis.port}/0"
-    client = aioredis.from_url(redis.url)
+    client = redis_client(redis.url)
     try:
         assert await client.ping()
         await client.set("k", "v")
@@ -204,7 +215,7 @@ async def test_rabbit_restart_keeps_durable_queue_and_persistent_message(private
     assert rabbit.version and rabbit.pid is not None
     print(f"RabbitMQ {rabbit.version}, node {rabbit.node}")
 
-    connection = await aio_pika.connect(rabbit.url)
+    connection = await aio_pika.connect(rabbit.url, timeout=SERVICE_TIMEOUT)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         await channel.declare_queue(DURABLE_QUEUE, durable=True)
@@ -222,7 +233,7 @@ async def test_rabbit_restart_keeps_durable_queue_and_persistent_message(private
     port = rabbit.port
     await timed("rabbit restart", rabbit.start())
     assert rabbit.port == port and rabbit.pid != beam
-    connection = await aio_pika.connect(rabbit.url)
+    connection = await aio_pika.connect(rabbit.url, timeout=SERVICE_TIMEOUT)
     async with connection:
         channel = await connection.channel()
         queue = await channel.declare_queue(DURABLE_QUEUE, durable=True, passive=True)
@@ -242,7 +253,7 @@ async def test_rabbit_consumer_timeout_is_applied_and_kill_then_recover(
 
     # Enforced: a delivery left unacknowledged closes its channel within timeout + one tick.
     loop = asyncio.get_running_loop()
-    connection = await aio_pika.connect(rabbit.url)
+    connection = await aio_pika.connect(rabbit.url, timeout=SERVICE_TIMEOUT)
     async with connection:
         channel = await connection.channel()
         queue = await channel.declare_queue(DURABLE_QUEUE, durable=True)

@@ -22,6 +22,8 @@ from tests.conftest import ROOT, Proc, wait_for, write_config
 Client = TestClient  # type: ignore[type-arg]
 TOKEN = "operator-s3cret"
 READ = "read-only-s3cret"
+#: Every request of the test clients.
+HTTP_TIMEOUT = aiohttp.ClientTimeout(total=30)
 BODY = {"type": "reverse", "payload": {"text": "x"}}
 #: The one dead letter each test seeds, so that a requeue or a discard would show.
 DEAD = asyncnode.Envelope("3f1b3c1e-2b8a-4f43-9d53-0c1f3a0f7a11", "reverse", {"text": "dead"})
@@ -62,7 +64,7 @@ async def tasks(client: Client) -> list[str]:
 async def test_the_read_token_reads_everything_and_changes_nothing(
     seeded: asyncnode.Config, aiohttp_client: Callable[..., Awaitable[Client]]
 ) -> None:
-    client = await aiohttp_client(asyncnode.make_app(secured(seeded)))
+    client = await aiohttp_client(asyncnode.make_app(secured(seeded)), timeout=HTTP_TIMEOUT)
     reader = {"Authorization": f"Bearer {READ}"}
     for path in READING:
         resp = await client.get(path, headers=reader)
@@ -84,7 +86,7 @@ async def test_the_read_token_reads_everything_and_changes_nothing(
 async def test_a_wrong_or_missing_token_is_refused_on_every_route(
     seeded: asyncnode.Config, aiohttp_client: Callable[..., Awaitable[Client]]
 ) -> None:
-    client = await aiohttp_client(asyncnode.make_app(secured(seeded)))
+    client = await aiohttp_client(asyncnode.make_app(secured(seeded)), timeout=HTTP_TIMEOUT)
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):  # the last: no "Bearer"
         for method, path, body in MUTATING:
             resp = await client.request(method, path, json=body, headers=headers)
@@ -103,7 +105,7 @@ async def test_a_wrong_or_missing_token_is_refused_on_every_route(
 async def test_the_operator_token_acts_on_every_route(
     seeded: asyncnode.Config, aiohttp_client: Callable[..., Awaitable[Client]]
 ) -> None:
-    client = await aiohttp_client(asyncnode.make_app(secured(seeded)))
+    client = await aiohttp_client(asyncnode.make_app(secured(seeded)), timeout=HTTP_TIMEOUT)
     operator = {"Authorization": f"Bearer {TOKEN}"}
     resp = await client.post(f"/api/dlq/{DEAD.id}/requeue", headers=operator)
     assert resp.status == 200 and (await resp.json()) == {"requeued": 1}
@@ -123,7 +125,7 @@ async def test_the_operator_token_acts_on_every_route(
 async def test_a_cross_site_request_is_refused_even_with_the_operator_token(
     headers: dict[str, str], seeded: asyncnode.Config, aiohttp_client: Callable[..., Awaitable[Client]]
 ) -> None:
-    client = await aiohttp_client(asyncnode.make_app(secured(seeded)))
+    client = await aiohttp_client(asyncnode.make_app(secured(seeded)), timeout=HTTP_TIMEOUT)
     for method, path, body in MUTATING:
         resp = await client.request(method, path, json=body, headers={**headers, "Authorization": f"Bearer {TOKEN}"})
         assert resp.status == 403, (method, path)
@@ -136,7 +138,7 @@ async def test_a_body_less_cross_site_post_without_any_token_is_refused(
     seeded: asyncnode.Config, aiohttp_client: Callable[..., Awaitable[Client]]
 ) -> None:
     """What a form on any web page could send to an API on the operator's own machine (no token set there)."""
-    client = await aiohttp_client(asyncnode.make_app(seeded))
+    client = await aiohttp_client(asyncnode.make_app(seeded), timeout=HTTP_TIMEOUT)
     for method, path, _ in MUTATING:
         resp = await client.request(
             method,
@@ -153,7 +155,7 @@ async def test_same_origin_allowed_origins_and_scripts_may_act(
     seeded: asyncnode.Config, aiohttp_client: Callable[..., Awaitable[Client]]
 ) -> None:
     cfg = dataclasses.replace(seeded, api=dataclasses.replace(seeded.api, allowed_origins=("https://ops.example",)))
-    client = await aiohttp_client(asyncnode.make_app(cfg))
+    client = await aiohttp_client(asyncnode.make_app(cfg), timeout=HTTP_TIMEOUT)
     own = f"http://{client.server.host}:{client.server.port}"
     for headers in (
         {"Origin": own, "Sec-Fetch-Site": "same-origin"},

@@ -25,6 +25,10 @@ from tests.conftest import Proc, queue_counts, task_records, wait_for
 Figures = dict[str, Any]
 
 
+#: The statuses a task ends in (what TRANSITIONS marks final: kept for result_ttl, nothing after).
+FINAL = frozenset(t.status for t in asyncnode.TRANSITIONS.values() if t.final)
+
+
 class Cluster:
     """An API process and worker processes on one config, restartable, stopped by pid."""
 
@@ -90,7 +94,7 @@ class Cluster:
         async def finished() -> bool:
             got = await self.tasks(sorted(pending))
             for tid, task in got.items():
-                if task["status"] in asyncnode.TERMINAL:
+                if task["status"] in FINAL:
                     done[tid] = task
                     pending.discard(tid)
             return not pending

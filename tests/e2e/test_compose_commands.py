@@ -31,6 +31,8 @@ import asyncnode
 from tests.conftest import RABBIT_URL, REDIS_URL, ROOT, queue_counts, wait_for
 
 APP_SERVICES = ("api", "worker")
+#: The operator token the test gives compose's API (which listens on 0.0.0.0, so protected mode wants one).
+TOKEN = "compose-test-token"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*):-([^}]*)\}")
 
 
@@ -49,12 +51,12 @@ def interpolate(value: str, values: dict[str, str]) -> str:
 class ServiceProc:
     """One compose app service's ``command`` run as a local process, stopped by pid."""
 
-    def __init__(self, name: str, config: Path, port: int, log_path: Path) -> None:
+    def __init__(self, name: str, config: Path, port: int, log_path: Path, token: str = TOKEN) -> None:
         service = compose_service(name)
         command = list(service["command"])
         assert command[0] == "python", command
         # The test's services instead of the compose host names; anything else keeps its default.
-        values = {"RABBIT_URL": RABBIT_URL, "REDIS_URL": REDIS_URL}
+        values = {"RABBIT_URL": RABBIT_URL, "REDIS_URL": REDIS_URL, "ASYNCNODE_TOKEN": token}
         self.environment = {k: interpolate(str(v), values) for k, v in service["environment"].items()}
         self.name = name
         self.log_path = log_path
@@ -115,7 +117,8 @@ def backend(services: None) -> str:
 
 @pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10), headers=headers) as s:
         yield s
 
 
@@ -218,3 +221,14 @@ async def test_dockerfile_healthcheck_passes_against_the_api(
     assert result.returncode == 0, f"HEALTHCHECK failed ({result.returncode}):\n{result.stderr[-2000:]}"
     for name in ("worker", "api"):
         assert await procs[name].terminate() == 0, procs[name].log()
+
+
+def test_compose_api_without_a_token_refuses_to_listen(config_file: Path, tmp_path: Path) -> None:
+    """compose's API listens on 0.0.0.0: with no ASYNCNODE_TOKEN, protected mode stops it in one line."""
+    p = ServiceProc("api", config_file, 0, tmp_path / "api.log", token="")
+    try:
+        assert p.popen.wait(30) == 2, p.log()
+    finally:
+        p.kill()
+    [line] = p.log().splitlines()
+    assert "[api] token" in line and "insecure = true" in line, line

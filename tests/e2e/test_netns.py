@@ -75,6 +75,10 @@ def netns_missing() -> str | None:
     return None
 
 
+#: The operator token of the API, which listens on every address of its namespace.
+TOKEN = "netns-test-token"
+
+
 @pytest.fixture(scope="module", autouse=True)
 def netns_usable(services: None) -> None:
     """Skip the module, with the reason, where namespaces (or the services) are not available."""
@@ -229,7 +233,7 @@ async def netns_config(tag: str, tmp_path: Path) -> AsyncIterator[tuple[Path, in
             "api-1": {"roles": ["api"], "host": "api-1"},
             "worker-1": {"roles": ["worker"], "processes": 2, "host": "worker-1"},
         },
-        api={"host": "0.0.0.0", "port": port},
+        api={"host": "0.0.0.0", "port": port, "token": TOKEN},  # beyond loopback: protected mode wants a token
         worker={"heartbeat": 0.5},
     )
     try:
@@ -283,7 +287,7 @@ async def test_two_instances_in_separate_network_namespaces(
 
     base = f"http://{api_host.addr}:{port}"
     timeout = aiohttp.ClientTimeout(total=10)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    async with aiohttp.ClientSession(timeout=timeout, headers={"Authorization": f"Bearer {TOKEN}"}) as session:
 
         async def ready() -> bool:
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):

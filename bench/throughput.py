@@ -871,8 +871,9 @@ async def preload_asyncnode(cfg: asyncnode.Config, tasks: int) -> list[str]:
     ids = [asyncnode.new_task_id() for _ in range(tasks)]
 
     async def one(tid: str) -> None:
-        await store.create(tid, "noop", {}, time.time())
-        await queue.publish(asyncnode.Envelope(tid, "noop", {}))
+        change = asyncnode.plan_change("submitted", tid, "noop", {"payload": {}}, tasks=cfg.tasks)
+        await store.apply(change)
+        await queue.publish(asyncnode.Envelope(tid, "noop", {}, created_at=change.at))
 
     try:
         await lanes(one, ids, PRELOAD_WINDOW)

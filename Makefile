@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser run test lint soak bench clean
+.PHONY: install browser run test screenshot lint soak bench clean
 
 # Then byte-compile the project's own modules (cached bytecode is read even where PYTHONDONTWRITEBYTECODE
 # stops Python from writing it): a process that compiles asyncnode.py at start carries ~1.4 MiB more.
@@ -32,6 +32,11 @@ browser:
 
 test: install browser
 	$(PY) -m pytest
+
+# Refresh the README's docs/dashboard.png from the dashboard in Chromium (embedded backend, built-in
+# task types). `make test` takes the same screenshot into a temporary folder and leaves docs/ alone.
+screenshot: install browser
+	ASYNCNODE_SCREENSHOT=docs/dashboard.png $(PY) -m pytest tests/e2e/test_browser.py -k test_screenshot_with_every_state
 
 # Fault injection at full size (1,000-task crash soak, RabbitMQ and Redis outages): the README's figures.
 soak: install

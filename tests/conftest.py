@@ -3,8 +3,11 @@
 A test that takes ``backend`` (directly or through ``config_file``/``cfg``) runs
 twice: against the shared RabbitMQ and Redis, and embedded on a SQLite file in the
 test's own folder.  The RabbitMQ variants skip with a one-line reason when the
-services are absent, except in CI (``CI=true``), where their absence is a failure;
-the embedded variants need no service at all.
+services are absent, except in CI (``CI`` set to 1, true or yes: see :func:`in_ci`), where
+their absence is a failure; the embedded variants need no service at all.
+
+At the end of the session, after a last sweep, nothing of this session's may be left on the
+shared RabbitMQ and Redis: see :func:`_nothing_left_on_the_shared_services`.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -23,6 +27,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import pytest
@@ -33,6 +38,33 @@ import asyncnode
 ROOT = Path(asyncnode.__file__).resolve().parent
 RABBIT_URL = os.environ.get("RABBIT_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+#: Seconds a test's own connection to RabbitMQ or Redis may take to open, and each Redis command.
+SERVICE_TIMEOUT = 10.0
+
+
+def in_ci() -> bool:
+    """Whether this runs in CI (``CI`` is 1, true or yes, in any case), where a test that cannot
+    run (a service, a tool or a privilege missing) fails instead of skipping; ``CI=false``,
+    ``CI=0`` or an empty ``CI`` is not CI."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip the test with ``reason``, or fail it in CI."""
+    if in_ci():
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+async def rabbit_connect(url: str = RABBIT_URL) -> aio_pika.abc.AbstractConnection:
+    """A test's own AMQP connection, opened under SERVICE_TIMEOUT."""
+    return await aio_pika.connect(url, timeout=SERVICE_TIMEOUT)
+
+
+def redis_client(url: str = REDIS_URL, **kwargs: Any) -> aioredis.Redis:
+    """A test's own Redis client: connecting and every command bounded by SERVICE_TIMEOUT."""
+    return aioredis.from_url(url, socket_timeout=SERVICE_TIMEOUT, socket_connect_timeout=SERVICE_TIMEOUT, **kwargs)
 
 
 def free_port() -> int:
@@ -53,10 +85,7 @@ def services() -> None:
     """Require the shared RabbitMQ and Redis: skip without them, or fail in CI."""
     missing = [name for name, port in (("RabbitMQ", 5672), ("Redis", 6379)) if not _reachable("127.0.0.1", port)]
     if missing:
-        reason = f"{' and '.join(missing)} not running on 127.0.0.1 (start them, see README)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        skip_or_fail(f"{' and '.join(missing)} not running on 127.0.0.1 (start them, see README)")
 
 
 #: The backends every behavioural test runs against (the ids of the ``backend`` fixture).
@@ -107,6 +136,7 @@ def write_config(path: Path, tag: str, *, backend: str = "rabbitmq", **sections:
         base["embedded"] = {"path": DATABASE}
         _EMBEDDED.add(tag)
     else:
+        _SHARED.add(tag)
         base["broker"] = {"url": RABBIT_URL, **base["broker"]}
         base["redis"] = {"url": REDIS_URL, **base["redis"]}
     for name, values in sections.items():
@@ -136,18 +166,27 @@ _QUEUES: dict[str, set[str]] = {}
 #: Tags whose configs ran embedded: their state lives in the test's folder, nothing to delete.
 _EMBEDDED: set[str] = set()
 
+#: Tags with a config naming RabbitMQ and Redis (shared or private): cleanup() deletes theirs
+#: even when the same test also wrote an embedded config under that tag.
+_SHARED: set[str] = set()
+
+
+def _known_queues(tag: str) -> list[str]:
+    """The queues a test's configs under ``tag`` declare: work queue, dead letters, retry queues."""
+    return [tag, tag + asyncnode.DLQ_SUFFIX, *sorted(_QUEUES.get(tag, ()))]
+
 
 async def cleanup(tag: str, *, queues: bool = True) -> None:
     """Delete the queues (unless they lived on a private broker) and keys a test made under ``tag``."""
-    if tag in _EMBEDDED:
+    if tag in _EMBEDDED and tag not in _SHARED:
         return
     if queues:
-        connection = await aio_pika.connect(RABBIT_URL)
+        connection = await rabbit_connect()
         async with connection:
             channel = await connection.channel()
-            for name in (tag, tag + asyncnode.DLQ_SUFFIX, *sorted(_QUEUES.get(tag, ()))):
+            for name in _known_queues(tag):
                 await channel.queue_delete(name, if_unused=False, if_empty=False)
-    client = aioredis.from_url(REDIS_URL)
+    client = redis_client()
     try:
         keys = [k async for k in client.scan_iter(match=f"{tag}:*", count=1000)]
         if keys:
@@ -168,12 +207,66 @@ def tag() -> str:
     return name
 
 
+async def repair_dead_letter_supervisor(evaluate: Callable[[str], Awaitable[str]] | None = None) -> bool:
+    """Restart a RabbitMQ node's supervisor of at-least-once dead-letter workers if it gave up; whether it
+    had. ``evaluate`` runs an Erlang expression on the node (default: ``rabbitmqctl eval`` on the shared
+    one, if it is on this machine).
+
+    RabbitMQ 3.10 restarts a dead-letter worker whose quorum queue was deleted while the worker talked
+    to it; the restarted worker finds no queue and dies again, and the supervisor gives up for good:
+    from then on every new quorum queue with at-least-once dead-lettering crashes at once (a queue the
+    suite deletes while a stopping process declares it can start this). A repair only: the node and its
+    queues stay as they are (never kill the supervisor to try it: that takes the whole node down).
+    """
+    if evaluate is None:
+        from tests import privsvc
+
+        ctl = privsvc._which("rabbitmqctl")
+        if ctl is None or urlsplit(RABBIT_URL).hostname not in ("127.0.0.1", "localhost", "::1"):
+            return False
+
+        async def evaluate(expression: str) -> str:
+            rc, out = await asyncio.to_thread(privsvc._run, [ctl, "-q", "eval", expression], dict(os.environ), 60)
+            return out if rc == 0 else ""
+
+    if (await evaluate("whereis(rabbit_fifo_dlx_sup).")).strip() != "undefined":
+        return False
+    await evaluate("supervisor:restart_child(rabbit_sup, rabbit_fifo_dlx_sup).")
+    return True
+
+
 @pytest.fixture(scope="session", autouse=True)
-def _sweep() -> Iterator[None]:
+def _dead_letter_supervisor_alive() -> Iterator[None]:
+    """Start on a sound shared RabbitMQ, and leave it sound (see repair_dead_letter_supervisor)."""
+    if asyncio.run(repair_dead_letter_supervisor()):
+        print("\nconftest: the shared RabbitMQ's dead-letter supervisor was dead (RabbitMQ 3.10 bug); restarted it")
+    yield
+    if asyncio.run(repair_dead_letter_supervisor()):
+        print("\nconftest: the shared RabbitMQ's dead-letter supervisor died during the run; restarted it")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nothing_left_on_the_shared_services() -> Iterator[None]:
+    """Fail the run if, after the final sweep (torn down before this), anything of this session's
+    is left on the shared RabbitMQ or Redis: a queue or an exchange whose name starts with one of
+    the session's tags, or a Redis key under one. Only this session's tags: another run of the
+    suite may be using the same services at the same time. What is found is deleted, then reported."""
+    yield
+    tags = sorted(_TAGS)
+    if not tags or not (_reachable("127.0.0.1", 5672) and _reachable("127.0.0.1", 6379)):
+        return  # nothing of ours can be there: no test of this session reached them
+    left = asyncio.run(_leftovers(tags, delete=True))
+    if left:
+        shown = "\n  ".join(left[:50]) + (f"\n  ... and {len(left) - 50} more" if len(left) > 50 else "")
+        pytest.fail(f"{len(left)} thing(s) of this session left on the shared services (now deleted):\n  {shown}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sweep(_nothing_left_on_the_shared_services: None) -> Iterator[None]:
     """A process a test stopped late may have declared its queues again after the test's
     own cleanup: delete every tag's queues and keys once more when the session ends."""
     yield
-    tags = sorted(_TAGS - _EMBEDDED)
+    tags = sorted(_TAGS - (_EMBEDDED - _SHARED))
     if tags and _reachable("127.0.0.1", 5672) and _reachable("127.0.0.1", 6379):
         asyncio.run(_sweep_all(tags))
 
@@ -182,6 +275,59 @@ async def _sweep_all(tags: list[str]) -> None:
     for name in tags:
         with contextlib.suppress(Exception):
             await cleanup(name)
+
+
+def _rabbitmqctl_names(kind: str) -> list[str] | None:
+    """``rabbitmqctl list_<kind> name`` on the shared node's vhost, or None where rabbitmqctl cannot
+    tell (not installed, RABBIT_URL not on this machine, not allowed to reach the node)."""
+    from tests import privsvc
+
+    ctl = privsvc._which("rabbitmqctl")
+    url = urlsplit(RABBIT_URL)
+    if ctl is None or url.hostname not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    vhost = unquote(url.path[1:]) or "/"
+    rc, out = privsvc._run([ctl, "-s", "-p", vhost, f"list_{kind}", "name"], dict(os.environ), 60)
+    return out.splitlines() if rc == 0 else None
+
+
+async def _leftovers(tags: list[str], *, delete: bool = False) -> list[str]:
+    """What is left under ``tags`` on the shared services ("queue X", "exchange X", "redis key X");
+    with ``delete``, delete it too."""
+    prefixes = tuple(tags)
+    queues = await asyncio.to_thread(_rabbitmqctl_names, "queues")
+    exchanges = await asyncio.to_thread(_rabbitmqctl_names, "exchanges")
+    connection = await rabbit_connect()
+    async with connection:
+        if queues is None:  # no listing: try the names this session's configs declare, one by one
+            queues = []
+            channel = await connection.channel()
+            for name in (name for tag in tags for name in _known_queues(tag)):
+                try:
+                    await channel.declare_queue(name, passive=True)
+                    queues.append(name)
+                except aio_pika.exceptions.ChannelNotFoundEntity:  # no such queue; the broker closed the channel
+                    channel = await connection.channel()
+        queues = sorted(n for n in queues if n.startswith(prefixes))
+        exchanges = sorted(n for n in exchanges or [] if n.startswith(prefixes))
+        if delete and (queues or exchanges):
+            channel = await connection.channel()
+            for name in queues:
+                await channel.queue_delete(name)
+            for name in exchanges:
+                await channel.exchange_delete(name)
+    client = redis_client(decode_responses=True)
+    try:
+        # One SCAN for every tag (each SCAN walks the whole keyspace), on their common prefix, glob-escaped.
+        first, last = min(tags), max(tags)
+        common = first[: next((i for i, (a, b) in enumerate(zip(first, last, strict=False)) if a != b), len(first))]
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", common) + "*"
+        keys = sorted([k async for k in client.scan_iter(match=pattern, count=1000) if k.startswith(prefixes)])
+        if delete and keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+    return [*(f"queue {n}" for n in queues), *(f"exchange {n}" for n in exchanges), *(f"redis key {k}" for k in keys)]
 
 
 @pytest.fixture
@@ -250,7 +396,7 @@ async def queue_counts(cfg: asyncnode.Config, name: str | None = None) -> tuple[
             time.time(),
         ) or [(0,)]
         return int(ready), len(await live_workers(cfg)) if name == cfg.broker.queue else 0
-    connection = await aio_pika.connect(cfg.broker.url)
+    connection = await rabbit_connect(cfg.broker.url)
     async with connection:
         channel = await connection.channel()
         queue = await channel.declare_queue(name or cfg.broker.queue, passive=True)
@@ -270,7 +416,7 @@ async def stored_keys(cfg: asyncnode.Config) -> list[str]:
             keys += [f"{table}:{key}" for (key,) in await db_rows(cfg, f"SELECT {column} FROM {table}")]
         keys += [f"stats:{status}" for (status,) in await db_rows(cfg, "SELECT status FROM stats WHERE n != 0")]
         return keys
-    client = aioredis.from_url(cfg.redis.url, decode_responses=True)
+    client = redis_client(cfg.redis.url, decode_responses=True)
     try:
         return [k async for k in client.scan_iter(match=cfg.redis.key_prefix + "*", count=1000)]
     finally:

@@ -165,15 +165,15 @@ async def crash_soak(config: Path, workdir: Path, tasks: int, workers: int = 4, 
                 c.replace_worker(i)
 
         killing = asyncio.create_task(killer())
-        bodies = [{"type": "sleep", "payload": {"seconds": rng.uniform(0.01, 0.05)}} for _ in range(tasks)]
-        answers = await submit_many(c, bodies)
-        ids = [tid for status, tid, _ in answers if status == 202]
-        assert len(ids) == tasks, f"only {len(ids)} of {tasks} accepted: {[a for a in answers if a[0] != 202][:3]}"
         try:
+            bodies = [{"type": "sleep", "payload": {"seconds": rng.uniform(0.01, 0.05)}} for _ in range(tasks)]
+            answers = await submit_many(c, bodies)
+            ids = [tid for status, tid, _ in answers if status == 202]
+            assert len(ids) == tasks, f"only {len(ids)} of {tasks} accepted: {[a for a in answers if a[0] != 202][:3]}"
             done = await c.wait_all(ids, timeout=60 + tasks * 0.2)
         finally:
             stop.set()
-            await killing
+            await asyncio.wait_for(killing, 30)  # it may be waiting (10 s at most) for a killed worker to exit
         attempts = [t["attempts"] for t in done.values()]
         return {
             "tasks": tasks,
@@ -181,6 +181,7 @@ async def crash_soak(config: Path, workdir: Path, tasks: int, workers: int = 4, 
             "kills": kills,
             "completed": len(done),
             "ran_more_than_once": sum(1 for a in attempts if a > 1),
+            "extra_runs": sum(a - 1 for a in attempts),  # runs beyond each task's first
             "max_attempts": max(attempts),
             "seconds": round(time.monotonic() - t0, 1),
         }
@@ -211,8 +212,9 @@ class Load:
             await asyncio.sleep(self.pause)  # the load's pace, not a synchronisation
 
     async def stop(self) -> None:
+        """Stop the clients; each ends after its request in hand (bounded by the session's timeout)."""
         self._stop.set()
-        await asyncio.gather(*self._tasks)
+        await asyncio.wait_for(asyncio.gather(*self._tasks), 60)
 
     def accepted(self) -> list[str]:
         return [tid for _, status, tid, _ in self.answers if status == 202 and tid]
@@ -243,16 +245,18 @@ async def outage(
     """Submit continuously; take a service down for ``seconds``; bring it back; keep submitting until it recovers."""
     load = Load(c, body)
     load.start()
-    await wait_for(lambda: asyncio.sleep(0, len(load.accepted()) >= 20), 30, "20 tasks accepted before the outage")
-    down_at = time.monotonic()
-    await stop_service()
-    await asyncio.sleep(seconds)  # the length of the outage is the experiment
-    await start_service()
-    up_at = time.monotonic()
-    recovered_at = await load.wait_accepted_after(up_at, 60)
-    count = len(load.accepted())
-    await wait_for(lambda: asyncio.sleep(0, len(load.accepted()) >= count + 20), 30, "20 more tasks after recovery")
-    await load.stop()
+    try:
+        await wait_for(lambda: asyncio.sleep(0, len(load.accepted()) >= 20), 30, "20 tasks accepted before the outage")
+        down_at = time.monotonic()
+        await stop_service()
+        await asyncio.sleep(seconds)  # the length of the outage is the experiment
+        await start_service()
+        up_at = time.monotonic()
+        recovered_at = await load.wait_accepted_after(up_at, 60)
+        count = len(load.accepted())
+        await wait_for(lambda: asyncio.sleep(0, len(load.accepted()) >= count + 20), 30, "20 more tasks after recovery")
+    finally:
+        await load.stop()
     figures = {
         **load.figures(),
         "outage_s": round(up_at - down_at, 1),
@@ -279,7 +283,7 @@ async def redis_outage(config: Path, workdir: Path, redis: Any, seconds: float =
     async with cluster(config, workdir, workers=2) as c:
         seen: dict[str, tuple[int, str]] = {}  # task id -> (seq, status) as the WebSocket client knows it
         frames_after: list[float] = []
-        ws = await c.session.ws_connect(f"{c.base}/ws")
+        ws = await c.session.ws_connect(f"{c.base}/ws", timeout=aiohttp.ClientWSTimeout(ws_close=10))
 
         async def watch() -> None:
             async for msg in ws:
@@ -304,6 +308,7 @@ async def redis_outage(config: Path, workdir: Path, redis: Any, seconds: float =
             await wait_for(browser_caught_up, 30, "the WebSocket client to see every task completed")
         finally:
             watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
             await ws.close()
         figures["completed"] = len(done)
         figures["ws_frames_after_outage"] = sum(1 for t in frames_after if t > up_at)

@@ -17,7 +17,8 @@ F811 at each test taking the fixture as a parameter.
 
 Every wait is bounded; a failure raises :class:`PrivateServiceError` with the tail of
 the instance's logs. Fixtures skip with a one-line reason where the servers cannot run
-here, except in CI (``CI`` set), where that is a failure.
+here, except in CI (``CI`` is 1, true or yes: ``tests.conftest.in_ci``), where that is a
+failure.
 """
 
 from __future__ import annotations
@@ -154,9 +155,10 @@ def _run(argv: list[str], env: dict[str, str], timeout: float) -> tuple[int, str
 
 def _unavailable(reason: str) -> None:
     """Skip the test, or fail it in CI, like the shared ``services`` fixture does."""
-    if os.environ.get("CI"):
-        pytest.fail(reason)
-    pytest.skip(reason)
+    # Imported here: tests/conftest.py imports this module at its end, so this one cannot import it at its top.
+    from tests.conftest import skip_or_fail
+
+    skip_or_fail(reason)
 
 
 # Instances still running are SIGKILLed when the interpreter exits (e.g. after Ctrl-C).

@@ -1,18 +1,25 @@
-"""The dashboard in a real browser (Playwright driving Debian's Chromium) against real processes."""
+"""The dashboard in a real browser (Playwright driving Debian's Chromium) against real processes.
+
+The screenshot test writes to its own temporary folder; ``make screenshot`` sets
+``ASYNCNODE_SCREENSHOT=docs/dashboard.png`` to refresh the README's picture instead.
+"""
 
 from __future__ import annotations
 
+import email
+import email.policy
 import os
 import re
 import signal
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
 
-from tests.conftest import ROOT, Proc, cleanup, free_port, write_config
+from tests.conftest import ROOT, Proc, cleanup, free_port, skip_or_fail, wait_for, write_config
 from tests.faults import Cluster
 
 CHROMIUM = "/usr/bin/chromium"
@@ -29,22 +36,47 @@ ARGS = [
 
 pytestmark = [pytest.mark.timeout(180)]
 
+#: Where test_screenshot_with_every_state writes (relative to the repository), set by `make screenshot`;
+#: unset, it writes to the test's temporary folder and leaves the work tree alone.
+SCREENSHOT = os.environ.get("ASYNCNODE_SCREENSHOT", "")
+
+
+def worker_gone_keep_ms() -> int:
+    """Milliseconds the page keeps a worker gone from the list, greyed out, before dropping it (app.js)."""
+    found = re.search(r"^const WORKER_GONE_KEEP = (\d+);", (ROOT / "web" / "static" / "app.js").read_text(), re.M)
+    assert found, "WORKER_GONE_KEEP not found in web/static/app.js"
+    return int(found[1])
+
 
 class Inbox:
-    """An SMTP server keeping what it receives."""
+    """An SMTP server (aiosmtpd) keeping the envelopes it receives."""
 
     def __init__(self) -> None:
-        self.messages: list[Any] = []
+        self.envelopes: list[Any] = []
+        self.port = 0
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.messages.append(envelope)
+        self.envelopes.append(envelope)
         return "250 OK"
 
 
 @pytest.fixture
-async def stack(backend: str, tag: str, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
-    inbox = Controller(Inbox(), hostname="127.0.0.1", port=free_port())
-    inbox.start()
+def inbox() -> Iterator[Inbox]:
+    """A running SMTP server on a free port: the stack's [smtp] host and port."""
+    handler = Inbox()
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    handler.port = controller.port
+    try:
+        yield handler
+    finally:
+        controller.stop()
+
+
+@pytest.fixture
+async def stack(
+    backend: str, tag: str, tmp_path: Path, inbox: Inbox, request: pytest.FixtureRequest
+) -> AsyncIterator[Cluster]:
     # The screenshot shows what a user has: the built-in task types only.
     builtin = request.node.get_closest_marker("builtin_only") is not None
     config = write_config(
@@ -62,7 +94,6 @@ async def stack(backend: str, tag: str, tmp_path: Path, request: pytest.FixtureR
         yield cluster
     finally:
         await cluster.close()
-        inbox.stop()
         await cleanup(tag)
 
 
@@ -70,22 +101,24 @@ async def stack(backend: str, tag: str, tmp_path: Path, request: pytest.FixtureR
 async def page(stack: Cluster) -> AsyncIterator[Any]:
     if not Path(CHROMIUM).exists():
         reason = f"{CHROMIUM} not installed (apt-get install chromium)"
-        if os.environ.get("CI"):
+        if SCREENSHOT:  # `make screenshot` asked for a picture: not taking one is a failure
             pytest.fail(reason)
-        pytest.skip(reason)
+        skip_or_fail(reason)
     from playwright.async_api import async_playwright
 
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        context = await browser.new_context(viewport={"width": 1400, "height": 1000})
-        page = await context.new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        await page.goto(stack.base + "/")
-        await page.wait_for_selector("#conn[data-state=live]", timeout=10_000)
-        yield page
-        assert not errors, errors
-        await browser.close()
+        try:
+            context = await browser.new_context(viewport={"width": 1400, "height": 1000})
+            page = await context.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            await page.goto(stack.base + "/", timeout=15_000)
+            await page.wait_for_selector("#conn[data-state=live]", timeout=10_000)
+            yield page
+            assert not errors, errors
+        finally:
+            await browser.close()
 
 
 def row(page: Any, tid: str) -> Any:
@@ -110,7 +143,7 @@ async def submitted_id(page: Any, form: str) -> str:
     return str(await locator.first.get_attribute("data-id"))
 
 
-async def test_each_form_runs_its_task_live(page: Any, stack: Cluster) -> None:
+async def test_each_form_runs_its_task_live(page: Any, stack: Cluster, inbox: Inbox) -> None:
     await page.fill("#form-reverse [name=text]", "stressed")
     reverse = await submitted_id(page, "reverse")
     await page.fill("#form-sentiment [name=text]", "What a wonderful, happy day!")
@@ -118,15 +151,22 @@ async def test_each_form_runs_its_task_live(page: Any, stack: Cluster) -> None:
     await page.fill("#form-email [name=to]", "ops@example.com")
     await page.fill("#form-email [name=subject]", "hello")
     await page.fill("#form-email [name=body]", "from the browser")
-    email = await submitted_id(page, "email")
+    mail = await submitted_id(page, "email")
     await page.fill("#form-sleep [name=seconds]", "0.3")
     sleep = await submitted_id(page, "sleep")
     noop = await submitted_id(page, "noop")
-    for tid in (reverse, sentiment, email, sleep, noop):
+    for tid in (reverse, sentiment, mail, sleep, noop):
         await wait_row(page, tid, "completed", 15)
     assert await row(page, reverse).locator("td.result").text_content() == "desserts"
     assert "positive" in (await row(page, sentiment).locator("td.result").text_content() or "")
-    assert "ops@example.com" in (await row(page, email).locator("td.result").text_content() or "")
+    assert "ops@example.com" in (await row(page, mail).locator("td.result").text_content() or "")
+    # The e-mail reached the SMTP server (the worker records completed only after its 250) as typed in the form.
+    [envelope] = inbox.envelopes
+    assert envelope.rcpt_tos == ["ops@example.com"]
+    message = email.message_from_bytes(envelope.original_content, policy=email.policy.default)
+    assert (message["To"], message["Subject"]) == ("ops@example.com", "hello")
+    assert message.get_content().rstrip("\r\n") == "from the browser"
+    assert message["X-Asyncnode-Task"] == mail
     # The statuses went through started: the page saw every step, without a reload.
     for tid in (reverse, sleep):
         task = (await stack.tasks([tid]))[tid]
@@ -190,9 +230,57 @@ async def test_api_restart_disconnects_reconnects_and_catches_up(page: Any, stac
     await wait_row(page, tid, "completed")  # caught up after reconnecting
 
 
+async def test_worker_greyed_out_then_dropped_after_its_heartbeats_stop(page: Any, stack: Cluster) -> None:
+    async def listed() -> dict[int, dict[str, Any]]:
+        async with stack.session.get(f"{stack.base}/api/workers") as resp:
+            assert resp.status == 200, await resp.text()
+            return {int(w["pid"]): w for w in (await resp.json())["items"]}
+
+    victim, survivor = stack.workers
+    both = await wait_for(
+        lambda: _when(listed(), lambda ws: {victim.pid, survivor.pid} <= set(ws)), 10, "both workers listed"
+    )
+    gone_id, live_id = str(both[victim.pid]["id"]), str(both[survivor.pid]["id"])
+    victim_row = page.locator(f'#worker-rows tr[data-worker="{gone_id}"]')
+    survivor_row = page.locator(f'#worker-rows tr[data-worker="{live_id}"]')
+    await victim_row.wait_for(timeout=10_000)
+    await survivor_row.wait_for(timeout=10_000)
+    assert "gone" not in (await victim_row.get_attribute("class") or "")
+
+    victim.signal(signal.SIGKILL)
+    assert await victim.wait(10) == -signal.SIGKILL
+    # Its heartbeat lives three intervals (1.5 s): then GET /api/workers leaves it out.
+    await wait_for(lambda: _when(listed(), lambda ws: victim.pid not in ws), 10, "the killed worker unlisted")
+
+    # The page greys it out (class "gone", the "gone" label shown, its cells faded) and keeps the other.
+    greyed = page.locator(f'#worker-rows tr.gone[data-worker="{gone_id}"]')
+    await greyed.wait_for(timeout=10_000)
+    greyed_at = time.monotonic()
+    await greyed.locator(".gone-label").wait_for(state="visible", timeout=5_000)
+    assert float(await greyed.locator("td.pid").evaluate("td => getComputedStyle(td).opacity")) < 1
+    assert await greyed.locator("td.pid").text_content() == str(victim.pid)
+    assert "gone" not in (await survivor_row.get_attribute("class") or "")
+    assert "1 gone" in (await page.locator("#worker-count").text_content() or "")
+
+    # WORKER_GONE_KEEP later it is dropped; the live worker stays.
+    keep = worker_gone_keep_ms() / 1000
+    await victim_row.wait_for(state="detached", timeout=(keep + 15) * 1000)
+    kept = time.monotonic() - greyed_at
+    assert kept >= keep - 1, f"dropped {kept:.1f} s after it was greyed out, expected {keep:g} s"
+    assert "gone" not in (await survivor_row.get_attribute("class") or "")
+    assert "gone" not in (await page.locator("#worker-count").text_content() or "")
+    assert set(await listed()) == {survivor.pid}
+
+
+async def _when(value: Any, test: Any) -> Any:
+    """``await value`` if ``test`` holds for it, else None (for wait_for)."""
+    got = await value
+    return got if test(got) else None
+
+
 @pytest.mark.builtin_only
 @pytest.mark.parametrize("backend", ["embedded"], indirect=True)  # what `make run` shows
-async def test_screenshot_with_every_state(page: Any, stack: Cluster) -> None:
+async def test_screenshot_with_every_state(page: Any, stack: Cluster, tmp_path: Path) -> None:
     bodies = [
         {"type": "reverse", "payload": {"text": "Hello, asyncnode"}},
         {"type": "sentiment", "payload": {"text": "This dashboard is great!"}},
@@ -210,6 +298,7 @@ async def test_screenshot_with_every_state(page: Any, stack: Cluster) -> None:
     await page.locator("tbody#dlq-rows tr[data-id]").nth(1).wait_for(timeout=20_000)
     await page.locator("tbody#task-rows tr[data-status=started] progress").first.wait_for(timeout=20_000)
     await page.locator("tbody#task-rows tr[data-status=pending]").first.wait_for(timeout=20_000)
-    target = ROOT / "docs" / "dashboard.png"
+    target = ROOT / SCREENSHOT if SCREENSHOT else tmp_path / "dashboard.png"
+    written_after = time.time()
     await page.screenshot(path=str(target), full_page=True)
-    assert target.stat().st_size > 10_000
+    assert target.stat().st_mtime >= written_after - 1 and target.stat().st_size > 10_000

@@ -5,7 +5,6 @@ The read-only token shows everything and offers no action; the operator token of
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import aiohttp
 import pytest
 
 import asyncnode
-from tests.conftest import Proc, cleanup, wait_for, write_config
+from tests.conftest import Proc, cleanup, skip_or_fail, wait_for, write_config
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
@@ -31,10 +30,6 @@ TOKEN, READ = "operator-browser-s3cret", "reader-browser-s3cret"
 DEAD = asyncnode.Envelope("7c2d3e4f-1a2b-4c3d-8e9f-0a1b2c3d4e5f", "reverse", {"text": "dead"})
 
 pytestmark = [pytest.mark.timeout(120)]
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
 @pytest.fixture
@@ -64,10 +59,7 @@ async def api(backend: str, tag: str, tmp_path: Path, procs: Callable[..., Proc]
 @pytest.fixture
 async def browser() -> AsyncIterator[Any]:
     if not Path(CHROMIUM).exists():
-        reason = f"{CHROMIUM} not installed (apt-get install chromium)"
-        if in_ci():
-            pytest.fail(reason)
-        pytest.skip(reason)
+        skip_or_fail(f"{CHROMIUM} not installed (apt-get install chromium)")
     from playwright.async_api import async_playwright
 
     async with async_playwright() as pw:
@@ -85,7 +77,7 @@ async def open_with(browser: Any, base: str, token: str) -> tuple[Any, list[str]
     page = await context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    await page.goto(base + "/")
+    await page.goto(base + "/", timeout=15_000)
     await page.locator("#token-input").wait_for(state="visible", timeout=10_000)
     await page.fill("#token-input", token)
     await page.click("#token-submit")

@@ -200,27 +200,38 @@ def healthcheck_command() -> list[str]:
     return command
 
 
-async def test_dockerfile_healthcheck_passes_against_the_api(
+async def run_healthcheck(env: dict[str, str], port: int) -> subprocess.CompletedProcess[str]:
+    """Run the Dockerfile's HEALTHCHECK command with the container's ``env``, aimed at ``port``."""
+    command = healthcheck_command()
+    assert command[0] == "python", command
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, *command[1:]],
+        env={**os.environ, **env, "ASYNCNODE_API_PORT": str(port)},
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+
+
+async def test_dockerfile_healthcheck_passes_against_the_api_and_fails_once_it_is_gone(
     run_service: Callable[[str, Path, int], ServiceProc],
     session: aiohttp.ClientSession,
     config_file: Path,
     cfg: asyncnode.Config,
 ) -> None:
     procs = await start_app(run_service, session, config_file, cfg)
-    command = healthcheck_command()
-    assert command[0] == "python", command
     # The container's env reaches the probe; ASYNCNODE_API_PORT points it at this test's API.
-    result = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, *command[1:]],
-        env={**os.environ, **procs["api"].environment, "ASYNCNODE_API_PORT": str(cfg.api.port)},
-        capture_output=True,
-        text=True,
-        timeout=15,
-    )
+    env = procs["api"].environment
+    result = await run_healthcheck(env, cfg.api.port)
     assert result.returncode == 0, f"HEALTHCHECK failed ({result.returncode}):\n{result.stderr[-2000:]}"
     for name in ("worker", "api"):
         assert await procs[name].terminate() == 0, procs[name].log()
+
+    # The API stopped: nothing listens on its port any more, and the probe must say so.
+    result = await run_healthcheck(env, cfg.api.port)
+    assert result.returncode != 0, f"HEALTHCHECK passed with the API stopped:\n{result.stdout}{result.stderr}"
+    assert "Connection refused" in result.stderr, result.stderr[-2000:]
 
 
 def test_compose_api_without_a_token_refuses_to_listen(config_file: Path, tmp_path: Path) -> None:

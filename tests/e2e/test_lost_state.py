@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import redis.asyncio as aioredis
 
 import asyncnode
-from tests.conftest import Proc, database_path, db_rows, is_embedded, wait_for
+from tests.conftest import Proc, database_path, db_rows, is_embedded, redis_client, wait_for
 from tests.e2e.test_pipeline import base_url, check_alive, get_task, submit, wait_api
 
 TIMEOUT = aiohttp.ClientTimeout(total=30)
@@ -35,7 +34,7 @@ async def forget_record(cfg: asyncnode.Config, tid: str) -> None:
         await asyncio.to_thread(delete)
         assert await db_rows(cfg, "SELECT id FROM tasks WHERE id = ?", tid) == []
         return
-    client = aioredis.from_url(cfg.redis.url, socket_timeout=5)
+    client = redis_client(cfg.redis.url)
     try:
         key = cfg.redis.key_prefix + tid
         await client.delete(key, key + "~history")

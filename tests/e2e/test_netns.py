@@ -10,7 +10,8 @@ TCP forwarder in this process relays to the shared services on the host's loopba
 tasks over HTTP to the API's namespace address and checks that the other namespace's
 workers ran them.
 
-Needs root and a working ``ip netns``; skipped with the reason otherwise.  Every wait
+Needs root and a working ``ip netns``; skipped with the reason otherwise, except in CI
+(``tests.conftest.in_ci``), where that is a failure like any missing service.  Every wait
 is bounded; namespaces, veths and the forwarder are removed even when the test fails.
 """
 
@@ -34,7 +35,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import Up, cleanup, free_port, pid_alive, wait_for, write_config
+from tests.conftest import Up, cleanup, free_port, pid_alive, skip_or_fail, wait_for, write_config
 
 RABBIT_PORT = 5672
 REDIS_PORT = 6379
@@ -81,10 +82,10 @@ TOKEN = "netns-test-token"
 
 @pytest.fixture(scope="module", autouse=True)
 def netns_usable(services: None) -> None:
-    """Skip the module, with the reason, where namespaces (or the services) are not available."""
+    """Skip the module, with the reason, where namespaces (or the services) are not available; fail it in CI."""
     reason = netns_missing()
     if reason:
-        pytest.skip(reason)
+        skip_or_fail(reason)
 
 
 @dataclass(frozen=True)
@@ -170,12 +171,12 @@ class Forwarder:
         self.connections.add(task)
         writers = [writer]
         try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", key[1])
+            up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", key[1]), 10)
             writers.append(up_writer)
             self.relayed[key] += 1
             await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-        except OSError:
-            pass  # the service refused: drop the client's connection, as the service would
+        except (OSError, TimeoutError):
+            pass  # the service refused or did not answer: drop the client's connection, as the service would
         finally:
             for w in writers:
                 w.close()

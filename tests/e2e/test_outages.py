@@ -11,11 +11,17 @@ import aiohttp
 import pytest
 
 import asyncnode
-from tests.conftest import Proc, cleanup, queue_counts, wait_for, write_config
+from tests.conftest import Proc, cleanup, queue_counts, rabbit_connect, wait_for, write_config
 from tests.faults import broker_outage, figures_json, redis_outage
 from tests.privsvc import PrivateRabbit, PrivateRedis
 
 pytestmark = pytest.mark.usefixtures("services")
+
+#: README ("Measured: faults injected") quotes 0.04 s as the slowest answer in a Redis outage: the API
+#: answers 503 at once while Redis refuses connections. That figure is a measurement, not a margin (this
+#: 3 s outage measures 0.03-0.04 s on an idle machine), so the test allows a loaded machine ten times
+#: it; an answer that waited for a Redis connection (5 s connect timeout) or hung still fails.
+REDIS_SLOWEST_ANSWER_S = 0.5
 
 
 @pytest.mark.timeout(300)
@@ -35,6 +41,9 @@ async def test_broker_restart_mid_stream(private_rabbit: PrivateRabbit, tag: str
     assert figures["other_answers"] == 0  # every request got 202 or 503
     assert figures["slowest_answer_s"] < 4.0  # none hung (publish_timeout 2 s)
     assert figures["workers_alive"] == 2  # they reconnected, no restart needed
+    # No worker died, so nothing ran twice (README: 0): a task finished while the broker was away is
+    # recorded, and its redelivery is acknowledged without running it again.
+    assert figures["ran_more_than_once"] == 0
 
 
 @pytest.mark.timeout(300)
@@ -42,8 +51,8 @@ async def test_redis_restart_mid_stream(tag: str, tmp_path: Path) -> None:
     # Task state lives in Redis: like any deployment that must not lose it, this one persists (AOF).
     redis = PrivateRedis(tmp_path / "redis", persistent=True)
     await redis.start()
-    config = write_config(tmp_path / "config.toml", tag, redis={"url": redis.url})
     try:
+        config = write_config(tmp_path / "config.toml", tag, redis={"url": redis.url})
         figures = await redis_outage(config, tmp_path, redis, seconds=3.0)
     finally:
         await redis.stop()
@@ -52,7 +61,10 @@ async def test_redis_restart_mid_stream(tag: str, tmp_path: Path) -> None:
     assert figures["completed"] == figures["accepted"] > 40
     assert figures["refused_503"] > 0
     assert figures["other_answers"] == 0
+    assert figures["slowest_answer_s"] < REDIS_SLOWEST_ANSWER_S  # none hung: with Redis away, 503 at once
     assert figures["ws_frames_after_outage"] > 0
+    # The workers kept their deliveries and retried their writes until Redis was back: nothing ran twice (README: 0).
+    assert figures["ran_more_than_once"] == 0
 
 
 @pytest.mark.timeout(300)
@@ -136,7 +148,7 @@ async def test_worker_without_a_broker_for_too_long_exits_non_zero(
 async def test_queue_declared_otherwise_is_a_clear_error(tag: str, tmp_path: Path, procs: Callable[..., Proc]) -> None:
     config = write_config(tmp_path / "config.toml", tag)
     cfg = asyncnode.Config.from_toml(config, env={})
-    connection = await aio_pika.connect(cfg.broker.url)
+    connection = await rabbit_connect(cfg.broker.url)
     async with connection:
         channel = await connection.channel()
         await channel.declare_queue(cfg.broker.queue, durable=True)  # a classic queue from an older setup
@@ -165,7 +177,7 @@ async def test_a_deleted_work_queue_is_declared_again_and_consumed(
             return 0
 
     await wait_for(consumers, 30, "the worker to consume")
-    connection = await aio_pika.connect(cfg.broker.url)
+    connection = await rabbit_connect(cfg.broker.url)
     async with connection:
         await (await connection.channel()).queue_delete(cfg.broker.queue)
     await wait_for(consumers, 30, "the worker to consume the queue declared again")

@@ -29,6 +29,9 @@ from tests.conftest import Proc, cleanup, free_port, queue_counts, wait_for, wri
 
 SENDER = "noreply@asyncnode.test"
 
+#: Every request of these tests (and a WebSocket's handshake) ends within this.
+TIMEOUT = aiohttp.ClientTimeout(total=15)
+
 # --------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------
@@ -147,8 +150,13 @@ class WsCollector:
         await wait_for(check, timeout=timeout, what=what)
 
     async def close(self) -> None:
-        await self.ws.close()
-        await asyncio.wait_for(self._task, 10)
+        """Close the WebSocket and wait for the reader to end (cancelled if it overstays)."""
+        try:
+            await self.ws.close()
+            await asyncio.wait_for(asyncio.shield(self._task), 10)
+        finally:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
 
 
 # --------------------------------------------------------------------------
@@ -296,7 +304,7 @@ async def test_fifty_mixed_tasks_end_to_end(
 
     api = procs("api", smtp_config)
     workers = [procs("worker", smtp_config), procs("worker", smtp_config)]
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
         await wait_api(session, cfg, api)
         await wait_consumers(cfg, 2, *workers)
 
@@ -375,7 +383,7 @@ async def test_worker_sigterm_mid_task_finishes_and_acks(
 ) -> None:
     api = procs("api", config_file)
     worker = procs("worker", config_file)
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
         await wait_api(session, cfg, api)
         await wait_consumers(cfg, 1, worker)
 
@@ -405,7 +413,7 @@ async def test_api_sigterm_closes_websockets(
     config_file: Path, cfg: asyncnode.Config, procs: Callable[..., Proc]
 ) -> None:
     api = procs("api", config_file)
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
         await wait_api(session, cfg, api)
         async with session.ws_connect(base_url(cfg) + "/ws") as ws:
             api.signal(signal.SIGTERM)
@@ -423,7 +431,7 @@ async def test_redelivered_task_runs_after_worker_killed(
 ) -> None:
     api = procs("api", config_file)
     first = procs("worker", config_file)
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
         await wait_api(session, cfg, api)
         await wait_consumers(cfg, 1, first)
 
@@ -451,7 +459,7 @@ async def test_concurrency_runs_async_tasks_side_by_side_and_no_more(
     api = procs("api", config)
     worker = procs("worker", config)
     try:
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
             await wait_api(session, cfg, api)
             await wait_consumers(cfg, 1, worker)
             ids = [await submit(session, cfg, "sleep", {"seconds": 1.0}) for _ in range(4)]

@@ -144,10 +144,14 @@ async def stack(
         await s.start(workers)
         return s
 
-    yield make
-    for s in stacks:
-        await s.close()
-    await cleanup(tag)
+    try:
+        yield make
+    finally:
+        try:
+            for s in stacks:
+                await s.close()  # its WebSocket reader and HTTP session
+        finally:
+            await cleanup(tag)
 
 
 def statuses(updates: list[dict[str, Any]]) -> list[str]:

@@ -24,6 +24,7 @@ from tests.conftest import (
     database_path,
     db_rows,
     free_port,
+    in_ci,
     is_embedded,
     rabbitmq_only,
     stored_keys,
@@ -38,11 +39,6 @@ HTTP_TIMEOUT = aiohttp.ClientTimeout(total=30)
 SERVICE_TIMEOUT = 10.0
 #: The embedded variant only.
 embedded_only = pytest.mark.parametrize("backend", ["embedded"], indirect=True)
-
-
-def in_ci() -> bool:
-    """Whether this runs in CI, where a missing service or tool is a failure rather than a skip."""
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
 @pytest.fixture

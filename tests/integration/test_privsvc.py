@@ -19,7 +19,9 @@ import aiormq
 import pytest
 import redis.asyncio as aioredis
 
+import asyncnode
 from tests import privsvc
+from tests.conftest import in_ci
 from tests.privsvc import PrivateRabbit, PrivateRedis, PrivateServiceError, _marked_pids, _port_open, rabbitmq_available
 
 # The fixtures, bound by name in this module. Importing them by name would do for pytest, but ruff
@@ -30,11 +32,6 @@ private_redis = privsvc.private_redis
 DURABLE_QUEUE = "privsvc-durable"
 SETTLE_BEFORE_KILL = 3.0  # seconds between the last durable change and a SIGKILL
 SERVICE_TIMEOUT = 10.0  # seconds to connect to, or hear back from, a private instance
-
-
-def in_ci() -> bool:
-    """Whether this runs in CI (CI=1, true or yes), where a server that cannot run here is a failure."""
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
 def redis_client(url: str) -> aioredis.Redis:
@@ -290,3 +287,25 @@ async def test_rabbit_consumer_timeout_is_applied_and_kill_then_recover(
     # Crash recovery: the confirmed persistent message, requeued by the timeout, is still there.
     await timed("rabbit start after kill", rabbit.start())
     assert await message_count(rabbit.url, DURABLE_QUEUE) == 1
+
+
+async def test_a_dead_letter_supervisor_that_gave_up_is_restarted(private_rabbit: privsvc.PrivateRabbit) -> None:
+    """What conftest does to the shared node before and after a run, tried on a private one: the supervisor
+    stopped as RabbitMQ 3.10 leaves it when it gives up, then repaired, and a quorum queue with
+    at-least-once dead-lettering works again."""
+    from tests.conftest import repair_dead_letter_supervisor
+
+    assert await repair_dead_letter_supervisor(private_rabbit.eval) is False  # sound: nothing to do
+    await private_rabbit.eval("supervisor:terminate_child(rabbit_sup, rabbit_fifo_dlx_sup).")
+    assert (await private_rabbit.eval("whereis(rabbit_fifo_dlx_sup).")).strip() == "undefined"
+    assert await repair_dead_letter_supervisor(private_rabbit.eval) is True
+    assert (await private_rabbit.eval("whereis(rabbit_fifo_dlx_sup).")).strip() != "undefined"
+    connection = await aio_pika.connect(private_rabbit.url, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        cfg = asyncnode.BrokerConfig(url=private_rabbit.url, queue="repaired")
+        queue = await asyncnode.declare_queues(channel, cfg)
+        await channel.default_exchange.publish(aio_pika.Message(b"x"), routing_key="repaired")
+        message = await queue.get(timeout=10)
+        assert message is not None and message.body == b"x"
+        await message.ack()

@@ -7,7 +7,6 @@ the append-only file on, as a deployment that must not lose task state runs it. 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 import asyncnode
-from tests.conftest import Proc, cleanup, queue_counts, rabbitmq_only, wait_for, write_config
+from tests.conftest import Proc, cleanup, in_ci, queue_counts, rabbitmq_only, wait_for, write_config
 from tests.privsvc import PrivateRedis, redis_available
 
 Client = TestClient  # type: ignore[type-arg]
@@ -29,11 +28,6 @@ HTTP_TIMEOUT = aiohttp.ClientTimeout(total=30)
 #: How long the task sleeps, and how long Redis stays away: past the end of the task (so its completion is
 #: written while Redis is gone) and longer than a publish or a single retry of the write takes.
 TASK_SECONDS, OUTAGE = 1.0, 5.0
-
-
-def in_ci() -> bool:
-    """Whether this runs in CI, where a missing service is a failure rather than a skip."""
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
 @pytest.fixture

@@ -104,18 +104,39 @@ def test_one_server_url_without_the_other_is_a_config_error(tmp_path: Path, text
     assert "[broker] url" in message and "[redis] url" in message, message
 
 
+#: Another pair of servers, to tell an environment override from the file's value.
+RABBIT_ENV = "amqp://u:p@rabbit.example:5672/"
+REDIS_ENV = "redis://redis.example:6379/2"
+
+
 @pytest.mark.parametrize(
-    ("text", "env"),
+    ("text", "env", "embedded", "urls"),
     [
-        pytest.param("", {}, id="neither"),
-        pytest.param(f'[broker]\nurl = "{RABBIT}"\n[redis]\nurl = "{REDIS}"\n', {}, id="both-in-file"),
-        pytest.param("", {"RABBIT_URL": RABBIT, "REDIS_URL": REDIS}, id="both-from-env"),
-        pytest.param(f'[broker]\nurl = "{RABBIT}"\n', {"REDIS_URL": REDIS}, id="file-and-env"),
+        pytest.param("", {}, True, ("", ""), id="neither"),
+        pytest.param(
+            f'[broker]\nurl = "{RABBIT}"\n[redis]\nurl = "{REDIS}"\n', {}, False, (RABBIT, REDIS), id="both-in-file"
+        ),
+        pytest.param(
+            "", {"RABBIT_URL": RABBIT_ENV, "REDIS_URL": REDIS_ENV}, False, (RABBIT_ENV, REDIS_ENV), id="both-from-env"
+        ),
+        pytest.param(
+            f'[broker]\nurl = "{RABBIT}"\n', {"REDIS_URL": REDIS_ENV}, False, (RABBIT, REDIS_ENV), id="file-and-env"
+        ),
+        pytest.param(
+            f'[broker]\nurl = "{RABBIT}"\n[redis]\nurl = "{REDIS}"\n',
+            {"RABBIT_URL": RABBIT_ENV, "REDIS_URL": REDIS_ENV},
+            False,
+            (RABBIT_ENV, REDIS_ENV),
+            id="env-over-file",
+        ),
     ],
 )
-def test_both_server_urls_or_neither_load(tmp_path: Path, text: str, env: dict[str, str]) -> None:
+def test_both_server_urls_or_neither_load(
+    tmp_path: Path, text: str, env: dict[str, str], embedded: bool, urls: tuple[str, str]
+) -> None:
     cfg = load(tmp_path, text, env)
-    assert bool(cfg.broker.url) == bool(cfg.redis.url)
+    assert cfg.embedded_mode is embedded
+    assert (cfg.broker.url, cfg.redis.url) == urls
 
 
 @pytest.mark.parametrize("command", [["check"], ["api"], ["worker"], ["dlq", "list"]])

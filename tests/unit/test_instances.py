@@ -73,12 +73,26 @@ def test_instance_config_errors(tmp_path: Path, text: str, expected: str) -> Non
     assert str(err.value).startswith(str(tmp_path / "config.toml"))
 
 
+def api_addresses(cfg: asyncnode.Config) -> dict[str, tuple[str, int]]:
+    """Each instance's (host, API port), as its `up` would listen."""
+    return {
+        name: (inst.host, cfg.api.port if inst.api_port is None else inst.api_port)
+        for name, inst in cfg.instances.items()
+    }
+
+
 def test_same_port_on_different_hosts_or_other_ports_is_fine(tmp_path: Path) -> None:
-    load(tmp_path, '[instances.a]\nroles = ["api"]\n[instances.b]\nroles = ["api"]\n')  # two hosts
-    load(
+    # Two instances without a host are two hosts, named after the instances, on the same port.
+    two_hosts = load(tmp_path, '[instances.a]\nroles = ["api"]\n[instances.b]\nroles = ["api"]\n')
+    assert api_addresses(two_hosts) == {"a": ("a", 5000), "b": ("b", 5000)}
+    assert [inst.roles for inst in two_hosts.instances.values()] == [("api",), ("api",)]
+    # One host, two ports.
+    one_host = load(
         tmp_path,
         '[instances.a]\nroles = ["api"]\nhost = "h"\n[instances.b]\nroles = ["api"]\nhost = "h"\napi_port = 5001\n',
     )
+    assert api_addresses(one_host) == {"a": ("h", 5000), "b": ("h", 5001)}
+    assert (one_host.instances["a"].api_port, one_host.instances["b"].api_port) == (None, 5001)
 
 
 def test_instance_selection_order(tmp_path: Path) -> None:

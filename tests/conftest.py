@@ -30,6 +30,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aio_pika
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
@@ -492,6 +493,21 @@ class Proc:
             self.popen.kill()
             self.popen.wait(5)
         self._log.close()
+
+
+async def wait_healthy(base: str, proc: Proc, timeout: float = 20) -> None:
+    """Wait until the API process ``proc`` answers ``GET <base>/healthz``; fail at once if it exits."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+
+        async def up() -> bool:
+            assert proc.popen.poll() is None, proc.log()
+            try:
+                async with session.get(f"{base}/healthz") as r:
+                    return r.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await wait_for(up, timeout=timeout, what=f"the API at {base} to answer")
 
 
 @pytest.fixture

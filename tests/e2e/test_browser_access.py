@@ -9,23 +9,12 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 import asyncnode
-from tests.conftest import Proc, cleanup, skip_or_fail, wait_for, write_config
+from tests.conftest import Proc, cleanup, skip_or_fail, wait_healthy, write_config
+from tests.e2e.test_browser import ARGS, CHROMIUM
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-quic",
-    "--disable-sync",
-]
 TOKEN, READ = "operator-browser-s3cret", "reader-browser-s3cret"
 DEAD = asyncnode.Envelope("7c2d3e4f-1a2b-4c3d-8e9f-0a1b2c3d4e5f", "reverse", {"text": "dead"})
 
@@ -41,17 +30,7 @@ async def api(backend: str, tag: str, tmp_path: Path, procs: Callable[..., Proc]
         await queue.dead_letter(DEAD, {"x-error": "boom", "x-attempts": 1})
     proc = procs("api", config)
     base = f"http://127.0.0.1:{cfg.api.port}"
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-
-        async def up() -> bool:
-            assert proc.popen.poll() is None, proc.log()
-            try:
-                async with session.get(f"{base}/healthz") as r:
-                    return r.status == 200
-            except aiohttp.ClientError:
-                return False
-
-        await wait_for(up, timeout=20, what="the API to answer")
+    await wait_healthy(base, proc)
     yield base
     await cleanup(tag)
 

@@ -17,7 +17,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 import asyncnode
-from tests.conftest import ROOT, Proc, wait_for, write_config
+from tests.conftest import ROOT, Proc, wait_healthy, write_config
 
 Client = TestClient  # type: ignore[type-arg]
 TOKEN = "operator-s3cret"
@@ -254,17 +254,8 @@ async def test_a_real_api_on_all_interfaces_takes_its_token_from_the_environment
     port = asyncnode.Config.from_toml(config, env={}).api.port
     api = procs("api", config, {"ASYNCNODE_TOKEN": TOKEN, "ASYNCNODE_READ_TOKEN": READ})
     base = f"http://127.0.0.1:{port}"
+    await wait_healthy(base, api)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-
-        async def up() -> bool:
-            assert api.popen.poll() is None, api.log()
-            try:
-                async with session.get(f"{base}/healthz") as r:
-                    return r.status == 200
-            except aiohttp.ClientError:
-                return False
-
-        await wait_for(up, timeout=20, what="the API to answer")
         async with session.get(f"{base}/api/tasks") as r:
             assert r.status == 401
         async with session.get(f"{base}/api/tasks", headers={"Authorization": f"Bearer {READ}"}) as r:

@@ -28,6 +28,7 @@ Sections, in dependency order (each uses only those above it; banners mark them)
     Commands             check, dlq
     Command line         main()
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,7 +46,8 @@ import json
 import logging
 import math
 import os
-import queue
+import queue as jobqueue
+import random
 import re
 import signal
 import socket
@@ -121,6 +123,12 @@ HERE: Final = Path(__file__).resolve().parent
 SHUTDOWN_STEP_TIMEOUT: Final = 5.0
 #: Seconds ``/readyz`` gives each service to answer.
 READY_TIMEOUT: Final = 2.0
+#: Seconds a task held back by its queue's limit waits before asking for a slot again.
+LIMIT_POLL: Final = 0.05
+#: Longest pause between two asks of a task waiting its turn to start (held back by its queue's rate).
+ASK_INTERVAL: Final = 1.0
+#: Seconds a task waiting its turn keeps its place in line without asking again (3 asks missed: it is gone).
+LINE_PATIENCE: Final = 3 * ASK_INTERVAL
 JSON: TypeAlias = Any
 
 
@@ -180,6 +188,15 @@ INSTANCE_ROLES: Final = ("api", "worker")
 DEFAULT_INSTANCE: Final = "local"
 #: What an instance name may look like (it names directories and supervisord programs).
 INSTANCE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+#: The queue every task goes to unless a route, its handler or its submission names another.
+DEFAULT_QUEUE: Final = "default"
+#: What a queue name may look like (it ends RabbitMQ names and Redis keys).
+QUEUE_NAME: Final = re.compile(r"[a-z0-9_-]{1,40}")
+#: Names the implementation uses itself (``<queue>.dlq``, ``<queue>.retry.<ms>ms``) or may use.
+RESERVED_QUEUES: Final = frozenset({"dlq", "retry", "delayed", "scheduled", "all", "control"})
+#: ``[queues.*] rate``: "N/s", "N/m" or "N/h".
+RATE: Final = re.compile(r"([0-9]+) */ *([smh])")
+RATE_WINDOWS: Final = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def _opt(default: Any, doc: str, **rules: Any) -> Any:
@@ -280,10 +297,29 @@ class WorkerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class QueueConfig:
+    """``[queues.<name>]``: one named queue's limits, across the whole deployment."""
+
+    limit: int = _opt(0, "tasks of this queue running at once, over every worker on every host (0 = no limit)", min=0)
+    rate: str = _opt("", 'starts per window over the deployment: "N/s", "N/m" or "N/h" (empty = no limit)')
+
+    @property
+    def rate_limit(self) -> tuple[int, float] | None:
+        """``rate`` as (starts, window in seconds), or None."""
+        return parse_rate(self.rate) if self.rate else None
+
+    @property
+    def gated(self) -> bool:
+        """Whether a start from this queue must be admitted by the store (a limit or a rate is set)."""
+        return bool(self.limit or self.rate)
+
+
+@dataclasses.dataclass(frozen=True)
 class InstanceConfig:
     """``[instances.<name>]``: what one host (or one ``up`` on a host) runs."""
 
     roles: tuple[str, ...] = _opt(("api", "worker"), "roles: api, worker")
+    queues: tuple[str, ...] = _opt((), "queues this instance's workers consume (default: every declared queue)")
     processes_per_core: float | None = _opt(None, "overrides [worker] processes_per_core", min=0.0)
     processes: int | None = _opt(None, "absolute number of worker processes", min=0)
     host: str = _opt("", "machine this instance runs on (default: its own name)")
@@ -306,6 +342,10 @@ class Config:
     instances: Mapping[str, InstanceConfig] = dataclasses.field(
         default_factory=lambda: {DEFAULT_INSTANCE: InstanceConfig(host=DEFAULT_INSTANCE)}
     )
+    #: Every declared queue by name ("default" always among them), in the order declared.
+    queues: Mapping[str, QueueConfig] = dataclasses.field(default_factory=lambda: {DEFAULT_QUEUE: QueueConfig()})
+    #: Task type -> queue (``[routes]``); a type not listed goes to its handler's queue, else "default".
+    routes: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     SECTIONS: ClassVar[dict[str, type]] = {
         "broker": BrokerConfig,
@@ -350,8 +390,8 @@ class Config:
     def from_mapping(cls, raw: Mapping[str, Any], path: Path, env: Mapping[str, str]) -> Config:
         """Validate an already-parsed TOML document (see :meth:`from_toml`)."""
         for name in raw:
-            if name not in cls.SECTIONS and name != "instances":
-                known = ", ".join([*cls.SECTIONS, "instances"])
+            if name not in cls.SECTIONS and name not in ("instances", "queues", "routes"):
+                known = ", ".join([*cls.SECTIONS, "instances", "queues", "routes"])
                 raise ConfigError(f"{path}: [{name}]: unknown section (known: {known})")
         sections: dict[str, dict[str, Any]] = {}
         for name in cls.SECTIONS:
@@ -380,8 +420,24 @@ class Config:
             raise ConfigError(f"{path}: [api] read_token: set [api] token too (else nobody could act)")
         if api.read_token and hmac.compare_digest(api.token, api.read_token):
             raise ConfigError(f"{path}: [api] read_token: must differ from [api] token")
-        instances = _build_instances(path, raw.get("instances"), api)
-        return cls(path=path, instances=instances, **built)
+        queues = _build_queues(path, raw.get("queues"))
+        routes = _build_routes(path, raw.get("routes"), queues)
+        instances = _build_instances(path, raw.get("instances"), api, queues)
+        return cls(path=path, instances=instances, queues=queues, routes=routes, **built)
+
+    def broker_name(self, queue: str) -> str:
+        """The RabbitMQ (and SQLite) name of declared queue ``queue``: ``<[broker] queue>[.<name>]``."""
+        return self.broker.queue if queue == DEFAULT_QUEUE else f"{self.broker.queue}.{queue}"
+
+    def check_queues(self, names: Iterable[str], where: str) -> tuple[str, ...]:
+        """``names`` as declared queues, in order and once each; ConfigError naming the unknown ones."""
+        chosen = tuple(dict.fromkeys(names))
+        unknown = [n for n in chosen if n not in self.queues]
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown queue(s) {', '.join(map(repr, unknown))} (declared: {', '.join(self.queues)})"
+            )
+        return chosen
 
     @property
     def embedded_mode(self) -> bool:
@@ -405,7 +461,57 @@ def _from_env(var: str, value: str, section: type, key: str, path: Path) -> Any:
     return value
 
 
-def _build_instances(path: Path, raw: Any, api: ApiConfig) -> dict[str, InstanceConfig]:
+def parse_rate(text: str) -> tuple[int, float]:
+    """``"N/s"``, ``"N/m"`` or ``"N/h"`` as (N, window seconds); ValueError saying what is expected."""
+    match = RATE.fullmatch(text.strip())
+    if match is None or int(match.group(1)) < 1:
+        raise ValueError(f'expected "N/s", "N/m" or "N/h" with N a whole number of at least 1, got {text!r}')
+    return int(match.group(1)), RATE_WINDOWS[match.group(2)]
+
+
+def _build_queues(path: Path, raw: Any) -> dict[str, QueueConfig]:
+    """Check ``[queues.*]``: names, reserved names, limits and rates; "default" is always declared."""
+    if raw is None:
+        return {DEFAULT_QUEUE: QueueConfig()}
+    if not isinstance(raw, dict) or not all(isinstance(t, dict) for t in raw.values()):
+        raise ConfigError(f"{path}: queues: expected tables [queues.<name>]")
+    queues = {DEFAULT_QUEUE: QueueConfig()}
+    for name, table in raw.items():
+        where = f"{path}: [queues.{name}]"
+        if not QUEUE_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: queue names use a-z, 0-9, '_' and '-' only, 1 to 40 of them")
+        if name in RESERVED_QUEUES:
+            raise ConfigError(f"{where}: {name!r} is reserved (reserved: {', '.join(sorted(RESERVED_QUEUES))})")
+        queue = _build_section(path, f"queues.{name}", QueueConfig, table)
+        if queue.rate:
+            try:
+                parse_rate(queue.rate)
+            except ValueError as e:
+                raise ConfigError(f"{where} rate: {e}") from None
+        queues[name] = queue
+    return queues
+
+
+def _build_routes(path: Path, raw: Any, queues: Mapping[str, QueueConfig]) -> dict[str, str]:
+    """Check ``[routes]``: task type -> a declared queue."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: routes: expected a table [routes] of task type = queue")
+    for ttype, queue in raw.items():
+        if not isinstance(queue, str):
+            raise ConfigError(f"{path}: [routes] {ttype}: expected a queue name, got {queue!r}")
+        if queue not in queues:
+            raise ConfigError(
+                f"{path}: [routes] {ttype}: routes to queue {queue!r}, which is not declared "
+                f"(declared: {', '.join(queues)}; add [queues.{queue}])"
+            )
+    return dict(raw)
+
+
+def _build_instances(
+    path: Path, raw: Any, api: ApiConfig, queues: Mapping[str, QueueConfig]
+) -> dict[str, InstanceConfig]:
     """Check ``[instances.*]``: names, roles, worker counts, and no API port claimed twice on a host."""
     if raw is None:
         return {DEFAULT_INSTANCE: InstanceConfig(host=DEFAULT_INSTANCE)}
@@ -425,7 +531,14 @@ def _build_instances(path: Path, raw: Any, api: ApiConfig) -> dict[str, Instance
                 raise ConfigError(f"{where} roles: unknown role {role!r} (expected {', '.join(INSTANCE_ROLES)})")
         if inst.processes is not None and inst.processes_per_core is not None:
             raise ConfigError(f"{where}: set processes or processes_per_core, not both")
-        inst = dataclasses.replace(inst, host=inst.host or name)
+        if inst.queues and "worker" not in inst.roles:
+            raise ConfigError(f"{where} queues: only an instance with the worker role consumes queues")
+        unknown = [q for q in inst.queues if q not in queues]
+        if unknown:
+            raise ConfigError(
+                f"{where} queues: {', '.join(map(repr, unknown))} not declared (declared: {', '.join(queues)})"
+            )
+        inst = dataclasses.replace(inst, host=inst.host or name, queues=tuple(dict.fromkeys(inst.queues)))
         if "api" in inst.roles:
             port = api.port if inst.api_port is None else inst.api_port
             other = ports.setdefault((inst.host, port), name)
@@ -577,6 +690,7 @@ class TaskType:
     fields: tuple[Field, ...] = ()
     validate: Validator | None = None
     timeout: float | None = None
+    queue: str | None = None  #: the queue its tasks go to unless [routes] says otherwise
 
     @property
     def is_async(self) -> bool:
@@ -600,8 +714,10 @@ def task(
     fields: Iterable[Field] = (),
     validate: Validator | None = None,
     timeout: float | None = None,
+    queue: str | None = None,
 ) -> Callable[[Handler], Handler]:
-    """Register the decorated function as the handler of task type ``name`` (stable: it travels on the queue)."""
+    """Register the decorated function as the handler of task type ``name`` (stable: it travels on the queue);
+    ``queue``: the queue its tasks go to by default (config.toml must declare it; [routes] overrides it)."""
 
     def register(func: Handler) -> Handler:
         if name in REGISTRY:
@@ -610,21 +726,38 @@ def task(
         for f in fs:
             if f.type not in FIELD_TYPES:
                 raise ValueError(f"task type {name!r}: field {f.name!r} has unknown type {f.type!r}")
-        REGISTRY[name] = TaskType(name, func, description, fs, validate, timeout)
+        REGISTRY[name] = TaskType(name, func, description, fs, validate, timeout, queue)
         return func
 
     return register
 
 
-def load_handlers(modules: Iterable[str]) -> None:
-    """Import the modules that register task types (each once)."""
+def load_handlers(cfg: Config) -> None:
+    """Import the modules that register task types (each once), then check the queues they and [routes] name."""
     if str(HERE) not in sys.path:
         sys.path.insert(0, str(HERE))
-    for mod in modules:
+    for mod in cfg.handlers.modules:
         try:
             importlib.import_module(mod)
         except ImportError as e:
             raise ConfigError(f"[handlers] modules: cannot import {mod!r}: {e}") from None
+    for ttype in REGISTRY.values():
+        if ttype.queue is not None and ttype.queue not in cfg.queues:
+            raise ConfigError(
+                f"{cfg.path}: task type {ttype.name!r} ({ttype.handler.__module__}.{ttype.handler.__qualname__}) "
+                f"declares queue {ttype.queue!r}, which config.toml does not declare (add [queues.{ttype.queue}])"
+            )
+    unknown = sorted(set(cfg.routes) - set(REGISTRY))
+    if unknown:
+        raise ConfigError(
+            f"{cfg.path}: [routes] {unknown[0]}: no handler registers task type {unknown[0]!r} "
+            f"(known: {', '.join(sorted(REGISTRY))})"
+        )
+
+
+def queue_of(cfg: Config, ttype: TaskType) -> str:
+    """The queue a task of ``ttype`` goes to when its submission names none: [routes], its handler's, or default."""
+    return cfg.routes.get(ttype.name) or ttype.queue or DEFAULT_QUEUE
 
 
 #: Records one progress report of a task: (fraction, note) -> awaitable (the worker writes it to the store).
@@ -705,6 +838,7 @@ MAX_SUBSCRIBED: Final = 1000
 SNAPSHOT_FIELDS: Final = (
     "id",
     "type",
+    "queue",
     "status",
     "seq",
     "result",
@@ -744,16 +878,21 @@ class Submission:
     type: TaskType
     payload: dict[str, Any]
     timeout: float | None = None
+    queue: str = DEFAULT_QUEUE
 
 
 def validate_submission(body: JSON, cfg: Config) -> Submission:
     """Check a ``POST /api/tasks`` body; return its task type, normalised payload and time limit."""
     if not isinstance(body, dict):
         raise ValidationError("body must be a JSON object")
-    unknown = set(body) - {"type", "payload", "timeout"}
+    unknown = set(body) - {"type", "payload", "timeout", "queue"}
     if unknown:
         names = ", ".join(sorted(map(str, unknown)))[:200]
-        raise ValidationError(f"unknown key(s) in body: {names} (expected type, payload, timeout)")
+        raise ValidationError(f"unknown key(s) in body: {names} (expected type, payload, timeout, queue)")
+    queue = body.get("queue")
+    if queue is not None and (not isinstance(queue, str) or queue not in cfg.queues):
+        shown = repr(queue[:50]) if isinstance(queue, str) else "not a string"
+        raise ValidationError(f"'queue': no queue {shown} (known: {', '.join(cfg.queues)})", "queue")
     timeout = body.get("timeout")
     limit = cfg.broker.task_timeout
     if timeout is not None and (
@@ -768,7 +907,7 @@ def validate_submission(body: JSON, cfg: Config) -> Submission:
         known = ", ".join(sorted(REGISTRY))
         raise ValidationError(f"unknown task type {ttype_name[:100]!r} (known: {known})", "type")
     payload = validate_payload(ttype, body.get("payload", {}), cfg)
-    return Submission(ttype, payload, None if timeout is None else float(timeout))
+    return Submission(ttype, payload, None if timeout is None else float(timeout), queue or queue_of(cfg, ttype))
 
 
 def validate_payload(ttype: TaskType, payload: JSON, cfg: Config) -> dict[str, Any]:
@@ -835,6 +974,7 @@ class Envelope:
     payload: dict[str, Any]
     timeout: float | None = None
     created_at: float | None = None  #: when the task was submitted (None: unknown, queued by an earlier release)
+    queue: str = DEFAULT_QUEUE  #: the queue it belongs to: retries go back to it, a requeued dead letter too
 
     def encode(self) -> bytes:
         """The message body as published to the work queue."""
@@ -843,6 +983,8 @@ class Envelope:
             body["timeout"] = self.timeout
         if self.created_at is not None:
             body["created_at"] = self.created_at
+        if self.queue != DEFAULT_QUEUE:
+            body["queue"] = self.queue
         return dumps(body).encode()
 
     @classmethod
@@ -862,12 +1004,16 @@ class Envelope:
             raise EnvelopeError("message body has a timeout that is not a positive number")
         if not isinstance(created, int | float) or isinstance(created, bool) or not math.isfinite(created):
             created = None  # unknown, or not a time: the task is restored without it, never refused for it
+        queue = data.get("queue", DEFAULT_QUEUE)
+        if not isinstance(queue, str) or not QUEUE_NAME.fullmatch(queue):
+            raise EnvelopeError("message body has a queue that is not a queue name")
         return cls(
             tid,
             ttype,
             payload,
             None if timeout is None else float(timeout),
             None if created is None else float(created),
+            queue,
         )
 
 
@@ -878,7 +1024,8 @@ def new_task_id() -> str:
 
 def blank_record(tid: str) -> dict[str, JSON]:
     """Every field a task shows, with the value it has before anything set it."""
-    rec: dict[str, JSON] = {"id": tid, "type": None, "status": None, "payload": None, "result": None, "error": None}
+    rec: dict[str, JSON] = {"id": tid, "type": None, "queue": DEFAULT_QUEUE, "status": None, "payload": None}
+    rec |= {"result": None, "error": None}
     rec |= {"attempts": 0, "created_at": None, "started_at": None, "finished_at": None, "worker": None}
     return rec | {"progress": None, "seq": 0}
 
@@ -920,8 +1067,8 @@ class Transition:
 
 #: Every kind of change of a task's state, by name.
 TRANSITIONS: Final[Mapping[str, Transition]] = {
-    "submitted": Transition("pending", public=("attempts",), stamp="created_at", new=True),
-    "requeued": Transition("pending", public=("attempts",), reset=True),
+    "submitted": Transition("pending", public=("queue", "attempts"), stamp="created_at", new=True),
+    "requeued": Transition("pending", public=("queue", "attempts"), reset=True),
     "started": Transition("started", after=RUNNABLE, public=("worker",), stamp="started_at", counter="attempts"),
     # Guarded on "started": a late progress write never overwrites a final state.
     "progress": Transition("started", after=("started",), public=("progress", "note"), timeline=False),
@@ -953,6 +1100,7 @@ class Change:
     persist: bool = False
     index_at: float | None = None
     index_keep: int = 0  #: the size the recent-tasks index is trimmed to
+    tally: str = ""  #: the per-queue counter of ``status`` (``<status>@<queue>``) bumped with it ('' = none)
 
     def message(self, seq: int, count: int) -> str:
         """The update as published, with the new value of ``counter`` and the sequence number (Redis's
@@ -970,8 +1118,11 @@ def plan_change(
     tasks: TasksConfig,
     now: float | None = None,
     restore: Mapping[str, JSON] | None = None,
+    queue: str = "",
 ) -> Change:
     """The change ``event`` (a key of TRANSITIONS) makes to task ``tid``, given the fields it reports.
+
+    ``queue``: the task's queue, whose count of tasks reaching the new status is bumped too ('' = none).
 
     ``restore``: fields written only if the record has no status, i.e. was lost (a Redis restart
     without persistence, an eviction, a flush) while its message waited: the worker knows them from
@@ -1009,6 +1160,7 @@ def plan_change(
         persist=t.reset,
         index_at=index_at,
         index_keep=tasks.max_recent,
+        tally=f"{t.status}@{queue}" if queue and t.timeline else "",
     )
 
 
@@ -1128,17 +1280,27 @@ def retry_delay_for(failures: int, delays: tuple[float, ...]) -> float:
     return delays[min(failures, len(delays)) - 1]
 
 
-def retry_queue_name(cfg: BrokerConfig, delay: float) -> str:
-    """The queue where a retry waits ``delay`` seconds before going back to the work queue."""
-    return f"{cfg.queue}.retry.{round(delay * 1000)}ms"
+def retry_queue_name(cfg: BrokerConfig, delay: float, work: str | None = None) -> str:
+    """The queue where a retry waits ``delay`` seconds before going back to work queue ``work`` (its RabbitMQ
+    name; default: the default queue's)."""
+    return f"{work or cfg.queue}.retry.{round(delay * 1000)}ms"
 
 
-def retry_queue_arguments(cfg: BrokerConfig, delay: float) -> dict[str, Any]:
-    """A retry queue: every message expires after ``delay`` and is dead-lettered back to the work queue.
+def retry_queue_arguments(cfg: BrokerConfig, delay: float, work: str | None = None) -> dict[str, Any]:
+    """A retry queue: every message expires after ``delay`` and is dead-lettered back to its work queue.
 
-    One queue per delay, because a queue only expires messages at its head.
+    One queue per work queue and delay, because a queue only expires messages at its head.
     """
-    return {"x-message-ttl": round(delay * 1000), **_dead_lettering(cfg, cfg.queue)}
+    return {"x-message-ttl": round(delay * 1000), **_dead_lettering(cfg, work or cfg.queue)}
+
+
+def broker_queues(cfg: Config) -> list[str]:
+    """Every RabbitMQ queue a deployment declares: each work queue, its retry queues, and the one DLQ."""
+    names = []
+    for queue in cfg.queues:
+        work = cfg.broker_name(queue)
+        names += [work, *(retry_queue_name(cfg.broker, d, work) for d in sorted(set(cfg.broker.retry_delays)))]
+    return [*names, cfg.broker.queue + DLQ_SUFFIX]
 
 
 def task_time_limit(cfg: BrokerConfig, task_timeout: float | None, type_timeout: float | None) -> float:
@@ -1167,6 +1329,7 @@ def dead_letter_info(message_id: str | None, body: bytes, headers: Mapping[str, 
     item: dict[str, JSON] = {
         "id": env.id if env else message_id,
         "type": env.type if env else None,
+        "queue": env.queue if env else None,
         "error": headers.get("x-error"),
         "attempts": headers.get("x-attempts"),
         "failed_at": _header_time(headers.get("x-last-failed-at")),
@@ -1230,6 +1393,7 @@ def supervisor_values(cfg: Config, name: str, inst: InstanceConfig, run_dir: Pat
         "API_PORT": str(cfg.api.port if inst.api_port is None else inst.api_port),
         "API_PROCS": "1" if "api" in inst.roles else "0",
         "WORKERS": str(worker_count(cfg, inst, cpus)),
+        "QUEUES": ",".join(inst.queues or cfg.queues),
         "STOPWAITSECS": str(cfg.worker.stopwaitsecs),
     }
 
@@ -1298,16 +1462,27 @@ class TaskQueue(Protocol):
     async def publish(
         self, envelope: Envelope, routing_key: str | None = None, headers: Mapping[str, Any] | None = None
     ) -> None:
-        """Queue a task durably; return only once it is safe (raise BrokerUnavailable otherwise)."""
+        """Queue a task durably, on its own queue by default; return only once it is safe (raise
+        BrokerUnavailable otherwise)."""
 
     async def publish_later(self, envelope: Envelope, delay: float, headers: Mapping[str, Any]) -> None:
-        """Queue a task to be delivered after ``delay`` seconds, without holding a worker meanwhile."""
+        """Queue a task to be delivered from its queue after ``delay`` seconds, without holding a worker meanwhile."""
 
     async def dead_letter(self, envelope: Envelope, headers: Mapping[str, Any]) -> None:
-        """Put a task in the dead-letter queue, with why in its headers."""
+        """Put a task in the dead-letter queue, with why in its headers (its envelope names its queue)."""
 
-    async def start_consuming(self, callback: Callable[[Delivery], Awaitable[None]], prefetch: int) -> None:
-        """Deliver tasks to ``callback``, up to ``prefetch`` unsettled at once (raise BrokerUnavailable if not yet)."""
+    async def start_consuming(
+        self, callback: Callable[[Delivery], Awaitable[None]], prefetch: int, queues: Iterable[str]
+    ) -> None:
+        """Deliver tasks of the declared ``queues`` to ``callback``, up to ``prefetch`` unsettled at once from each
+        (raise BrokerUnavailable if not yet)."""
+
+    async def set_consumed(self, queues: Iterable[str]) -> None:
+        """From now on consume only ``queues`` (a pause stops a queue's consumer, a resume starts it again)."""
+
+    async def put_back(self, delivery: Delivery, envelope: Envelope) -> None:
+        """Hand back a delivery that was not started (its queue is paused, or over its limit or rate), so that it
+        is delivered again without counting as a delivery (no step toward the delivery limit)."""
 
     async def wait_consuming(self, stop: asyncio.Event) -> bool:
         """Wait for ``stop``; return True early if consuming has been impossible for ``no_consumer_exit`` seconds."""
@@ -1331,11 +1506,13 @@ class TaskQueue(Protocol):
     async def purge_dead_letters(self) -> int:
         """Drop every dead letter; return how many there were."""
 
-    async def queue_depths(self) -> dict[str, int]:
-        """Tasks ready in the work queue and in the dead-letter queue."""
+    async def queue_figures(self) -> tuple[dict[str, dict[str, int | None]], int]:
+        """Per declared queue its ``ready``, ``running`` and ``retrying`` tasks (None: not known here), and how
+        many dead letters there are."""
 
     async def report(self) -> str:
-        """One line for ``check``: what the queue is and holds (raise BrokerUnavailable if unreachable)."""
+        """Lines for ``check``: what the queue is, and each queue's depth and consumers (raise BrokerUnavailable
+        if unreachable)."""
 
     def describe(self) -> str:
         """What the queue is, for the log."""
@@ -1358,8 +1535,27 @@ class TaskStore(Protocol):
     async def get(self, tid: str) -> dict[str, JSON] | None:
         """One task with its history, or None."""
 
-    async def recent(self, limit: int) -> list[dict[str, JSON]]:
-        """The most recent tasks, newest first."""
+    async def recent(self, limit: int, queue: str | None = None) -> list[dict[str, JSON]]:
+        """The most recent tasks (of ``queue`` only, if given), newest first."""
+
+    async def paused_queues(self) -> set[str]:
+        """The queues paused now (durably: until resumed, whatever restarts)."""
+
+    async def set_paused(self, queue: str, paused: bool) -> bool:
+        """Pause or resume ``queue`` for every worker on every host; return whether that changed anything."""
+
+    async def admit(
+        self, queue: str, token: str, limit: int, rate: tuple[int, float] | None, lease: float
+    ) -> tuple[float, float]:
+        """Admit one start from ``queue`` under its deployment-wide ``limit`` (tasks running at once, 0 = none)
+        and ``rate`` (starts per window), atomically: (0, when) if admitted, holding a slot named ``token`` for
+        ``lease`` seconds (renew it, release it); else (seconds to wait before asking again, now)."""
+
+    async def release_slot(self, queue: str, token: str) -> None:
+        """Give back the limit slot ``token`` of ``queue``."""
+
+    async def renew_slots(self, slots: Mapping[str, str], lease: float) -> None:
+        """Extend the leases of the slots held (token -> queue) by ``lease`` seconds from now."""
 
     async def status_of(self, tid: str) -> str | None:
         """Just the status of a task."""
@@ -1403,14 +1599,20 @@ class TaskStore(Protocol):
 RECONNECT_INTERVAL: Final = 1.0
 
 
-async def declare_queues(channel: aio_pika.abc.AbstractChannel, cfg: BrokerConfig) -> aio_pika.abc.AbstractQueue:
-    """Declare the dead-letter queue and the work queue; return the work queue."""
+async def declare_queues(
+    channel: aio_pika.abc.AbstractChannel, cfg: BrokerConfig, works: Iterable[str] = ()
+) -> aio_pika.abc.AbstractQueue:
+    """Declare the dead-letter queue, then each work queue (RabbitMQ names; default: the default queue's) with
+    its retry queues; return the first work queue."""
+    declared = []
     try:
         await channel.declare_queue(cfg.queue + DLQ_SUFFIX, durable=True, arguments={"x-queue-type": cfg.queue_type})
-        for delay in sorted(set(cfg.retry_delays)):
-            name = retry_queue_name(cfg, delay)
-            await channel.declare_queue(name, durable=True, arguments=retry_queue_arguments(cfg, delay))
-        return await channel.declare_queue(cfg.queue, durable=True, arguments=queue_arguments(cfg))
+        for work in list(works) or [cfg.queue]:
+            for delay in sorted(set(cfg.retry_delays)):
+                name = retry_queue_name(cfg, delay, work)
+                await channel.declare_queue(name, durable=True, arguments=retry_queue_arguments(cfg, delay, work))
+            declared.append(await channel.declare_queue(work, durable=True, arguments=queue_arguments(cfg)))
+        return declared[0]
     except aio_pika.exceptions.ChannelPreconditionFailed as e:
         raise ConfigError(
             f"RabbitMQ refused to declare the queues of {cfg.queue!r}: one exists with other arguments ({e}). "
@@ -1462,10 +1664,15 @@ class RabbitQueue:
 
     name = "rabbitmq"
 
-    def __init__(self, cfg: BrokerConfig, role: str = "api") -> None:
-        self.cfg = cfg
+    def __init__(self, config: Config, role: str = "api") -> None:
+        self.config = config
+        self.cfg = config.broker
         self._consumer: tuple[aio_pika.abc.AbstractRobustChannel, Callable[..., Awaitable[None]]] | None = None
         self._consumer_tag = f"asyncnode-{socket.gethostname()}-{os.getpid()}"
+        self._consuming: dict[str, str] = {}  # RabbitMQ queue -> its consumer's tag, for the queues consumed now
+        self._wanted: list[str] = []  # the RabbitMQ queues to consume
+        self._deliver: Callable[[aiormq.abc.DeliveredMessage], Coroutine[Any, Any, None]] | None = None
+        self._works = [config.broker_name(q) for q in config.queues]
         self._cancelled = False
         self._reconsuming: asyncio.Task[None] | None = None
         self.log = log.getChild(role)
@@ -1503,7 +1710,7 @@ class RabbitQueue:
             try:
                 with _broker_errors():
                     channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-                    await declare_queues(channel, self.cfg)
+                    await declare_queues(channel, self.cfg, self._works)
             except ConfigError as e:
                 self.log.error("%s", e)
                 raise BrokerUnavailable(str(e)) from None
@@ -1513,7 +1720,7 @@ class RabbitQueue:
     async def publish(
         self, envelope: Envelope, routing_key: str | None = None, headers: Mapping[str, Any] | None = None
     ) -> None:
-        """Publish a task persistently (to the work queue by default) and wait for the confirm.
+        """Publish a task persistently (to its queue by default) and wait for the confirm.
 
         Raise BrokerUnavailable when RabbitMQ is unreachable, refuses (a full queue nacks, an unroutable
         message is returned) or does not confirm in time (a memory or disk alarm blocks publishers silently).
@@ -1533,35 +1740,45 @@ class RabbitQueue:
             try:
                 async with asyncio.timeout(self.cfg.publish_timeout):
                     channel = await self._ensure_channel()
-                    await channel.default_exchange.publish(message, routing_key or self.cfg.queue, mandatory=True)
+                    routing_key = routing_key or self.config.broker_name(envelope.queue)
+                    await channel.default_exchange.publish(message, routing_key, mandatory=True)
             except TimeoutError:
                 raise BrokerUnavailable(f"RabbitMQ did not confirm within {self.cfg.publish_timeout:g} s") from None
 
     async def publish_later(self, envelope: Envelope, delay: float, headers: Mapping[str, Any]) -> None:
-        """Park a task in the retry queue of ``delay``: its TTL dead-letters it back to the work queue."""
-        await self.publish(envelope, retry_queue_name(self.cfg, delay), headers)
+        """Park a task in its queue's retry queue of ``delay``: its TTL dead-letters it back to its queue."""
+        work = self.config.broker_name(envelope.queue)
+        await self.publish(envelope, retry_queue_name(self.cfg, delay, work), headers)
 
     async def dead_letter(self, envelope: Envelope, headers: Mapping[str, Any]) -> None:
         """Publish a task to the DLQ (confirmed)."""
         await self.publish(envelope, self.cfg.queue + DLQ_SUFFIX, headers)
 
-    async def start_consuming(self, callback: Callable[[Delivery], Awaitable[None]], prefetch: int) -> None:
-        """Open the consuming channel, declare the queues and consume; raise BrokerUnavailable if RabbitMQ is
-        not ready (the worker retries). Workers starting together race to declare a new quorum queue, and
-        RabbitMQ 3.10 can answer a consume on it with INTERNAL_ERROR until its leader is elected."""
+    async def start_consuming(
+        self, callback: Callable[[Delivery], Awaitable[None]], prefetch: int, queues: Iterable[str]
+    ) -> None:
+        """Open the consuming channel, declare the queues and consume ``queues`` (one consumer each, ``prefetch``
+        unacknowledged per consumer); raise BrokerUnavailable if RabbitMQ is not ready (the worker retries).
+        Workers starting together race to declare a new quorum queue, and RabbitMQ 3.10 can answer a consume
+        on it with INTERNAL_ERROR until its leader is elected."""
         connection = await self.connect()
+        self._wanted = [self.config.broker_name(q) for q in queues]
 
         async def deliver(message: aiormq.abc.DeliveredMessage) -> None:
             await callback(RabbitDelivery(message))
 
+        self._deliver = deliver
+
         async def consume(channel: aio_pika.abc.AbstractRobustChannel | None) -> None:
             # On aiormq's channel under the robust one: no message object of aio-pika's per delivery.
-            # The robust channel does not know this consumer, so every reopen (after a reconnect)
-            # consumes again, under the same tag.
+            # The robust channel does not know these consumers, so every reopen (after a reconnect)
+            # consumes again, under the same tags.
             assert channel is not None
             amqp = await channel.get_underlay_channel()
             amqp.on_consumer_cancel_callbacks.add(self._on_cancel)
-            await amqp.basic_consume(self.cfg.queue, deliver, consumer_tag=self._consumer_tag)
+            self._consuming = {}
+            for work in self._wanted:
+                await self._consume_one(amqp, work)
 
         with contextlib.suppress(TimeoutError):  # reconnecting after a failed attempt
             await asyncio.wait_for(connection.connected.wait(), self.cfg.connect_timeout)
@@ -1569,7 +1786,7 @@ class RabbitQueue:
         try:
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=prefetch)
-            await declare_queues(channel, self.cfg)
+            await declare_queues(channel, self.cfg, self._works)
             await consume(channel)
         except AMQP_ERRORS as e:
             if channel is not None:  # a robust channel left open would be restored, consumerless, for ever
@@ -1578,6 +1795,36 @@ class RabbitQueue:
             raise BrokerUnavailable(f"cannot consume yet: {e or type(e).__name__}") from None
         channel.reopen_callbacks.add(consume)
         self._consumer = channel, consume
+
+    async def _consume_one(self, amqp: aiormq.abc.AbstractChannel, work: str) -> None:
+        assert self._deliver is not None
+        tag = f"{self._consumer_tag}-{work}"
+        await amqp.basic_consume(work, self._deliver, consumer_tag=tag)
+        self._consuming[work] = tag
+
+    async def set_consumed(self, queues: Iterable[str]) -> None:
+        """Consume ``queues`` from now on: cancel the consumers of the others, start those missing (raise
+        BrokerUnavailable if RabbitMQ is away: the caller tries again, and a reconnect consumes the new set)."""
+        self._wanted = [self.config.broker_name(q) for q in queues]
+        if self._consumer is None:
+            return
+        with _broker_errors():
+            amqp = await asyncio.wait_for(self._consumer[0].get_underlay_channel(), SHUTDOWN_STEP_TIMEOUT)
+            for work, tag in list(self._consuming.items()):
+                if work not in self._wanted:
+                    del self._consuming[work]
+                    await amqp.basic_cancel(tag)
+            for work in self._wanted:
+                if work not in self._consuming:
+                    await self._consume_one(amqp, work)
+
+    async def put_back(self, delivery: Delivery, envelope: Envelope) -> None:
+        """Publish a copy at the tail of the task's queue (confirmed), then acknowledge the delivery: a
+        requeue (nack) would count toward the quorum queue's delivery limit."""
+        skip = ("x-delivery-count", "x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason")
+        headers = {k: v for k, v in delivery.headers.items() if k not in skip}
+        await self.publish(envelope, headers=headers)
+        await delivery.ack()
 
     async def wait_consuming(self, stop: asyncio.Event) -> bool:
         """Wait for ``stop``; return True if the consumer (connection or channel) is down too long.
@@ -1608,22 +1855,24 @@ class RabbitQueue:
 
             async def cancel() -> None:
                 amqp = await channel.get_underlay_channel()  # waits while reconnecting
-                await amqp.basic_cancel(self._consumer_tag)
+                for tag in list(self._consuming.values()):
+                    await amqp.basic_cancel(tag)
+                self._consuming = {}
 
             with contextlib.suppress(*AMQP_ERRORS, TimeoutError):
                 await asyncio.wait_for(cancel(), SHUTDOWN_STEP_TIMEOUT)
 
     def _on_cancel(self, frame: aiormq.spec.Basic.Cancel) -> None:
         """RabbitMQ cancelled our consumer (its queue was deleted): declare the queues and consume again."""
-        if frame.consumer_tag == self._consumer_tag and self._reconsuming is None:
+        if frame.consumer_tag in self._consuming.values() and self._reconsuming is None:
             self._reconsuming = asyncio.get_running_loop().create_task(self._reconsume())
 
     async def _reconsume(self) -> None:
         assert self._consumer is not None
         channel, consume = self._consumer
-        self.log.warning("RabbitMQ cancelled the consumer of %r (queue deleted?); consuming again", self.cfg.queue)
+        self.log.warning("RabbitMQ cancelled a consumer of %s (queue deleted?); consuming again", self._wanted)
         try:
-            await declare_queues(channel, self.cfg)
+            await declare_queues(channel, self.cfg, self._works)
             await consume(channel)
         except AMQP_ERRORS as e:  # wait_consuming gives up, and a fresh process takes over
             self.log.error("cannot consume again: %s", e or type(e).__name__)
@@ -1639,14 +1888,17 @@ class RabbitQueue:
             async with connection:
                 channel = await connection.channel()
                 depth = []
-                for name in (self.cfg.queue, self.cfg.queue + DLQ_SUFFIX):
+                named = [(q, self.config.broker_name(q)) for q in self.config.queues]
+                for queue, name in [*named, ("dead letters", self.cfg.queue + DLQ_SUFFIX)]:
                     try:
                         result = (await channel.declare_queue(name, passive=True)).declaration_result
-                        depth.append(f"{name}: {result.message_count} ready, {result.consumer_count} consumer(s)")
+                        depth.append(
+                            f"\n  {queue} ({name}): {result.message_count} ready, {result.consumer_count} consumer(s)"
+                        )
                     except aio_pika.exceptions.ChannelNotFoundEntity:
                         channel = await connection.channel()
-                        depth.append(f"{name}: not declared yet")
-                return f"RabbitMQ {broker_version(connection)}; {'; '.join(depth)}"
+                        depth.append(f"\n  {queue} ({name}): not declared yet")
+                return f"RabbitMQ {broker_version(connection)}{''.join(depth)}"
         except (aio_pika.exceptions.AMQPError, OSError, TimeoutError) as e:
             raise BrokerUnavailable(
                 f"RabbitMQ at {redact_url(self.cfg.url)} unreachable: {e or type(e).__name__}"
@@ -1721,20 +1973,29 @@ class RabbitQueue:
             result = await queue.purge()
         return int(result.message_count or 0) if result else 0
 
-    async def queue_depths(self) -> dict[str, int]:
-        """Messages ready in the work queue and in the DLQ (for the dashboard)."""
+    async def queue_figures(self) -> tuple[dict[str, dict[str, int | None]], int]:
+        """Per declared queue: messages ready and waiting in its retry queues (running: not known to RabbitMQ
+        over AMQP); and the DLQ's depth."""
         await self._ensure_channel()  # declares the queues
         connection = await self.connect()
-        depths = {}
+        figures: dict[str, dict[str, int | None]] = {}
+        delays = sorted(set(self.cfg.retry_delays))
         with _broker_errors():
             if self._stats_channel is None or self._stats_channel.is_closed:
                 self._stats_channel = await connection.channel()
             # On the underlying channel: a robust channel answers a repeated passive
             # declare from its cache, with the depth it had the first time.
             channel = await self._stats_channel.get_underlay_channel()
-            for key, name in (("ready", self.cfg.queue), ("dlq", self.cfg.queue + DLQ_SUFFIX)):
-                depths[key] = (await channel.queue_declare(name, passive=True)).message_count or 0
-        return depths
+
+            async def depth(name: str) -> int:
+                return (await channel.queue_declare(name, passive=True)).message_count or 0
+
+            for queue in self.config.queues:
+                work = self.config.broker_name(queue)
+                retrying = [await depth(retry_queue_name(self.cfg, d, work)) for d in delays]
+                figures[queue] = {"ready": await depth(work), "running": None, "retrying": sum(retrying)}
+            dlq = await depth(self.cfg.queue + DLQ_SUFFIX)
+        return figures, dlq
 
     async def close(self) -> None:
         """Close the connection, if any (bounded: the broker may be gone)."""
@@ -1758,6 +2019,14 @@ WORKERS_SUFFIX: Final = "~workers"
 #: Suffix, after ``[redis] key_prefix``, of the sorted set indexing recent tasks.
 #: Task ids are UUIDs, so ``~`` can never collide with a task's own key.
 RECENT_SUFFIX: Final = "~recent"
+#: Suffix, after ``[redis] key_prefix``, of the set of paused queues.
+PAUSED_SUFFIX: Final = "~paused"
+#: Suffix, after ``[redis] key_prefix``, of a queue's limit slots, recent starts, waiting line and the line's
+#: latest asks (sorted sets: ``<prefix>~slots:<queue>``, ...).
+SLOTS_SUFFIX: Final = "~slots:"
+STARTS_SUFFIX: Final = "~starts:"
+LINE_SUFFIX: Final = "~line:"
+SEEN_SUFFIX: Final = "~seen:"
 #: Pipelines of state writes one process has in flight at once (the rest wait and go out together).
 REDIS_PIPELINES: Final = 8
 #: Fields of a task that hold JSON rather than text in its Redis hash.
@@ -1772,18 +2041,19 @@ INT_FIELDS: Final = frozenset({"attempts", "seq", "attempt", "retries"})
 #   ARGV[1] channel; ARGV[2] Change.head; ARGV[3] guard, comma separated ('' = any; an empty item = no
 #   status yet); ARGV[4] expire seconds (0 = no change); ARGV[5] counter field ('' = none); ARGV[6] status;
 #   ARGV[7] history entry ('' = none); ARGV[8] score in the index ('' = none); ARGV[9] the size the index is
-#   trimmed to; ARGV[10] the task's id; ARGV[11] '1' to drop any expiry; ARGV[12] n, how many fields to clear;
-#   ARGV[13] m, how many strings of restore pairs; then the n fields, the m strings, and the field, value pairs.
+#   trimmed to; ARGV[10] the task's id; ARGV[11] '1' to drop any expiry; ARGV[12] the per-queue tally field
+#   of the stats hash ('' = none); ARGV[13] n, how many fields to clear; ARGV[14] m, how many strings of
+#   restore pairs; then the n fields, the m strings, and the field, value pairs.
 # The published message is Change.message(seq, count), spliced here exactly as there.
 _UPDATE_LUA: Final = """
 local cur = redis.call('HGET', KEYS[1], 'status') or ''
 if ARGV[3] ~= '' and not string.find(',' .. ARGV[3] .. ',', ',' .. cur .. ',', 1, true) then
   return false
 end
-local n, m = tonumber(ARGV[12]), tonumber(ARGV[13])
-if n > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, 14, 13 + n)) end
+local n, m = tonumber(ARGV[13]), tonumber(ARGV[14])
+if n > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, 15, 14 + n)) end
 if cur == '' then
-  if m > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 14 + n, 13 + n + m)) end
+  if m > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 15 + n, 14 + n + m)) end
   if ARGV[8] ~= '' then
     redis.call('ZADD', KEYS[4], ARGV[8], ARGV[10])
     redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -tonumber(ARGV[9]) - 1)
@@ -1796,10 +2066,11 @@ if ARGV[5] ~= '' then
   extra = ',"' .. ARGV[5] .. '":' .. count
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-if #ARGV > 13 + n + m then redis.call('HSET', KEYS[1], unpack(ARGV, 14 + n + m)) end
+if #ARGV > 14 + n + m then redis.call('HSET', KEYS[1], unpack(ARGV, 15 + n + m)) end
 if ARGV[7] ~= '' then
   redis.call('RPUSH', KEYS[2], ARGV[7])
   redis.call('HINCRBY', KEYS[3], ARGV[6], 1)
+  if ARGV[12] ~= '' then redis.call('HINCRBY', KEYS[3], ARGV[12], 1) end
 end
 if ARGV[11] == '1' then
   redis.call('PERSIST', KEYS[1])
@@ -1811,6 +2082,70 @@ if tonumber(ARGV[4]) > 0 then
 end
 redis.call('PUBLISH', ARGV[1], ARGV[2] .. extra .. ',"seq":' .. seq .. '}')
 return {seq, count}
+"""
+
+
+# Admission of one start from a queue under its limit and rate, on Redis's clock (one clock for every host),
+# in turn: the askers wait in a line by their first ask, and one is admitted only while the free places
+# (under the limit, and under the rate) reach its place in the line. An asker that stops asking for
+# ARGV[6] ms (its worker died, or put its task back) leaves the line.
+#   KEYS[1] the queue's slots (token -> lease end, ms), KEYS[2] its recent starts (token -> when, ms),
+#   KEYS[3] its line (token -> first ask, ms), KEYS[4] the line's latest asks (token -> when, ms)
+#   ARGV[1] token; ARGV[2] limit (0 = none); ARGV[3] starts per window (0 = none); ARGV[4] window, ms;
+#   ARGV[5] lease, ms; ARGV[6] how long an asker stays in line without asking, ms.
+#   Returns {wait ms (0 = admitted; -1 = ask again soon), now ms}.
+_ADMIT_LUA: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local token, limit, n, window = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local stale = tonumber(ARGV[6])
+redis.call('ZADD', KEYS[3], 'NX', now, token)
+redis.call('ZADD', KEYS[4], now, token)
+local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now - stale)
+if #gone > 0 then
+  redis.call('ZREM', KEYS[3], unpack(gone))
+  redis.call('ZREM', KEYS[4], unpack(gone))
+end
+redis.call('PEXPIRE', KEYS[3], stale)
+redis.call('PEXPIRE', KEYS[4], stale)
+local free, wait = math.huge, -1
+if limit > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  free = limit - redis.call('ZCARD', KEYS[1])
+end
+if n > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. (now - window))
+  local left = n - redis.call('ZCARD', KEYS[2])
+  if left <= 0 then
+    local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+    wait = tonumber(oldest[2]) + window - now + 1
+  end
+  if left < free then free = left end
+end
+if redis.call('ZRANK', KEYS[3], token) >= free then return {wait, now} end
+redis.call('ZREM', KEYS[3], token)
+redis.call('ZREM', KEYS[4], token)
+if n > 0 then
+  redis.call('ZADD', KEYS[2], now, token)
+  redis.call('PEXPIRE', KEYS[2], window + 1000)
+end
+if limit > 0 then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[5]), token)
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[5]))
+end
+return {0, now}
+"""
+
+# Renewal of limit slots: KEYS[i] the queue of token ARGV[i + 1]; ARGV[1] the lease, ms (a slot already
+# taken back, by an admission after it expired, is not revived: XX).
+_RENEW_LUA: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, 'XX', now + tonumber(ARGV[1]), ARGV[i + 1])
+  redis.call('PEXPIRE', key, ARGV[1])
+end
+return 0
 """
 
 
@@ -1853,6 +2188,9 @@ class RedisStore:
             cfg.url, decode_responses=True, socket_connect_timeout=5, health_check_interval=15
         )
         self._update = self.client.register_script(_UPDATE_LUA)
+        self._admit = self.client.register_script(_ADMIT_LUA)
+        self._renew = self.client.register_script(_RENEW_LUA)
+        self.paused_key = cfg.key_prefix + PAUSED_SUFFIX
         self._queued: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
         self._flushes: set[asyncio.Task[None]] = set()
         self._idle: list[aioredis.Connection] = []  # the pipelines' connections between two of them
@@ -1881,6 +2219,7 @@ class RedisStore:
             change.index_keep,
             change.tid,
             "1" if change.persist else "",
+            change.tally,
         ]
         restore = encode_fields(change.restore)
         args += [len(change.clear), len(restore), *change.clear, *restore, *encode_fields(change.fields)]
@@ -1994,16 +2333,70 @@ class RedisStore:
         """Just the status of task ``tid``."""
         return cast(str | None, await self.client.hget(self.key(tid), "status"))
 
-    async def recent(self, limit: int) -> list[dict[str, JSON]]:
-        """The most recent tasks, newest first (those already expired are skipped)."""
-        ids = cast(list[str], await self.client.zrevrange(self.recent_key, 0, limit - 1))
-        if not ids:
-            return []
+    async def recent(self, limit: int, queue: str | None = None) -> list[dict[str, JSON]]:
+        """The most recent tasks (of ``queue`` only, if given), newest first (those already expired are skipped).
+
+        Filtered by queue, the index is read a page at a time until ``limit`` are found or it ends."""
+        found: list[dict[str, JSON]] = []
+        page = limit if queue is None else max(limit, 200)
+        start = 0
+        while len(found) < limit:
+            ids = cast(list[str], await self.client.zrevrange(self.recent_key, start, start + page - 1))
+            if not ids:
+                break
+            async with self.client.pipeline(transaction=False) as pipe:
+                for tid in ids:
+                    pipe.hgetall(self.key(tid))
+                raws = await pipe.execute()
+            for tid, raw in zip(ids, raws, strict=True):
+                if raw and (queue is None or raw.get("queue", DEFAULT_QUEUE) == queue):
+                    found.append(decode_record(tid, raw))
+            if queue is None or len(ids) < page:
+                break
+            start += page
+        return found[:limit]
+
+    async def paused_queues(self) -> set[str]:
+        """The queues paused now."""
+        return set(cast(set[str], await self.client.smembers(self.paused_key)))
+
+    async def set_paused(self, queue: str, paused: bool) -> bool:
+        """Pause (add to the set) or resume (remove) ``queue``; whether it changed."""
+        if paused:
+            return bool(await self.client.sadd(self.paused_key, queue))
+        return bool(await self.client.srem(self.paused_key, queue))
+
+    async def admit(
+        self, queue: str, token: str, limit: int, rate: tuple[int, float] | None, lease: float
+    ) -> tuple[float, float]:
+        """One start from ``queue`` under its limit and rate, in turn, atomically on Redis's clock (_ADMIT_LUA)."""
+        keys = [
+            self.cfg.key_prefix + suffix + queue for suffix in (SLOTS_SUFFIX, STARTS_SUFFIX, LINE_SUFFIX, SEEN_SUFFIX)
+        ]
+        n, window = rate or (0, 0.0)
+        args: list[str | int] = [
+            token,
+            limit,
+            n,
+            round(window * 1000),
+            round(lease * 1000),
+            round(LINE_PATIENCE * 1000),
+        ]
+        wait, now = cast(list[int], await self._admit(keys=keys, args=args))
+        return (LIMIT_POLL if wait < 0 else wait / 1000), now / 1000
+
+    async def release_slot(self, queue: str, token: str) -> None:
+        """Give back the slot ``token`` of ``queue``, or its place in the line."""
         async with self.client.pipeline(transaction=False) as pipe:
-            for tid in ids:
-                pipe.hgetall(self.key(tid))
-            raws = await pipe.execute()
-        return [decode_record(tid, raw) for tid, raw in zip(ids, raws, strict=True) if raw]
+            for suffix in (SLOTS_SUFFIX, LINE_SUFFIX, SEEN_SUFFIX):
+                pipe.zrem(self.cfg.key_prefix + suffix + queue, token)
+            await pipe.execute()
+
+    async def renew_slots(self, slots: Mapping[str, str], lease: float) -> None:
+        """Extend the slots held (token -> queue) to ``lease`` seconds from now, on Redis's clock."""
+        if slots:
+            keys = [self.cfg.key_prefix + SLOTS_SUFFIX + queue for queue in slots.values()]
+            await self._renew(keys=keys, args=[round(lease * 1000), *slots])
 
     def _worker_key(self, worker_id: str) -> str:
         return f"{self.workers_key}:{worker_id}"
@@ -2104,6 +2497,12 @@ _SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS updates (seq INTEGER PRIMARY KEY AUTOINCREMENT, message TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS stats (status TEXT PRIMARY KEY, n INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, info TEXT NOT NULL, expires_at REAL NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS paused (queue TEXT PRIMARY KEY, since REAL NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS slots (token TEXT PRIMARY KEY, queue TEXT NOT NULL, expires_at REAL NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS starts (token TEXT PRIMARY KEY, queue TEXT NOT NULL, at REAL NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS starts_at ON starts (queue, at)",
+    "CREATE TABLE IF NOT EXISTS line (token TEXT PRIMARY KEY, queue TEXT NOT NULL, first REAL NOT NULL, "
+    "seen REAL NOT NULL)",
 )
 
 _Job: TypeAlias = tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any], bool]
@@ -2162,7 +2561,7 @@ class Database:
     def __init__(self, cfg: Config, synchronous: str) -> None:
         self.path = cfg.database
         self.synchronous = synchronous
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._jobs: jobqueue.SimpleQueue[_Job | None] = jobqueue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
     def read(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
@@ -2197,7 +2596,7 @@ class Database:
         conn: sqlite3.Connection | None = None
         while (job := self._jobs.get()) is not None:
             batch = [job]
-            with contextlib.suppress(queue.Empty):
+            with contextlib.suppress(jobqueue.Empty):
                 while len(batch) < 500 and (job := self._jobs.get_nowait()) is not None:
                     batch.append(job)
             try:
@@ -2294,13 +2693,16 @@ class SqliteQueue:
 
     def __init__(self, db: Database, cfg: Config, role: str = "api") -> None:
         self.db = db
+        self.config = cfg
         self.cfg = cfg.broker
         self.lease = cfg.embedded.lease_timeout
         self.dlq = cfg.broker.queue + DLQ_SUFFIX
         self.log = log.getChild(role)
         self.host = socket.gethostname()
         self.holder = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.held: set[int] = set()
+        self.held: dict[int, str] = {}  # delivery -> its queue's name in the file
+        self.consumed: list[str] = []  # the queues claimed from, by their names in the file
+        self._turn = 0  # which consumed queue the next claim looks at first
         self._wake = asyncio.Event()
         self._stopping = False
         self._consumer: asyncio.Task[None] | None = None
@@ -2325,17 +2727,16 @@ class SqliteQueue:
     async def publish(
         self, envelope: Envelope, routing_key: str | None = None, headers: Mapping[str, Any] | None = None
     ) -> None:
-        """Queue a task; it is committed to the file when this returns."""
-        queue = routing_key or self.cfg.queue
+        """Queue a task (on its own queue by default); it is committed to the file when this returns."""
+        queue = routing_key or self.config.broker_name(envelope.queue)
         await self._guarded(self.db.write(self._insert, queue, envelope, headers, 0.0), "task queue refused the task")
         self._wake.set()
 
     async def publish_later(self, envelope: Envelope, delay: float, headers: Mapping[str, Any]) -> None:
         """Queue a task that no worker may claim for ``delay`` seconds."""
         when = time.time() + delay
-        await self._guarded(
-            self.db.write(self._insert, self.cfg.queue, envelope, headers, when), "task queue refused the retry"
-        )
+        queue = self.config.broker_name(envelope.queue)
+        await self._guarded(self.db.write(self._insert, queue, envelope, headers, when), "task queue refused the retry")
 
     async def dead_letter(self, envelope: Envelope, headers: Mapping[str, Any]) -> None:
         """Put a task in the dead-letter queue."""
@@ -2343,33 +2744,50 @@ class SqliteQueue:
             self.db.write(self._insert, self.dlq, envelope, headers, 0.0), "task queue refused the dead letter"
         )
 
-    def _claim(self, conn: sqlite3.Connection, limit: int, now: float) -> list[tuple[int, bytes, dict[str, Any]]]:
-        """Lease up to ``limit`` ready tasks to this process, oldest first (inside the write transaction)."""
-        rows = conn.execute(
-            "SELECT id, body, headers, deliveries FROM messages WHERE queue = ? AND holder IS NULL AND ready_at <= ? "
-            "ORDER BY ready_at, id LIMIT ?",
-            (self.cfg.queue, now, limit),
-        ).fetchall()
+    def _claim(
+        self, conn: sqlite3.Connection, free: Mapping[str, int], now: float
+    ) -> list[tuple[int, str, bytes, dict[str, Any]]]:
+        """Lease to this process up to ``free[queue]`` ready tasks of each queue, oldest first (inside the write
+        transaction). The queues take turns at the front of the batch, so that one flooded queue cannot keep
+        another's tasks waiting behind it."""
         claimed = []
-        for mid, body, raw, deliveries in rows:
-            headers = loads(raw)
-            if deliveries > self.cfg.delivery_limit:  # RabbitMQ's quorum delivery limit, as a backstop
-                headers["x-error"] = f"delivered {deliveries} times without being settled (delivery limit)"
-                conn.execute("UPDATE messages SET queue = ?, headers = ? WHERE id = ?", (self.dlq, dumps(headers), mid))
-                continue
-            conn.execute(
-                "UPDATE messages SET holder = ?, holder_pid = ?, lease_until = ?, deliveries = deliveries + 1 "
-                "WHERE id = ?",
-                (self.holder, os.getpid(), now + self.lease, mid),
-            )
-            if deliveries:
-                headers["x-delivery-count"] = deliveries
-            claimed.append((mid, bytes(body), headers))
+        for queue, limit in free.items():
+            rows = conn.execute(
+                "SELECT id, body, headers, deliveries FROM messages WHERE queue = ? AND holder IS NULL "
+                "AND ready_at <= ? ORDER BY ready_at, id LIMIT ?",
+                (queue, now, limit),
+            ).fetchall()
+            for mid, body, raw, deliveries in rows:
+                headers = loads(raw)
+                if deliveries > self.cfg.delivery_limit:  # RabbitMQ's quorum delivery limit, as a backstop
+                    headers["x-error"] = f"delivered {deliveries} times without being settled (delivery limit)"
+                    update = "UPDATE messages SET queue = ?, headers = ? WHERE id = ?"
+                    conn.execute(update, (self.dlq, dumps(headers), mid))
+                    continue
+                conn.execute(
+                    "UPDATE messages SET holder = ?, holder_pid = ?, lease_until = ?, deliveries = deliveries + 1 "
+                    "WHERE id = ?",
+                    (self.holder, os.getpid(), now + self.lease, mid),
+                )
+                if deliveries:
+                    headers["x-delivery-count"] = deliveries
+                claimed.append((mid, queue, bytes(body), headers))
         return claimed
 
-    def _ready(self, conn: sqlite3.Connection, now: float) -> bool:
-        query = "SELECT 1 FROM messages WHERE queue = ? AND holder IS NULL AND ready_at <= ? LIMIT 1"
-        return conn.execute(query, (self.cfg.queue, now)).fetchone() is not None
+    def _free(self, prefetch: int) -> dict[str, int]:
+        """How many more tasks of each consumed queue this process may hold, the queue whose turn it is first."""
+        held: dict[str, int] = {}
+        for queue in self.held.values():
+            held[queue] = held.get(queue, 0) + 1
+        n = len(self.consumed)
+        order = [self.consumed[(self._turn + i) % n] for i in range(n)]
+        self._turn += 1
+        return {q: prefetch - held.get(q, 0) for q in order if held.get(q, 0) < prefetch}
+
+    def _ready(self, conn: sqlite3.Connection, queues: list[str], now: float) -> bool:
+        marks = ",".join("?" * len(queues))
+        query = f"SELECT 1 FROM messages WHERE queue IN ({marks}) AND holder IS NULL AND ready_at <= ? LIMIT 1"
+        return conn.execute(query, (*queues, now)).fetchone() is not None
 
     @staticmethod
     def _holders(conn: sqlite3.Connection) -> list[tuple[str, int, float]]:
@@ -2412,7 +2830,7 @@ class SqliteQueue:
         Like an AMQP ack it is not waited for: it commits with the next claim. Lost, it means a
         redelivery, which finds the task's outcome recorded (the caller recorded it first).
         """
-        self.held.discard(mid)  # not renewed from now on, even if this write fails: the lease runs out
+        self.held.pop(mid, None)  # not renewed from now on, even if this write fails: the lease runs out
         self._wake.set()
         self.db.write(_changed, statement, *params, mid, self.holder).add_done_callback(self._settled)
 
@@ -2432,17 +2850,17 @@ class SqliteQueue:
                 if self.held and now >= next_renew:
                     await self.db.write(self._renew, list(self.held), now + self.lease)
                     next_renew = now + self.lease / 3
-                free = prefetch - len(self.held)
+                free = self._free(prefetch) if self.consumed else {}
                 batch = []
                 # While tasks keep coming, claim straight away; once idle, look before taking the write lock.
-                if free > 0 and not self._stopping and (busy or await self.db.read(self._ready, now)):
+                if free and not self._stopping and (busy or await self.db.read(self._ready, list(free), now)):
                     batch = await self.db.write(self._claim, free, now)
                     busy = bool(batch)
             except STORE_ERRORS as e:
                 self.log.warning("cannot claim tasks from %s: %s", self.db.path, e)
                 batch, busy = [], False
-            for mid, body, headers in batch:
-                self.held.add(mid)
+            for mid, queue, body, headers in batch:
+                self.held[mid] = queue
                 await callback(SqliteDelivery(self, mid, body, headers))
             if batch:
                 pause = SQLITE_POLL[0]
@@ -2452,10 +2870,27 @@ class SqliteQueue:
                 await asyncio.wait_for(self._wake.wait(), pause)
             pause = min(pause * 2, SQLITE_POLL[1])
 
-    async def start_consuming(self, callback: Callable[[Delivery], Awaitable[None]], prefetch: int) -> None:
-        """Claim tasks in the background, up to ``prefetch`` in hand."""
+    async def start_consuming(
+        self, callback: Callable[[Delivery], Awaitable[None]], prefetch: int, queues: Iterable[str]
+    ) -> None:
+        """Claim tasks of ``queues`` in the background, up to ``prefetch`` of each in hand."""
         await self.connect()
+        self.consumed = [self.config.broker_name(q) for q in queues]
         self._consumer = asyncio.create_task(self._consume(callback, prefetch))
+
+    async def set_consumed(self, queues: Iterable[str]) -> None:
+        """Claim from ``queues`` only, from the next claim on."""
+        self.consumed = [self.config.broker_name(q) for q in queues]
+        self._wake.set()
+
+    async def put_back(self, delivery: Delivery, envelope: Envelope) -> None:
+        """Release the lease without counting the delivery: the task keeps its place in its queue."""
+        assert isinstance(delivery, SqliteDelivery)
+        await self.settle(
+            delivery.id,
+            "UPDATE messages SET holder = NULL, holder_pid = NULL, deliveries = MAX(deliveries - 1, 0) "
+            "WHERE id = ? AND holder = ?",
+        )
 
     async def wait_consuming(self, stop: asyncio.Event) -> bool:
         """Wait for ``stop``; True if the claiming loop ended by itself (it should not)."""
@@ -2517,29 +2952,34 @@ class SqliteQueue:
         purge = "DELETE FROM messages WHERE queue = ?"
         return int(await self._guarded(self.db.write(_changed, purge, self.dlq)))
 
-    def _depths(self, conn: sqlite3.Connection, now: float) -> dict[str, int]:
-        """Ready, held and waiting tasks of the work queue, and dead letters: one pass over the rows."""
-        ready, held, waiting, dlq = conn.execute(
-            "SELECT COALESCE(SUM(queue = ?1 AND holder IS NULL AND ready_at <= ?3), 0), "
-            "COALESCE(SUM(holder IS NOT NULL), 0), "
-            "COALESCE(SUM(queue = ?1 AND holder IS NULL AND ready_at > ?3), 0), "
-            "COALESCE(SUM(queue = ?2 AND holder IS NULL), 0) FROM messages",
-            (self.cfg.queue, self.dlq, now),
-        ).fetchone()
-        return {"ready": ready, "held": held, "waiting": waiting, "dlq": dlq}
+    @staticmethod
+    def _depths(conn: sqlite3.Connection, now: float) -> dict[str, tuple[int, int, int]]:
+        """Per queue (by its name in the file): tasks ready, held by a worker, and waiting to retry."""
+        rows = conn.execute(
+            "SELECT queue, COALESCE(SUM(holder IS NULL AND ready_at <= ?1), 0), COALESCE(SUM(holder IS NOT NULL), 0), "
+            "COALESCE(SUM(holder IS NULL AND ready_at > ?1), 0) FROM messages GROUP BY queue",
+            (now,),
+        ).fetchall()
+        return {queue: (ready, held, waiting) for queue, ready, held, waiting in rows}
 
-    async def queue_depths(self) -> dict[str, int]:
-        """Tasks ready in the work queue and in the dead-letter queue."""
+    async def queue_figures(self) -> tuple[dict[str, dict[str, int | None]], int]:
+        """Per declared queue its ready, running (held by a worker) and retrying tasks; and the dead letters."""
         depths = await self._guarded(self.db.read(self._depths, time.time()))
-        return {"ready": depths["ready"], "dlq": depths["dlq"]}
+        figures: dict[str, dict[str, int | None]] = {}
+        for queue in self.config.queues:
+            ready, held, waiting = depths.get(self.config.broker_name(queue), (0, 0, 0))
+            figures[queue] = {"ready": ready, "running": held, "retrying": waiting}
+        return figures, depths.get(self.dlq, (0, 0, 0))[0]
 
     async def report(self) -> str:
-        """What the file holds."""
-        d = await self._guarded(self.db.read(self._depths, time.time()))
-        return (
-            f"SQLite {sqlite3.sqlite_version}; {self.cfg.queue}: {d['ready']} ready, {d['held']} running, "
-            f"{d['waiting']} waiting to retry; {self.dlq}: {d['dlq']} ready"
-        )
+        """What the file holds, queue by queue."""
+        figures, dlq = await self.queue_figures()
+        lines = [
+            f"\n  {q} ({self.config.broker_name(q)}): {f['ready']} ready, {f['running']} running, "
+            f"{f['retrying']} waiting to retry"
+            for q, f in figures.items()
+        ]
+        return f"SQLite {sqlite3.sqlite_version}{''.join(lines)}\n  dead letters ({self.dlq}): {dlq}"
 
     def describe(self) -> str:
         """``SQLite <file>``."""
@@ -2585,9 +3025,8 @@ class SqliteStore:
         rec.update(change.fields)
         if change.entry is not None:
             history.append(loads(change.entry))
-            conn.execute(
-                "INSERT INTO stats VALUES (?, 1) ON CONFLICT (status) DO UPDATE SET n = n + 1", (change.status,)
-            )
+            for counted in (change.status, change.tally) if change.tally else (change.status,):
+                conn.execute("INSERT INTO stats VALUES (?, 1) ON CONFLICT (status) DO UPDATE SET n = n + 1", (counted,))
         if change.persist:
             expires = None
         if change.expire > 0:
@@ -2613,13 +3052,92 @@ class SqliteStore:
         rows = await self.db.read(_rows, query, tid, time.time())
         return self._record(tid, rows[0][0]) | {"history": loads(rows[0][1])} if rows else None
 
-    async def recent(self, limit: int) -> list[dict[str, JSON]]:
-        """The most recent tasks, newest first."""
-        query = (
-            "SELECT id, record FROM tasks WHERE expires_at IS NULL OR expires_at > ? ORDER BY created_at DESC LIMIT ?"
-        )
-        rows = await self.db.read(_rows, query, time.time(), min(limit, self.tasks.max_recent))
+    async def recent(self, limit: int, queue: str | None = None) -> list[dict[str, JSON]]:
+        """The most recent tasks (of ``queue`` only, if given), newest first."""
+        alive = "(expires_at IS NULL OR expires_at > ?)"
+        limit = min(limit, self.tasks.max_recent)
+        if queue is None:
+            query = f"SELECT id, record FROM tasks WHERE {alive} ORDER BY created_at DESC LIMIT ?"
+            rows = await self.db.read(_rows, query, time.time(), limit)
+        else:
+            of_queue = f"COALESCE(json_extract(record, '$.queue'), '{DEFAULT_QUEUE}') = ?"
+            query = f"SELECT id, record FROM tasks WHERE {alive} AND {of_queue} ORDER BY created_at DESC LIMIT ?"
+            rows = await self.db.read(_rows, query, time.time(), queue, limit)
         return [self._record(tid, raw) for tid, raw in rows]
+
+    async def paused_queues(self) -> set[str]:
+        """The queues paused now."""
+        return {queue for (queue,) in await self.db.read(_rows, "SELECT queue FROM paused")}
+
+    async def set_paused(self, queue: str, paused: bool) -> bool:
+        """Pause (a row in ``paused``) or resume (no row) ``queue``; whether it changed."""
+        if paused:
+            insert = "INSERT OR IGNORE INTO paused (queue, since) VALUES (?, ?)"
+            return bool(await self.db.write(_changed, insert, queue, time.time()))
+        return bool(await self.db.write(_changed, "DELETE FROM paused WHERE queue = ?", queue))
+
+    @staticmethod
+    def _admit(
+        conn: sqlite3.Connection, queue: str, token: str, limit: int, rate: tuple[int, float] | None, lease: float
+    ) -> tuple[float, float]:
+        """One start from ``queue`` under its limit and rate, in turn, inside the write transaction (as
+        _ADMIT_LUA, whose comment says how the line works)."""
+        now = time.time()
+        conn.execute(
+            "INSERT INTO line (token, queue, first, seen) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (token) DO UPDATE SET seen = excluded.seen",
+            (token, queue, now, now),
+        )
+        conn.execute("DELETE FROM line WHERE queue = ? AND seen < ?", (queue, now - LINE_PATIENCE))
+        free, wait = math.inf, LIMIT_POLL
+        if limit:
+            conn.execute("DELETE FROM slots WHERE queue = ? AND expires_at < ?", (queue, now))
+            [(held,)] = conn.execute("SELECT COUNT(*) FROM slots WHERE queue = ?", (queue,)).fetchall()
+            free = limit - held
+        if rate:
+            n, window = rate
+            conn.execute("DELETE FROM starts WHERE queue = ? AND at < ?", (queue, now - window))
+            [(started, oldest)] = conn.execute(
+                "SELECT COUNT(*), MIN(at) FROM starts WHERE queue = ?", (queue,)
+            ).fetchall()
+            if started >= n:
+                wait = oldest + window - now + 0.001
+            free = min(free, n - started)
+        [(ahead,)] = conn.execute(
+            "SELECT COUNT(*) FROM line WHERE queue = ? AND (first, token) < (SELECT first, token FROM line "
+            "WHERE token = ?)",
+            (queue, token),
+        ).fetchall()
+        if ahead >= free:
+            return wait, now
+        conn.execute("DELETE FROM line WHERE token = ?", (token,))
+        if rate:
+            conn.execute("INSERT INTO starts (token, queue, at) VALUES (?, ?, ?)", (token, queue, now))
+        if limit:
+            conn.execute("INSERT INTO slots (token, queue, expires_at) VALUES (?, ?, ?)", (token, queue, now + lease))
+        return 0.0, now
+
+    async def admit(
+        self, queue: str, token: str, limit: int, rate: tuple[int, float] | None, lease: float
+    ) -> tuple[float, float]:
+        """One start from ``queue`` under its limit and rate (see TaskStore.admit), in one transaction."""
+        return cast(tuple[float, float], await self.db.write(self._admit, queue, token, limit, rate, lease))
+
+    async def release_slot(self, queue: str, token: str) -> None:
+        """Give back the slot ``token``, or its place in the line."""
+
+        def release(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM slots WHERE token = ?", (token,))
+            conn.execute("DELETE FROM line WHERE token = ?", (token,))
+
+        await self.db.write(release)
+
+    async def renew_slots(self, slots: Mapping[str, str], lease: float) -> None:
+        """Extend the slots held to ``lease`` seconds from now."""
+        if slots:
+            until = time.time() + lease
+            renew = "UPDATE slots SET expires_at = ? WHERE token = ?"
+            await self.db.write(lambda conn: conn.executemany(renew, [(until, token) for token in slots]))
 
     async def _field(self, tid: str, name: str) -> Any:
         rows = await self.db.read(_rows, "SELECT record FROM tasks WHERE id = ?", tid)
@@ -2665,6 +3183,9 @@ class SqliteStore:
         )
         conn.execute("DELETE FROM updates WHERE seq <= (SELECT MAX(seq) FROM updates) - ?", (UPDATES_KEPT,))
         conn.execute("DELETE FROM workers WHERE expires_at < ?", (now,))
+        conn.execute("DELETE FROM slots WHERE expires_at < ?", (now,))
+        conn.execute("DELETE FROM line WHERE seen < ?", (now - LINE_PATIENCE,))
+        conn.execute("DELETE FROM starts WHERE at < ?", (now - max(RATE_WINDOWS.values()),))
 
     async def beat(self, worker_id: str, info: Mapping[str, JSON], ttl: float) -> None:
         """Record a worker's heartbeat; every PRUNE_INTERVAL seconds, also prune the file."""
@@ -2710,7 +3231,7 @@ def open_backend(cfg: Config, role: str) -> tuple[TaskQueue, TaskStore]:
         # completion or ack is taken back is run again (at least once, as with RabbitMQ).
         db = Database(cfg, "normal" if role == "worker" else cfg.embedded.synchronous)
         return SqliteQueue(db, cfg, role), SqliteStore(db, cfg.tasks)
-    return RabbitQueue(cfg.broker, role), RedisStore(cfg.redis)
+    return RabbitQueue(cfg, role), RedisStore(cfg.redis)
 
 
 # ============================================================================
@@ -2805,16 +3326,19 @@ def retrying(
     )
 
 
-async def requeue_dead_letters(queue: TaskQueue, store: TaskStore, tasks: TasksConfig, task_id: str | None) -> int:
-    """Put dead letters (one by id, or all) back on the work queue as fresh tasks; return how many."""
+async def requeue_dead_letters(queue: TaskQueue, store: TaskStore, cfg: Config, task_id: str | None) -> int:
+    """Put dead letters (one by id, or all) back on the queue each came from, as fresh tasks (on the default
+    queue if config.toml no longer declares it); return how many."""
 
     async def take(env: Envelope | None, item: dict[str, JSON]) -> None:
         if env is None:
             raise BrokerUnavailable(f"dead letter {item['id']!r} is not a task envelope; discard it instead")
+        home = env.queue if env.queue in cfg.queues else DEFAULT_QUEUE
         restore = {"created_at": env.created_at}  # should its record have expired meanwhile
-        change = plan_change("requeued", env.id, env.type, {"payload": env.payload}, tasks=tasks, restore=restore)
+        fields = {"payload": env.payload, "queue": home}
+        change = plan_change("requeued", env.id, env.type, fields, tasks=cfg.tasks, restore=restore, queue=home)
         await store.apply(change)
-        await queue.publish(dataclasses.replace(env, created_at=env.created_at or change.at))
+        await queue.publish(dataclasses.replace(env, created_at=env.created_at or change.at, queue=home))
 
     return await queue.take_dead_letters(lambda item: task_id is None or item["id"] == task_id, take)
 
@@ -2852,13 +3376,15 @@ CFG_KEY: web.AppKey[Config]
 STATE_KEY: web.AppKey[TaskStore]
 BROKER_KEY: web.AppKey[TaskQueue]
 HUB_KEY: web.AppKey[UpdateHub]
+RATES_KEY: web.AppKey[QueueRates]
 
 
 def _make_app_keys() -> None:
-    global CFG_KEY, STATE_KEY, BROKER_KEY, HUB_KEY
+    global CFG_KEY, STATE_KEY, BROKER_KEY, HUB_KEY, RATES_KEY
     if "CFG_KEY" not in globals():
         CFG_KEY, STATE_KEY = web.AppKey("cfg", Config), web.AppKey("state", TaskStore)
         BROKER_KEY, HUB_KEY = web.AppKey("broker", TaskQueue), web.AppKey("hub", UpdateHub)
+        RATES_KEY = web.AppKey("rates", QueueRates)
 
 
 class WsClient:
@@ -3045,22 +3571,24 @@ async def api_submit(request: web.Request) -> web.Response:
         extra = {"field": e.field} if e.field else {}
         return _json_error(400, str(e), **extra)
     tid = new_task_id()
-    ttype, payload = sub.type, sub.payload
+    ttype, payload, queue = sub.type, sub.payload, sub.queue
     state = request.app[STATE_KEY]
-    change = plan_change("submitted", tid, ttype.name, {"payload": payload}, tasks=cfg.tasks)
+    fields = {"payload": payload, "queue": queue}
+    change = plan_change("submitted", tid, ttype.name, fields, tasks=cfg.tasks, queue=queue)
     try:
         await state.apply(change)
     except STORE_ERRORS as e:
         log.getChild("api").warning("%s unavailable, refusing task: %s", state.label, e)
         return _json_error(503, f"{state.label} unavailable; nothing was queued, retry later")
     try:
-        await request.app[BROKER_KEY].publish(Envelope(tid, ttype.name, payload, sub.timeout, change.at))
+        await request.app[BROKER_KEY].publish(Envelope(tid, ttype.name, payload, sub.timeout, change.at, queue))
     except BrokerUnavailable as e:
         log.getChild("api").warning("refusing task %s: %s", tid, e)
         with contextlib.suppress(*STORE_ERRORS):
             await state.apply(plan_change("rejected", tid, ttype.name, {"error": str(e)}, tasks=cfg.tasks))
         return _json_error(503, f"task not queued: {e}; retry later", id=tid)
-    return _json_response({"id": tid, "status": "pending"}, status=202, headers={"Location": f"/api/tasks/{tid}"})
+    body = {"id": tid, "status": "pending", "queue": queue}
+    return _json_response(body, status=202, headers={"Location": f"/api/tasks/{tid}"})
 
 
 async def api_get_task(request: web.Request) -> web.Response:
@@ -3080,9 +3608,98 @@ def _query_limit(request: web.Request, default: int) -> int:
     raise web.HTTPBadRequest(reason=f"limit must be an integer between 1 and {MAX_LIST_LIMIT}")
 
 
+def _queue_named(request: web.Request, name: str | None) -> str:
+    """A declared queue's name from the request; a 404 (in the path) or 400 (in the query) naming the known ones."""
+    queues = request.app[CFG_KEY].queues
+    if name is None or name not in queues:
+        error = web.HTTPNotFound if "name" in request.match_info else web.HTTPBadRequest
+        raise error(reason=f"no queue {str(name)[:50]!r} (known: {', '.join(queues)})")
+    return name
+
+
 async def api_list_tasks(request: web.Request) -> web.Response:
-    """``GET /api/tasks?limit=N``: the most recent tasks, newest first."""
-    return _json_response({"items": await request.app[STATE_KEY].recent(_query_limit(request, 50))})
+    """``GET /api/tasks?limit=N&queue=NAME``: the most recent tasks (of one queue), newest first."""
+    limit = _query_limit(request, 50)
+    queue = _queue_named(request, request.query["queue"]) if "queue" in request.query else None
+    return _json_response({"items": await request.app[STATE_KEY].recent(limit, queue)})
+
+
+class QueueRates:
+    """Tasks completed per second in each queue: the differences of its ``completed@<queue>`` counter between
+    two samples (the stats loop samples every second; a GET between two reads the latest)."""
+
+    def __init__(self) -> None:
+        self.previous: tuple[float, dict[str, int]] | None = None
+        self.rates: dict[str, float] = {}
+
+    def sample(self, counters: Mapping[str, int], queues: Iterable[str]) -> dict[str, float]:
+        """Take a sample now; return the rates since the previous one (if it is at least half a second old)."""
+        now = time.monotonic()
+        totals = {q: counters.get(f"completed@{q}", 0) for q in queues}
+        if self.previous is None or now - self.previous[0] >= STATS_INTERVAL / 2:
+            if self.previous is not None:
+                elapsed = now - self.previous[0]
+                self.rates = {q: round(max(n - self.previous[1].get(q, n), 0) / elapsed, 2) for q, n in totals.items()}
+            self.previous = (now, totals)
+        return self.rates
+
+
+async def queue_items(app: web.Application, workers: list[dict[str, JSON]]) -> tuple[list[dict[str, JSON]], int | None]:
+    """One item per declared queue, as ``GET /api/queues`` shows it, and the dead letters (None: the queue is
+    away). Running tasks come from the backend where it knows them (SQLite), else from the workers' heartbeats."""
+    cfg, state, broker = app[CFG_KEY], app[STATE_KEY], app[BROKER_KEY]
+    paused, counters = await state.paused_queues(), await state.counters()
+    try:
+        figures, dlq = await broker.queue_figures()
+    except BrokerUnavailable:
+        figures, dlq = {}, None
+    rates = app[RATES_KEY].sample(counters, cfg.queues)
+    items = []
+    for name, q in cfg.queues.items():
+        serving = [w for w in workers if name in cast(list[str], w.get("queues") or ())]
+        found = figures.get(name, {})
+        running = found.get("running")
+        if running is None and found:
+            running = sum(int(cast(dict[str, int], w.get("running") or {}).get(name, 0)) for w in serving)
+        items.append(
+            {
+                "name": name,
+                "broker_name": cfg.broker_name(name),
+                "ready": found.get("ready"),
+                "running": running,
+                "retrying": found.get("retrying"),
+                "consumers": len(serving),
+                "paused": name in paused,
+                "limit": q.limit,
+                "rate": q.rate,
+                "completed_per_s": rates.get(name, 0.0),
+            }
+        )
+    return items, dlq
+
+
+async def api_queues(request: web.Request) -> web.Response:
+    """``GET /api/queues``: every declared queue with its depths, consumers, limits and whether it is paused."""
+    try:
+        items, _ = await queue_items(request.app, await request.app[STATE_KEY].workers())
+    except STORE_ERRORS:
+        return _json_error(503, f"{request.app[STATE_KEY].label} unavailable")
+    return _json_response({"items": items})
+
+
+async def api_queue_pause(request: web.Request) -> web.Response:
+    """``POST /api/queues/<name>/pause`` or ``/resume``: no worker on any host starts a task of it (or again does),
+    within a second, durably; tasks running finish, and submissions are still accepted."""
+    name = _queue_named(request, request.match_info["name"])
+    paused = request.match_info["action"] == "pause"
+    state = request.app[STATE_KEY]
+    try:
+        changed = await state.set_paused(name, paused)
+    except STORE_ERRORS:
+        return _json_error(503, f"{state.label} unavailable; nothing was changed")
+    if changed:
+        log.getChild("api").info("queue %r %s", name, "paused" if paused else "resumed")
+    return _json_response({"name": name, "paused": paused})
 
 
 async def api_dlq_list(request: web.Request) -> web.Response:
@@ -3100,7 +3717,7 @@ async def api_dlq_requeue(request: web.Request) -> web.Response:
     task_id = request.match_info.get("id")
     try:
         app = request.app
-        count = await requeue_dead_letters(app[BROKER_KEY], app[STATE_KEY], app[CFG_KEY].tasks, task_id)
+        count = await requeue_dead_letters(app[BROKER_KEY], app[STATE_KEY], app[CFG_KEY], task_id)
     except BrokerUnavailable as e:
         return _json_error(503, str(e))
     except STORE_ERRORS:
@@ -3253,8 +3870,9 @@ async def _follow_updates(app: web.Application, *, announce: bool, resync: bool)
 
 
 async def _stats_loop(app: web.Application) -> None:
-    """Every second while clients are connected, send them ``stats``: rates, queue depths and live workers."""
-    state, broker, hub = app[STATE_KEY], app[BROKER_KEY], app[HUB_KEY]
+    """Every second while clients are connected, send them ``stats``: rates, queue depths, each queue (as
+    ``GET /api/queues``) and live workers."""
+    state, hub = app[STATE_KEY], app[HUB_KEY]
     previous: tuple[float, dict[str, int]] | None = None
     while True:
         await asyncio.sleep(STATS_INTERVAL)
@@ -3263,12 +3881,12 @@ async def _stats_loop(app: web.Application) -> None:
             continue
         try:
             counters, workers = await state.counters(), await state.workers()
+            queues, dlq = await queue_items(app, workers)
         except STORE_ERRORS:
             continue
-        try:
-            depths: dict[str, int | None] = dict(await broker.queue_depths())
-        except BrokerUnavailable:
-            depths = {"ready": None, "dlq": None}
+        ready = [q["ready"] for q in queues]
+        total = sum(cast(list[int], ready)) if dlq is not None and None not in ready else None
+        depths: dict[str, int | None] = {"ready": total, "dlq": dlq}
         now = time.monotonic()
         names = {"completed": "completed", "failed": "failed", "submitted": "pending", "retrying": "retrying"}
         totals = {name: counters.get(status, 0) for name, status in names.items()}
@@ -3280,7 +3898,18 @@ async def _stats_loop(app: web.Application) -> None:
         }
         previous = (now, totals)
         hub.broadcast(
-            dumps({"stats": {"ts": time.time(), **rates, "queue": depths, "totals": totals, "workers": workers}})
+            dumps(
+                {
+                    "stats": {
+                        "ts": time.time(),
+                        **rates,
+                        "queue": depths,
+                        "totals": totals,
+                        "workers": workers,
+                        "queues": queues,
+                    }
+                }
+            )
         )
 
 
@@ -3308,12 +3937,13 @@ async def _close_websockets(app: web.Application) -> None:
 
 def make_app(cfg: Config) -> web.Application:
     """The API application: routes, templates, the update relay and the task queue."""
-    load_handlers(cfg.handlers.modules)
+    load_handlers(cfg)
     _make_app_keys()
     middlewares = [web.middleware(_error_middleware), web.middleware(_guard_middleware)]
     app = web.Application(middlewares=middlewares, client_max_size=cfg.api.client_max_size)
     app[CFG_KEY] = cfg
     app[HUB_KEY] = UpdateHub()
+    app[RATES_KEY] = QueueRates()
     aiohttp_jinja2.setup(
         app,
         loader=jinja2.FileSystemLoader(HERE / "web" / "templates"),
@@ -3327,6 +3957,8 @@ def make_app(cfg: Config) -> web.Application:
     app.router.add_get("/api/tasks", api_list_tasks)
     app.router.add_get("/api/tasks/{id}", api_get_task)
     app.router.add_get("/api/workers", api_workers)
+    app.router.add_get("/api/queues", api_queues)
+    app.router.add_post("/api/queues/{name}/{action:pause|resume}", api_queue_pause)
     app.router.add_get("/api/dlq", api_dlq_list)
     app.router.add_post("/api/dlq/requeue", api_dlq_requeue)
     app.router.add_post("/api/dlq/{id}/requeue", api_dlq_requeue)
@@ -3385,6 +4017,14 @@ TRACEBACK_FRAMES: Final = 8
 TRACEBACK_CHARS: Final = 4000
 #: Longest error message kept with a task.
 ERROR_CHARS: Final = 2000
+#: Seconds between a worker's reads of which queues are paused (a pause takes effect within this and a start).
+CONTROL_INTERVAL: Final = 0.5
+#: Seconds a worker holds a delivery it may not start yet (over its queue's limit or rate) before it puts it back
+#: on its queue and takes the next: far below RabbitMQ's consumer_timeout, which closes a channel holding one long.
+HOLD_LIMIT: Final = 20.0
+#: What became of a delivery: run (or found finished: acknowledge it), handed back (the worker is stopping), or
+#: put back without counting a delivery (its queue is paused, or it waited its turn too long).
+ACK, RETURN, PUT_BACK = "ack", "return", "put back"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3413,10 +4053,19 @@ class Worker:
     queued and its state written, so a crash leaves it on its queue or moved on.
     """
 
-    def __init__(self, cfg: Config, state: TaskStore, broker: TaskQueue, instance: str = "") -> None:
+    def __init__(
+        self, cfg: Config, state: TaskStore, broker: TaskQueue, instance: str = "", queues: Iterable[str] = ()
+    ) -> None:
         self.cfg = cfg
         self.state = state
         self.broker = broker
+        self.serve = tuple(queues) or tuple(cfg.queues)  # the queues this process consumes
+        self.paused: set[str] = set()  # the queues paused, as last read from the store
+        self.consumed: tuple[str, ...] = ()  # the queues the task queue consumes now: serve minus paused
+        self.wake = asyncio.Event()  # set (and replaced) when the pauses change or the worker stops
+        self.lease = 3 * cfg.worker.heartbeat  # a limit slot of a worker gone comes back after this
+        self.slots_held: dict[str, str] = {}  # limit slot token -> its queue
+        self.running_by_queue: dict[str, int] = {}
         self.host = socket.gethostname()
         self.name = f"{self.host}:{os.getpid()}"
         self.instance = instance
@@ -3441,18 +4090,50 @@ class Worker:
             "tasks_done": self.tasks_done,
             "current": next(iter(self.in_hand), None),
             "in_hand": len(self.in_hand),
+            "queues": list(self.serve),
+            "running": dict(self.running_by_queue),
             "ts": time.time(),
         }
 
     async def heartbeat_loop(self) -> None:
-        """Beat every ``[worker] heartbeat`` seconds; the beat lives three intervals."""
+        """Beat every ``[worker] heartbeat`` seconds, and renew the limit slots held; both live three intervals."""
         interval = self.cfg.worker.heartbeat
         while True:
             try:
-                await self.state.beat(self.name, self.heartbeat_info(), ttl=3 * interval)
+                await self.state.beat(self.name, self.heartbeat_info(), ttl=self.lease)
+                await self.state.renew_slots(dict(self.slots_held), self.lease)
             except STORE_ERRORS as e:
                 self.log.warning("heartbeat not recorded: %s", e)
             await asyncio.sleep(interval)
+
+    def wake_waiting(self) -> None:
+        """Wake every delivery waiting for its turn: the pauses changed, or the worker stops."""
+        self.wake.set()
+        self.wake = asyncio.Event()
+
+    async def read_pauses(self) -> None:
+        """Read which queues are paused; consume only the others (a consumer stopped, or started again)."""
+        paused = await self.state.paused_queues()
+        if paused != self.paused:
+            for queue in self.serve:
+                if (queue in paused) != (queue in self.paused):
+                    verb = "paused: starting none of its tasks" if queue in paused else "resumed"
+                    self.log.info("queue %r %s", queue, verb)
+            self.paused = paused
+            self.wake_waiting()
+        wanted = tuple(q for q in self.serve if q not in paused)
+        if wanted != self.consumed:
+            await self.broker.set_consumed(wanted)
+            self.consumed = wanted
+
+    async def control_loop(self) -> None:
+        """Every CONTROL_INTERVAL, take up the pauses (kept as they were while the store or queue is away)."""
+        while True:
+            await asyncio.sleep(CONTROL_INTERVAL)
+            try:
+                await self.read_pauses()
+            except (*STORE_ERRORS, BrokerUnavailable) as e:
+                self.log.warning("cannot read the paused queues: %s", e)
 
     async def on_message(self, message: Delivery) -> None:
         """Consumer callback: start running the delivery (or hand it back when shutting down).
@@ -3487,10 +4168,17 @@ class Worker:
         raise AssertionError("unreachable: retrying raises its last error")
 
     async def _record(
-        self, env: Envelope, event: str, fields: Mapping[str, JSON], restore: Mapping[str, JSON] | None = None
+        self,
+        env: Envelope,
+        event: str,
+        fields: Mapping[str, JSON],
+        restore: Mapping[str, JSON] | None = None,
+        now: float | None = None,
     ) -> Any:
-        """Record a change of state of ``env``'s task (an event of TRANSITIONS), durably."""
-        change = plan_change(event, env.id, env.type, fields, tasks=self.cfg.tasks, restore=restore)
+        """Record a change of state of ``env``'s task (an event of TRANSITIONS), durably; ``now``: when it
+        happened (the time its queue admitted it to start), if not now."""
+        tasks, queue = self.cfg.tasks, env.queue
+        change = plan_change(event, env.id, env.type, fields, tasks=tasks, restore=restore, now=now, queue=queue)
         return await self._durably(lambda: self.state.apply(change))
 
     async def handle(self, message: Delivery) -> None:
@@ -3502,42 +4190,103 @@ class Worker:
             await self._settle(message.reject(requeue=False), "reject")
             return
         try:
-            ran = await self.execute(env, message.headers or {})  # False: stopping before its turn came
+            outcome = await self.execute(env, message.headers or {})
         except Exception as e:
             # The outcome could not be recorded or moved on: hand the task back rather than lose it.
             if isinstance(e, (*STORE_ERRORS, BrokerUnavailable)):
                 self.log.error("task %s: %s; returning it to the queue", env.id, e)
             else:
                 self.log.exception("task %s: unexpected error; returning it to the queue", env.id)
-            ran = False
-        if not ran:
+            outcome = RETURN
+        if outcome == PUT_BACK:
+            try:
+                await self.broker.put_back(message, env)
+                return
+            except (BrokerUnavailable, *AMQP_ERRORS, *STORE_ERRORS) as e:
+                self.log.warning("could not put task %s back (%s); returning it", env.id, e or type(e).__name__)
+                outcome = RETURN
+        if outcome == RETURN:
             await self._settle(message.nack(requeue=True), "return")
             return
         await self._settle(message.ack(), "ack")
         self.tasks_done += 1
 
-    async def execute(self, env: Envelope, headers: Mapping[str, Any]) -> bool:
-        """Record started, run the handler, then record and route the outcome (the caller acks); False if it was
-        not run because the worker is stopping (the caller hands it back)."""
+    async def execute(self, env: Envelope, headers: Mapping[str, Any]) -> str:
+        """Once its queue lets it start, record started, run the handler, then record and route the outcome;
+        return ACK (the caller acks), RETURN (not run: the worker is stopping) or PUT_BACK (not run: its queue
+        is paused, or it waited HOLD_LIMIT for its turn)."""
         if env.id in self.running:
             # Redelivered while this process still runs it (RabbitMQ closed the channel on
             # consumer_timeout and requeued it): do not run it twice; settle this copy
             # once the run in hand has recorded its outcome.
             self.log.warning("task %s redelivered while running here; waiting for the run in hand", env.id)
             await self.running[env.id].wait()
-            return True
+            return ACK
         done = self.running[env.id] = asyncio.Event()
         try:
-            async with self.slots:  # [worker] concurrency; the other deliveries in hand wait their turn
-                if self.stopping:
-                    return False
-                await self._execute(env, headers)
-                return True
+            return await self._when_admitted(env, headers)
         finally:
             del self.running[env.id]
             done.set()
 
-    async def _execute(self, env: Envelope, headers: Mapping[str, Any]) -> None:
+    async def _when_admitted(self, env: Envelope, headers: Mapping[str, Any]) -> str:
+        """Run the task once a slot of this process is free and its queue admits it (not paused; its turn, under
+        its limit and rate across the deployment). While it may not start it holds neither: other queues' tasks
+        go ahead, and it asks again after the wait the store names (at most ASK_INTERVAL, so it keeps its
+        place in line)."""
+        queue = self.cfg.queues.get(env.queue)
+        limit, rate = (queue.limit, queue.rate_limit) if queue is not None and queue.gated else (0, None)
+        token = uuid.uuid4().hex if limit or rate else ""  # its place in line, then its slot
+        waited_since = time.monotonic()
+        outcome = ""
+        try:
+            while not outcome:
+                wait = 0.0
+                async with self.slots:  # [worker] concurrency; the other deliveries in hand wait their turn
+                    if self.stopping:
+                        outcome = RETURN
+                    elif env.queue in self.paused:
+                        outcome = PUT_BACK
+                    else:
+                        admitted_at = None
+                        if token:
+                            admit = functools.partial(self.state.admit, env.queue, token, limit, rate, self.lease)
+                            wait, admitted_at = await self._durably(admit)
+                        if not wait:
+                            slot, token = (token if limit else ""), ""  # the slot is released after the run
+                            await self._run_admitted(env, headers, slot, admitted_at)
+                            return ACK
+                left = HOLD_LIMIT - (time.monotonic() - waited_since)
+                if not outcome and left <= 0:
+                    outcome = PUT_BACK
+                if not outcome:
+                    wake = self.wake
+                    with contextlib.suppress(TimeoutError):  # spread the waiting workers' next asks
+                        pause = min(wait * (0.5 + random.random()), ASK_INTERVAL, left)
+                        await asyncio.wait_for(wake.wait(), pause)
+            return outcome
+        finally:
+            if token:  # leave the line at once rather than after LINE_PATIENCE
+                with contextlib.suppress(*STORE_ERRORS):
+                    await self.state.release_slot(env.queue, token)
+
+    async def _run_admitted(self, env: Envelope, headers: Mapping[str, Any], slot: str, at: float | None) -> None:
+        """Run an admitted task, holding its limit slot (if any) until its outcome is recorded."""
+        if slot:
+            self.slots_held[slot] = env.queue
+        self.running_by_queue[env.queue] = self.running_by_queue.get(env.queue, 0) + 1
+        try:
+            await self._execute(env, headers, at)
+        finally:
+            self.running_by_queue[env.queue] -= 1
+            if slot:
+                del self.slots_held[slot]
+                try:
+                    await self.state.release_slot(env.queue, slot)
+                except STORE_ERRORS as e:  # its lease runs out instead
+                    self.log.warning("could not give back a slot of queue %r: %s", env.queue, e)
+
+    async def _execute(self, env: Envelope, headers: Mapping[str, Any], admitted_at: float | None = None) -> None:
         deliveries = _int_header(headers, "x-delivery-count")
         retries = _int_header(headers, "x-retries")
         if deliveries:  # a redelivery: finished by a worker that died before its ack, or a poison message?
@@ -3551,8 +4300,9 @@ class Worker:
                 await self.give_up(env, failure, retries, headers)
                 return
         # Should the record be gone (a Redis restart without persistence, an eviction), the envelope restores it.
-        restore = {"id": env.id, "type": env.type, "payload": env.payload, "created_at": env.created_at}
-        recorded = await self._record(env, "started", {"worker": self.name}, restore=restore)
+        restore: dict[str, JSON] = {"id": env.id, "type": env.type, "queue": env.queue, "payload": env.payload}
+        restore["created_at"] = env.created_at
+        recorded = await self._record(env, "started", {"worker": self.name}, restore=restore, now=admitted_at)
         if recorded is None:
             self.log.info("task %s is already finished; acknowledging it without running it", env.id)
             return
@@ -3639,10 +4389,21 @@ def _int_header(headers: Mapping[str, Any], name: str) -> int:
         return 0
 
 
-async def run_worker(cfg: Config) -> int:
-    """Consume tasks until SIGTERM/SIGINT; then stop consuming, finish the tasks in hand and exit 0."""
+def served_queues(cfg: Config, queues: Iterable[str], instance: str | None) -> tuple[str, ...]:
+    """The queues a worker consumes: those given (``--queues``), else its instance's, else every declared one."""
+    chosen = tuple(queues)
+    if not chosen and instance and instance in cfg.instances:
+        chosen = cfg.instances[instance].queues
+    return cfg.check_queues(chosen, "--queues") if chosen else tuple(cfg.queues)
+
+
+async def run_worker(cfg: Config, queues: Iterable[str] = ()) -> int:
+    """Consume tasks of ``queues`` (see served_queues) until SIGTERM/SIGINT; then stop consuming, finish the tasks
+    in hand and exit 0."""
     wlog = log.getChild("worker")
-    load_handlers(cfg.handlers.modules)
+    load_handlers(cfg)
+    instance = os.environ.get("ASYNCNODE_INSTANCE", "")
+    serve = served_queues(cfg, queues, instance)
     stop = stop_event()
     code = 0
     async with backend(cfg, "worker") as (broker, state):
@@ -3653,30 +4414,37 @@ async def run_worker(cfg: Config) -> int:
                     await broker.connect()
         except BrokerUnavailable:
             return 0  # asked to stop before RabbitMQ came
-        worker = Worker(cfg, state, broker, os.environ.get("ASYNCNODE_INSTANCE", ""))
+        worker = Worker(cfg, state, broker, instance, serve)
         # Up to [worker] concurrency tasks run at once; with as many again in hand, the next one is
         # there the moment one finishes.
         concurrency = cfg.worker.concurrency
         prefetch = max(cfg.broker.prefetch, 2 * concurrency if concurrency > 1 else 1)
         try:
+            errors = (BrokerUnavailable, *STORE_ERRORS)
             async for attempt in retrying(
-                BrokerUnavailable, what="cannot consume", logger=wlog, attempts=START_ATTEMPTS, stop=stop
+                errors, what="cannot consume", logger=wlog, attempts=START_ATTEMPTS, stop=stop
             ):
                 with attempt:
-                    await broker.start_consuming(worker.on_message, prefetch)
-        except BrokerUnavailable as e:
+                    # A pause made before this worker started holds for it too.
+                    worker.paused = await worker.state.paused_queues()
+                    worker.consumed = tuple(q for q in serve if q not in worker.paused)
+                    await broker.start_consuming(worker.on_message, prefetch, worker.consumed)
+        except (BrokerUnavailable, *STORE_ERRORS) as e:
             if stop.is_set():
                 return 0
             wlog.error("giving up after %d attempts: %s", START_ATTEMPTS, e)
             return 1
         heartbeat = asyncio.create_task(worker.heartbeat_loop())
+        control = asyncio.create_task(worker.control_loop())
+        paused = [q for q in serve if q in worker.paused]
         wlog.info(
-            "worker %s consuming %r from %s (prefetch %d; types: %s)",
+            "worker %s consuming %s from %s (prefetch %d each; types: %s)%s",
             worker.name,
-            cfg.broker.queue,
+            ", ".join(f"{q} ({cfg.broker_name(q)})" for q in serve),
             broker.describe(),
             prefetch,
             ", ".join(sorted(REGISTRY)),
+            f"; paused: {', '.join(paused)}" if paused else "",
         )
         if await broker.wait_consuming(stop):
             wlog.error(
@@ -3685,10 +4453,12 @@ async def run_worker(cfg: Config) -> int:
             code = 1
         wlog.info("stopping: finishing %d task(s) in hand", len(worker.inflight))
         worker.stopping = True
+        worker.wake_waiting()
+        control.cancel()
         await broker.stop_consuming()
         await worker.drain()
         heartbeat.cancel()
-        await asyncio.wait({heartbeat})
+        await asyncio.wait({heartbeat, control})
         with contextlib.suppress(*STORE_ERRORS):
             await state.forget_worker(worker.name)
     wlog.info("stopped after %d task(s)", worker.tasks_done)
@@ -3737,7 +4507,8 @@ def _describe_instance(cfg: Config, name: str, inst: InstanceConfig) -> str:
     if "api" in inst.roles:
         parts.append(f"api on port {cfg.api.port if inst.api_port is None else inst.api_port}")
     if "worker" in inst.roles:
-        parts.append(f"{worker_count(cfg, inst, os.cpu_count() or 1)} worker(s)")
+        serving = ", ".join(inst.queues or cfg.queues)
+        parts.append(f"{worker_count(cfg, inst, os.cpu_count() or 1)} worker(s) serving {serving}")
     return f"instance {name!r} (host {inst.host!r}): {', '.join(parts)}"
 
 
@@ -3773,7 +4544,7 @@ def run_ctl(cfg: Config, args: argparse.Namespace) -> int:
 
 
 # ============================================================================
-# Commands: check, dlq
+# Commands: check, dlq, queues
 # ============================================================================
 
 
@@ -3829,7 +4600,7 @@ async def run_dlq(cfg: Config, args: argparse.Namespace) -> int:
             elif args.action == "requeue":
                 count = 0
                 for task_id in args.ids or [None]:
-                    n = await requeue_dead_letters(broker, state, cfg.tasks, task_id)
+                    n = await requeue_dead_letters(broker, state, cfg, task_id)
                     if task_id is not None and n == 0:
                         print(f"asyncnode: no dead letter with id {task_id}", file=sys.stderr)
                     count += n
@@ -3845,19 +4616,71 @@ async def run_dlq(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+async def run_queues(cfg: Config, args: argparse.Namespace) -> int:
+    """``queues list`` (each queue's figures), ``queues pause NAME`` or ``queues resume NAME``."""
+    if args.action != "list":
+        cfg.check_queues([args.name], f"queues {args.action}")  # one line, exit 2
+    async with backend(cfg, "queues") as (broker, state):
+        try:
+            if args.action != "list":
+                changed = await state.set_paused(args.name, args.action == "pause")
+                done = "paused" if args.action == "pause" else "resumed"
+                print(f"queue {args.name} {done}" if changed else f"queue {args.name} was already {done}")
+                return 0
+            paused = await state.paused_queues()
+            try:
+                figures, dlq = await broker.queue_figures()
+            except BrokerUnavailable as e:
+                print(f"asyncnode: {e}", file=sys.stderr)
+                figures, dlq = {}, None
+            consumers: dict[str, int] = {}
+            for w in await state.workers():
+                for served in cast(list[str], w.get("queues") or ()):
+                    consumers[served] = consumers.get(served, 0) + 1
+            print(f"{'queue':<16} {'state':<7} {'ready':>6} {'running':>7} {'retrying':>8} {'workers':>7}  limits")
+            for name, q in cfg.queues.items():
+                f = figures.get(name, {})
+                shown = ["-" if f.get(k) is None else str(f[k]) for k in ("ready", "running", "retrying")]
+                limits = ", ".join(
+                    [*([f"limit {q.limit}"] if q.limit else []), *([f"rate {q.rate}"] if q.rate else [])]
+                )
+                state_ = "paused" if name in paused else "active"
+                print(
+                    f"{name:<16} {state_:<7} {shown[0]:>6} {shown[1]:>7} {shown[2]:>8} {consumers.get(name, 0):>7}  "
+                    f"{limits or '-'}"
+                )
+            print(f"{'-' if dlq is None else dlq} dead letter(s) in {cfg.broker.queue + DLQ_SUFFIX}")
+        except STORE_ERRORS as e:
+            print(f"asyncnode: {state.describe()} unavailable: {e}", file=sys.stderr)
+            return 1
+    return 0
+
+
 # ============================================================================
 # Command line
 # ============================================================================
 
 #: The long-running roles, each one process.
-ROLES: Final[dict[str, Callable[[Config], Coroutine[Any, Any, int]]]] = {"api": run_api, "worker": run_worker}
+ROLES: Final[dict[str, Callable[[Config, argparse.Namespace], Coroutine[Any, Any, int]]]] = {
+    "api": lambda cfg, args: run_api(cfg),
+    "worker": lambda cfg, args: run_worker(cfg, args.queues),
+}
 #: Commands that manage a host rather than serve.
 COMMANDS: Final[dict[str, Callable[[Config, argparse.Namespace], Any]]] = {
     "up": run_up,
     "ctl": run_ctl,
     "check": run_check,
     "dlq": run_dlq,
+    "queues": run_queues,
 }
+
+
+def _queue_list(text: str) -> tuple[str, ...]:
+    """``--queues mail,heavy`` as a tuple of names (checked against config.toml once it is read)."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("expected one or more queue names, separated by commas")
+    return names
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -3878,6 +4701,7 @@ def _parser() -> argparse.ArgumentParser:
         "ctl": "status, restart or reload the processes started by up",
         "check": "validate config.toml and reach RabbitMQ, Redis and supervisord",
         "dlq": "list, requeue or purge dead letters",
+        "queues": "list the queues, or pause or resume one on every host",
     }
     for command, helptext in commands.items():
         p = sub.add_parser(command, help=helptext, description=helptext)
@@ -3886,6 +4710,9 @@ def _parser() -> argparse.ArgumentParser:
         if command == "dlq":
             p.add_argument("action", choices=("list", "requeue", "purge"))
             p.add_argument("ids", nargs="*", metavar="ID", help="task ids to requeue (default: all)")
+        if command == "queues":
+            p.add_argument("action", choices=("list", "pause", "resume"))
+            p.add_argument("name", nargs="?", metavar="NAME", help="the queue to pause or resume")
         p.add_argument("--config", metavar="PATH", help="config file (default: $ASYNCNODE_CONFIG or ./config.toml)")
         p.add_argument(
             "--log-level",
@@ -3898,6 +4725,14 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--run-dir", metavar="DIR", help="run directory (default: ./run/<instance>)")
         if command == "up":
             p.add_argument("--dry-run", action="store_true", help="print the rendered supervisord.conf and exit")
+        if command == "worker":
+            p.add_argument(
+                "--queues",
+                type=_queue_list,
+                default=(),
+                metavar="NAME[,NAME...]",
+                help="queues to consume (default: the instance's [instances.*] queues, else every declared queue)",
+            )
     return parser
 
 
@@ -3916,10 +4751,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "dlq" and args.ids and args.action != "requeue":
         parser.error(f"dlq {args.action} takes no task ids")
+    if args.command == "queues" and (args.name is None) != (args.action == "list"):
+        parser.error("queues list takes no name" if args.action == "list" else f"queues {args.action} NAME")
     try:
         cfg = Config.from_toml(config_path(args.config))
-        if args.command in ROLES:
-            load_handlers(cfg.handlers.modules)
+        if args.command in (*ROLES, "check", "up"):  # up and check refuse what the roles would refuse
+            load_handlers(cfg)
+        if args.command == "worker" and args.queues:
+            cfg.check_queues(args.queues, "--queues")
     except ConfigError as e:
         print(f"asyncnode: {e}", file=sys.stderr)
         return 2
@@ -3928,7 +4767,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.command in ROLES:
-            return run_loop(ROLES[args.command](cfg))
+            return run_loop(ROLES[args.command](cfg, args))
         result = COMMANDS[args.command](cfg, args)
         return int(asyncio.run(result) if inspect.iscoroutine(result) else result)
     except ConfigError as e:

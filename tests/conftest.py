@@ -156,12 +156,11 @@ def write_config(path: Path, tag: str, *, backend: str = "rabbitmq", **sections:
     cfg = asyncnode.Config.from_toml(path, env={})
     assert is_embedded(cfg) == embedded, f"{path}: expected a {backend} config"
     if not embedded:
-        delays = cfg.broker.retry_delays
-        _QUEUES.setdefault(tag, set()).update(asyncnode.retry_queue_name(cfg.broker, d) for d in delays)
+        _QUEUES.setdefault(tag, set()).update(asyncnode.broker_queues(cfg))
     return path
 
 
-#: Retry queues each test's configs declared, so that cleanup() deletes them too.
+#: RabbitMQ queues each test's configs declare (named queues, retry queues), so that cleanup() deletes them too.
 _QUEUES: dict[str, set[str]] = {}
 
 #: Tags whose configs ran embedded: their state lives in the test's folder, nothing to delete.
@@ -449,12 +448,19 @@ async def task_records(cfg: asyncnode.Config, ids: list[str]) -> tuple[dict[str,
 class Proc:
     """A real ``asyncnode.py`` subprocess, stopped by pid."""
 
-    def __init__(self, role: str, config: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        role: str,
+        config: Path,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        args: list[str] | None = None,
+    ) -> None:
         self.role = role
         self.log_path = log_path
         self._log = open(log_path, "ab")
         self.popen = subprocess.Popen(
-            [sys.executable, str(ROOT / "asyncnode.py"), role, "--config", str(config)],
+            [sys.executable, str(ROOT / "asyncnode.py"), role, "--config", str(config), *(args or [])],
             cwd=ROOT,
             env={**_inherited_env(), "ASYNCNODE_LOG_LEVEL": "DEBUG", **(env or {})},
             stdout=self._log,
@@ -515,8 +521,8 @@ def procs(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
     """Start ``asyncnode.py`` subprocesses; every one is stopped at the end of the test."""
     started: list[Proc] = []
 
-    def start(role: str, config: Path, env: dict[str, str] | None = None) -> Proc:
-        p = Proc(role, config, tmp_path / f"{role}-{len(started)}.log", env)
+    def start(role: str, config: Path, env: dict[str, str] | None = None, args: list[str] | None = None) -> Proc:
+        p = Proc(role, config, tmp_path / f"{role}-{len(started)}.log", env, args)
         started.append(p)
         return p
 

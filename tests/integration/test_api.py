@@ -97,6 +97,7 @@ async def test_submit_records_publishes_and_queues_persistently(client: Client, 
         assert json.loads(update["data"]) | {"ts": 0} == {
             "id": tid,
             "type": "reverse",
+            "queue": "default",
             "status": "pending",
             "ts": 0,
             "attempts": 0,

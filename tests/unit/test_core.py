@@ -17,7 +17,7 @@ MAX_TEXT = 100
 
 @pytest.fixture(autouse=True)
 def _handlers() -> None:
-    asyncnode.load_handlers(["handlers"])
+    asyncnode.load_handlers(asyncnode.Config(path=asyncnode.Path("config.toml")))
 
 
 CFG = asyncnode.Config(path=Path("test.toml"), api=asyncnode.ApiConfig(max_text=MAX_TEXT))
@@ -149,7 +149,7 @@ def test_a_worker_process_never_loads_the_api_libraries() -> None:
     them would carry ~14 MiB for nothing."""
     code = (
         "import sys, asyncnode\n"
-        "asyncnode.load_handlers(['handlers'])\n"
+        "asyncnode.load_handlers(asyncnode.Config(path=asyncnode.Path('config.toml')))\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'aiohttp', 'aiohttp_jinja2', 'jinja2', 'sqlite3'}))\n"
         "asyncnode.make_app(asyncnode.Config.from_toml(sys.argv[1]))\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'aiohttp', 'aiohttp_jinja2', 'jinja2'}))\n"

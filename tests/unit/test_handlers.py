@@ -66,6 +66,6 @@ async def test_noop() -> None:
 
 
 def test_sentiment_runs_in_a_thread_and_the_others_on_the_loop() -> None:
-    asyncnode.load_handlers(["handlers"])
+    asyncnode.load_handlers(asyncnode.Config(path=asyncnode.Path("config.toml")))
     assert not asyncnode.REGISTRY["sentiment"].is_async
     assert asyncnode.REGISTRY["reverse"].is_async and asyncnode.REGISTRY["email"].is_async

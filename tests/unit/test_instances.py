@@ -136,7 +136,8 @@ def test_rendered_config_is_what_supervisor_reads(tmp_path: Path) -> None:
     assert proc.name == "worker_01"  # type: ignore[attr-defined]
     assert proc.stopwaitsecs == cfg.worker.stopwaitsecs  # type: ignore[attr-defined]
     assert proc.stopasgroup and proc.killasgroup and proc.autorestart  # type: ignore[attr-defined]
-    assert proc.command.endswith(f"-m asyncnode worker --config {cfg.path.resolve()}")  # type: ignore[attr-defined]
+    command = f"-m asyncnode worker --config {cfg.path.resolve()} --queues default"
+    assert proc.command.endswith(command)  # type: ignore[attr-defined]
     assert proc.environment == {"ASYNCNODE_INSTANCE": "worker-2"}  # type: ignore[attr-defined]
 
     programs = parse(render(tmp_path, cfg, "api-1"))

@@ -99,6 +99,6 @@ def test_email_recipient_allow_list() -> None:
     assert not recipient_allowed("x@example.com", allow)
     assert not recipient_allowed("a@corp.example.evil.org", allow)
     cfg = asyncnode.Config(path=Path("t.toml"), smtp=asyncnode.SmtpConfig(allow=allow))
-    asyncnode.load_handlers(["handlers"])
+    asyncnode.load_handlers(asyncnode.Config(path=asyncnode.Path("config.toml")))
     with pytest.raises(asyncnode.ValidationError, match="not an allowed recipient"):
         asyncnode.validate_submission({"type": "email", "payload": {"to": "x@y.z", "subject": "s", "body": "b"}}, cfg)

@@ -8,7 +8,7 @@
 // DOM hooks (tests rely on them; keep them working). Every one is an id, class or data-*
 // attribute in web/templates/index.html or created here:
 //   Connection   #conn[data-state=connecting|live|reconnecting|auth] (role=status).
-//   Navigation   nav.section-nav links to #throughput, #workers, #tasks, #dlq, #submit;
+//   Navigation   nav.section-nav links to #throughput, #workers, #queues, #tasks, #dlq, #submit;
 //                badges #nav-workers (live count), #nav-dlq (dead letters, hidden at 0).
 //   Summary      #summary[data-stale=true|false] (false while stats arrive, true before the
 //                first and after 5 s without one); figures hold the number only ("12",
@@ -19,17 +19,19 @@
 //   Submit       form.task-form[data-type] with [name][data-kind] fields, #<field-id>-err,
 //                and [role="status"] output (inline 400/401/503/network messages).
 //   Tasks        table#task-table; #task-rows > tr[data-id][data-status] with
-//                td.id/.type/.status/.progress/.attempts/.worker/.time/.result; td.id holds
+//                td.id/.type/.queue/.status/.progress/.attempts/.worker/.time/.result; td.id holds
 //                button.open-task[data-task-id] (text: the short id); span.badge.status-<s>;
 //                <progress> and span.pct in td.progress; span.error/.retry/.note in
 //                td.result; #task-count, #tasks-empty (no tasks at all), #tasks-nomatch (none
 //                pass the filters); filters select#filter-status and select#filter-type
-//                ("" or "all" = all). A click on a row (outside its controls), Enter/Space on
+//                ("" or "all" = all) and select#queue-filter ("" = "All queues", then one
+//                option per queue of the latest list; choosing one also fetches its recent
+//                tasks with GET /api/tasks?queue=). A click on a row (outside its controls), Enter/Space on
 //                a focused row, or a click on any [data-task-id] element opens the details.
 //   Details      dialog#task-details ([open] while shown; Escape, #task-details-close or a
 //                backdrop click close it and focus returns to the opener), with
 //                #task-details-title, #detail-short, #detail-message (loading/404/errors),
-//                #detail-id, #detail-type, #detail-status (span.badge), #detail-attempts,
+//                #detail-id, #detail-type, #detail-queue, #detail-status (span.badge), #detail-attempts,
 //                #detail-worker, #detail-created, #detail-time (ticking),
 //                #detail-progress-block > #detail-progress, #detail-payload (pretty JSON),
 //                #detail-result-block > #detail-result, #detail-error-block > #detail-error,
@@ -44,6 +46,16 @@
 //                td.uptime, td.done, td.current (button.open-task[data-task-id] or "idle");
 //                a worker missing from the latest list gets class "gone" for 30 s, then
 //                goes; #worker-count, #workers-empty, #workers-error.
+//   Queues       table#queue-table; #queue-rows > tr[data-queue="<name>"][data-paused=true|false]
+//                in the server's order, with td.name, td.ready, td.running, td.retrying,
+//                td.consumers ("–" when unknown), td.limit, td.rate ("—" for no limit),
+//                td.completed (per second), td.state (span.badge.queue-state "running" or
+//                "paused") and td.actions holding button.pause-queue and button.resume-queue
+//                (only the one that applies is shown and enabled) and span.row-error (inline
+//                error). Filled from GET /api/queues until stats carry `queues`; a click POSTs
+//                /api/queues/<name>/pause|resume and the row takes the answer's `paused`.
+//                #queue-count, #queues-empty, #queues-status (role=status, data-state
+//                ok/error).
 //   Dead letters table#dlq-table (class "stale" while polling fails); #dlq-rows > tr[data-id]
 //                with td.id (button.open-task[data-task-id]), td.type, td.error (span.error,
 //                details.traceback > pre), td.attempts, td.failed, td.actions holding
@@ -57,15 +69,19 @@
 //                #token-cancel.
 //
 // Server messages: a WebSocket frame is a JSON object or an array of them. A task update
-// has an "id"; a stats item is {"stats": {ts, completed_per_s, failed_per_s,
-// submitted_per_s, queue: {ready, dlq}, totals: {...}, workers?: [...]}} (no "id").
+// has an "id" (and "queue": its queue's name, at least in its first update: the page
+// keeps the one it has when a later update leaves it out); a stats item is {"stats": {ts,
+// completed_per_s, failed_per_s, submitted_per_s, queue: {ready, dlq}, totals: {...},
+// workers?: [...], queues?: [...]}} (no "id"), `queues` holding the items of GET
+// /api/queues: {name, broker_name, ready, running, retrying (null: unknown), consumers,
+// paused, limit (0: none), rate ("": none, else like "10/s"), completed_per_s}.
 // After the socket opens the page sends {"subscribe": "*"}.
 //
 // Access token: when the server has `[api] token`, every /api/* call needs
 // `Authorization: Bearer <token>` and the socket needs /ws?token=<token>. The token is
 // asked for once (on the first 401) and kept in sessionStorage for this tab's session.
 // With the read-only token (`[api] read_token`), <body data-access="read"> hides every
-// action (submit forms, requeue, discard) and #readonly-note says why.
+// action (submit forms, requeue, discard, pause/resume a queue) and #readonly-note says why.
 'use strict';
 
 const MAX_ROWS = 200;    // rendered table rows cap
@@ -86,12 +102,15 @@ const WORKERS_VIA_STATS = 3500; // ms a worker list carried by stats makes polli
 const WORKER_GONE_KEEP = 30000; // ms a worker missing from the list stays (greyed out)
 const DLQ_POLL = 3000;         // ms between GET /api/dlq
 const DLQ_LIMIT = 100;         // dead letters fetched per poll
+const QUEUES_POLL = 2000;      // ms between GET /api/queues
+const QUEUES_VIA_STATS = 3500; // ms a queue list carried by stats makes polling unnecessary
+const QUEUE_ANSWER_HOLD = 3000; // ms a pause/resume answer outranks a list that disagrees
 
 const tasks = new Map(); // id -> merged task object
 const rows = new Map();  // id -> <tr> currently in the table
 const dirty = new Set(); // ids changed since the last animation frame
 let frameQueued = false;
-const filter = { status: '', type: '' }; // task table filters ('' = all)
+const filter = { status: '', type: '', queue: '' }; // task table filters ('' = all)
 
 const $ = (id) => document.getElementById(id);
 
@@ -103,6 +122,11 @@ function setText(el, text) {
 /** Set a data-* attribute only when it differs. */
 function setData(el, key, value) {
   if (el && el.dataset[key] !== value) el.dataset[key] = value;
+}
+
+/** Set an element's title only when it differs. */
+function setTitle(el, text) {
+  if (el && el.title !== text) el.title = text;
 }
 
 /** Show or hide an element, touching the attribute only on a change (no style work). */
@@ -135,7 +159,7 @@ const isTime = (v) => typeof v === 'number' && Number.isFinite(v);
  * Updates arrive twice and out of order (REST list, socket updates, the snapshot the
  * server sends on every (re)connect), so a task only ever moves forward: data with a
  * seq not above the one held is not applied, and neither is data without a seq once
- * the task has a real one. Such stale data may still fill in a missing type/payload,
+ * the task has a real one. Such stale data may still fill in a missing type/queue/payload,
  * and a real created_at always replaces one guessed from `ts`.
  */
 function mergeTask(u) {
@@ -147,7 +171,7 @@ function mergeTask(u) {
     const newer = have === null || cur._local ? true : got !== null && got > have;
     if (!newer) {
       let changed = false;
-      for (const k of ['type', 'payload']) {
+      for (const k of ['type', 'queue', 'payload']) {
         if (cur[k] == null && u[k] != null) { cur[k] = u[k]; changed = true; }
       }
       if (isTime(u.created_at) && (cur._tsCreated || cur.created_at == null)) {
@@ -206,9 +230,13 @@ const byNewest = (a, b) => (b.created_at || 0) - (a.created_at || 0);
 
 const isAll = (v) => !v || v === 'all';
 
+// A queue may be named "all": for queues only "" means every one.
+const isFiltering = () => !isAll(filter.status) || !isAll(filter.type) || filter.queue !== '';
+
 function matchesFilter(t) {
   return (isAll(filter.status) || t.status === filter.status)
-    && (isAll(filter.type) || t.type === filter.type);
+    && (isAll(filter.type) || t.type === filter.type)
+    && (filter.queue === '' || t.queue === filter.queue);
 }
 
 // ---------------------------------------------------------------- task table
@@ -218,7 +246,7 @@ function flush() {
   const body = $('task-rows');
   const ordered = [...tasks.values()].sort(byNewest); // stable: ties keep arrival order
   for (const t of ordered.splice(MAX_KEPT)) tasks.delete(t.id);
-  const filtering = !isAll(filter.status) || !isAll(filter.type);
+  const filtering = isFiltering();
   const matching = filtering ? ordered.filter(matchesFilter) : ordered;
   const visible = matching.slice(0, MAX_ROWS);
   const keep = new Set();
@@ -284,7 +312,7 @@ function watchRow(tr) {
         if (!e.isIntersecting) { inView.delete(e.target); continue; }
         inView.add(e.target);
         const t = tasks.get(e.target.dataset.id);
-        if (t) setText(e.target.cells[6], timeText(t));
+        if (t) setText(e.target.cells[COL.time], timeText(t));
       }
     }, { root: document.querySelector('#tasks .table-wrap'), rootMargin: '200px 0px' });
   }
@@ -297,7 +325,8 @@ function unwatchRow(tr) {
   if (rowObserver) rowObserver.unobserve(tr);
 }
 
-const COLS = ['id', 'type', 'status', 'progress', 'attempts', 'worker', 'time', 'result'];
+const COLS = ['id', 'type', 'queue', 'status', 'progress', 'attempts', 'worker', 'time', 'result'];
+const COL = Object.fromEntries(COLS.map((name, i) => [name, i])); // column name -> cell index
 
 /** A button opening the details of task `id`, labelled with its short id. */
 function taskButton(id, cls = 'open-task') {
@@ -321,7 +350,7 @@ function createRow(id) {
     td.className = name;
     tr.appendChild(td);
   }
-  tr.cells[0].appendChild(taskButton(id));
+  tr.cells[COL.id].appendChild(taskButton(id));
   return tr;
 }
 
@@ -357,11 +386,14 @@ function updateRow(tr, t) {
   const status = String(t.status || 'unknown');
   const c = tr.cells;
   if (tr.dataset.status !== status) tr.dataset.status = status;
-  setText(c[1], t.type == null ? '' : String(t.type));
-  const b = c[2].firstElementChild;
-  if (!b || b.textContent !== status) c[2].replaceChildren(badge(status));
+  setText(c[COL.type], t.type == null ? '' : String(t.type));
+  const queue = t.queue == null ? '' : String(t.queue);
+  if (c[COL.queue].textContent !== queue) { c[COL.queue].textContent = queue; c[COL.queue].title = queue; }
+  const b = c[COL.status].firstElementChild;
+  if (!b || b.textContent !== status) c[COL.status].replaceChildren(badge(status));
+  const prog = c[COL.progress];
   if (hasProgress(t, status)) {
-    const bar = c[3].querySelector('progress');
+    const bar = prog.querySelector('progress');
     if (bar) {
       const v = Math.min(1, Math.max(0, t.progress));
       const pct = `${Math.round(v * 100)}%`;
@@ -370,18 +402,18 @@ function updateRow(tr, t) {
         bar.textContent = pct;
         bar.setAttribute('aria-label', `progress ${pct}`);
       }
-      setText(c[3].querySelector('.pct'), pct);
+      setText(prog.querySelector('.pct'), pct);
     } else {
-      c[3].replaceChildren(...progressBar(t.progress));
+      prog.replaceChildren(...progressBar(t.progress));
     }
-  } else if (c[3].firstChild) {
-    c[3].replaceChildren();
+  } else if (prog.firstChild) {
+    prog.replaceChildren();
   }
-  setText(c[4], t.attempts == null ? '' : String(t.attempts));
+  setText(c[COL.attempts], t.attempts == null ? '' : String(t.attempts));
   const worker = t.worker == null ? '' : String(t.worker);
-  if (c[5].textContent !== worker) { c[5].textContent = worker; c[5].title = worker; }
-  setText(c[6], timeText(t));
-  renderResult(c[7], t, status);
+  if (c[COL.worker].textContent !== worker) { c[COL.worker].textContent = worker; c[COL.worker].title = worker; }
+  setText(c[COL.time], timeText(t));
+  renderResult(c[COL.result], t, status);
 }
 
 const pad2 = (n) => String(n).padStart(2, '0');
@@ -474,7 +506,7 @@ function timeText(t) {
 }
 
 function initFilters() {
-  const sel = { status: $('filter-status'), type: $('filter-type') };
+  const sel = { status: $('filter-status'), type: $('filter-type'), queue: $('queue-filter') };
   // Every form's type is offered even if the template did not list it.
   if (sel.type) {
     const have = new Set([...sel.type.options].map((o) => o.value));
@@ -488,13 +520,15 @@ function initFilters() {
       sel.type.appendChild(opt);
     }
   }
-  for (const key of ['status', 'type']) {
+  for (const key of ['status', 'type', 'queue']) {
     const el = sel[key];
     if (!el) continue;
     const apply = () => {
       const v = el.value;
       if (filter[key] === v) return;
       filter[key] = v;
+      // The tasks kept are the newest of every queue: a quiet queue's may be missing.
+      if (key === 'queue' && v) loadTasks(v);
       if (!frameQueued) { frameQueued = true; requestAnimationFrame(flush); }
     };
     el.addEventListener('change', apply);
@@ -621,6 +655,7 @@ function renderDetails() {
   setText($('detail-short'), shortId(details.id));
   setText($('detail-id'), details.id);
   setText($('detail-type'), v.type == null ? '—' : String(v.type));
+  setText($('detail-queue'), v.queue == null ? '—' : String(v.queue));
   const st = $('detail-status');
   if (st) {
     const cur = st.firstElementChild;
@@ -908,6 +943,8 @@ function handleStats(st, msg) {
 
   const wl = Array.isArray(st.workers) ? st.workers : null;
   if (wl) { workersViaStatsAt = Date.now(); applyWorkers(wl); }
+  const ql = Array.isArray(st.queues) ? st.queues : null;
+  if (ql) { queuesViaStatsAt = Date.now(); applyQueues(ql); }
   requestChart();
 }
 
@@ -1586,7 +1623,9 @@ function removeDlqRow(key) {
   dlq.rows.delete(key);
 }
 
-async function dlqCall(path, method) {
+/** One action call (requeue, discard, pause, resume): the answer's status and JSON body, and
+ *  the text an inline error shows when it failed ('' when it succeeded). Never throws. */
+async function callAction(path, method) {
   let res;
   try {
     res = await api(path, { method, headers: { Accept: 'application/json' } });
@@ -1615,7 +1654,7 @@ async function dlqAction(entry, kind) {
   setRowError(entry, '');
   entry.tr.setAttribute('aria-busy', 'true');
   const path = kind === 'requeue' ? `/api/dlq/${encodeURIComponent(id)}/requeue` : `/api/dlq/${encodeURIComponent(id)}`;
-  const r = await dlqCall(path, kind === 'requeue' ? 'POST' : 'DELETE');
+  const r = await callAction(path, kind === 'requeue' ? 'POST' : 'DELETE');
   dlq.version++; // and a poll sent while this ran may predate it too
   entry.busy = false;
   entry.tr.removeAttribute('aria-busy');
@@ -1643,7 +1682,7 @@ async function requeueAll() {
   dlq.version++;
   if (btn) btn.disabled = true;
   dlqStatus('Requeueing every dead letter…', 'busy');
-  const r = await dlqCall('/api/dlq/requeue', 'POST');
+  const r = await callAction('/api/dlq/requeue', 'POST');
   dlq.version++;
   dlq.busyAll = false;
   if (r.ok) {
@@ -1696,6 +1735,218 @@ function tickDlq() {
 function initDlq() {
   const all = $('dlq-requeue-all');
   if (all) all.addEventListener('click', requeueAll);
+}
+
+// ---------------------------------------------------------------- queues
+
+const queues = {
+  rows: new Map(),  // name -> {name, tr, td, el, item, busy, answered}
+};
+let queuesViaStatsAt = 0; // Date.now() of the last queue list carried by a stats message
+
+const QUEUE_COLS = ['name', 'ready', 'running', 'retrying', 'consumers', 'limit', 'rate', 'completed', 'state', 'actions'];
+const QUEUE_NUMS = new Set(['ready', 'running', 'retrying', 'consumers', 'limit', 'rate', 'completed']);
+const NO_LIMIT = '\u2014'; // shown for limit 0 and rate "": the queue has none
+
+function queuesStatus(text, state, fromPoll = false) {
+  const el = $('queues-status');
+  if (!el) return;
+  el.textContent = text;
+  el.dataset.state = state || '';
+  el.dataset.poll = String(fromPoll); // a poll's own error is cleared by the next good list
+}
+
+function createQueueRow(entry) {
+  const tr = document.createElement('tr');
+  tr.dataset.queue = entry.name;
+  const td = {};
+  for (const name of QUEUE_COLS) {
+    const cell = document.createElement('td');
+    cell.className = name;
+    if (QUEUE_NUMS.has(name)) cell.classList.add('num');
+    tr.appendChild(cell);
+    td[name] = cell;
+  }
+  const state = document.createElement('span');
+  state.className = 'badge queue-state';
+  td.state.appendChild(state);
+  const mk = (cls, text, action) => {
+    const b = document.createElement('button');
+    b.type = 'button';
+    b.className = `btn btn-small ${cls}`;
+    b.textContent = text;
+    b.setAttribute('aria-label', `${text} queue ${entry.name}`);
+    b.addEventListener('click', () => queueAction(entry, action));
+    return b;
+  };
+  const pause = mk('btn-secondary pause-queue', 'Pause', 'pause');
+  const resume = mk('resume-queue', 'Resume', 'resume');
+  const err = document.createElement('span');
+  err.className = 'row-error error';
+  err.hidden = true;
+  td.actions.append(pause, resume, err);
+  entry.tr = tr;
+  entry.td = td;
+  entry.el = { state, pause, resume, err };
+}
+
+/**
+ * Whether the queue shows as paused: as listed, unless this page's own pause or resume was
+ * answered moments ago -- a list sampled before the change may still be on its way.
+ */
+function shownPaused(entry) {
+  const listed = entry.item.paused === true;
+  const a = entry.answered;
+  if (a && a.paused !== listed && Date.now() - a.at < QUEUE_ANSWER_HOLD) return a.paused;
+  return listed;
+}
+
+function updateQueueRow(entry) {
+  const it = entry.item;
+  const { td, el } = entry;
+  setText(td.name, entry.name);
+  for (const key of ['ready', 'running', 'retrying', 'consumers']) setText(td[key], fmtCount(num(it[key])));
+  const limit = num(it.limit);
+  setText(td.limit, limit ? fmtCount(limit) : NO_LIMIT);
+  setTitle(td.limit, limit ? `at most ${fmtCount(limit)} running at once` : 'no limit');
+  const rate = typeof it.rate === 'string' ? it.rate : '';
+  setText(td.rate, rate || NO_LIMIT);
+  setTitle(td.rate, rate ? `at most ${rate} started` : 'no limit');
+  setText(td.completed, fmtRate(num(it.completed_per_s)));
+  const paused = shownPaused(entry);
+  setData(entry.tr, 'paused', String(paused));
+  setText(el.state, paused ? 'paused' : 'running');
+  // Only the action that applies is offered.
+  setHidden(el.pause, paused);
+  setHidden(el.resume, !paused);
+  el.pause.disabled = paused || entry.busy;
+  el.resume.disabled = !paused || entry.busy;
+}
+
+function setQueueRowError(entry, text) {
+  const { err } = entry.el;
+  err.textContent = text;
+  err.hidden = !text;
+}
+
+/** Apply the latest list of declared queues (from GET /api/queues or a stats message). */
+function applyQueues(items) {
+  if (!Array.isArray(items)) return;
+  const names = [];
+  for (const it of items) {
+    if (!it || typeof it !== 'object' || Array.isArray(it) || typeof it.name !== 'string' || !it.name) continue;
+    if (names.includes(it.name)) continue;
+    names.push(it.name);
+    let entry = queues.rows.get(it.name);
+    if (!entry) {
+      entry = { name: it.name, busy: false, answered: null };
+      createQueueRow(entry);
+      queues.rows.set(it.name, entry);
+    }
+    entry.item = it;
+    updateQueueRow(entry);
+  }
+  for (const [name, entry] of queues.rows) {
+    if (names.includes(name) || entry.busy) continue;
+    if (entry.tr.contains(document.activeElement)) focusAfterRemoval(entry.tr);
+    entry.tr.remove();
+    queues.rows.delete(name);
+  }
+  // The server's order (default first, then by name); rows move only when out of place.
+  const body = $('queue-rows');
+  if (body) {
+    names.forEach((name, i) => {
+      const tr = queues.rows.get(name).tr;
+      const at = body.children[i];
+      if (at !== tr) body.insertBefore(tr, at || null);
+    });
+  }
+  setQueueOptions(names);
+  renderQueueCount();
+  const status = $('queues-status');
+  if (status && status.dataset.poll === 'true') queuesStatus('', '');
+}
+
+function renderQueueCount() {
+  const n = queues.rows.size;
+  const paused = [...queues.rows.values()].filter((e) => e.tr.dataset.paused === 'true').length;
+  setText($('queue-count'), `${n} queue${n === 1 ? '' : 's'}${paused ? `, ${paused} paused` : ''}`);
+  setHidden($('queues-empty'), n > 0);
+}
+
+/** The task table's queue filter offers every listed queue, and keeps the one chosen. */
+function setQueueOptions(names) {
+  const sel = $('queue-filter');
+  if (!sel) return;
+  const want = filter.queue && !names.includes(filter.queue) ? [...names, filter.queue] : names;
+  const have = [...sel.options].filter((o) => o.value !== '').map((o) => o.value);
+  if (have.length === want.length && have.every((v, i) => v === want[i])) return;
+  let all = [...sel.options].find((o) => o.value === '');
+  if (!all) {
+    all = document.createElement('option');
+    all.value = '';
+    all.textContent = 'All queues';
+  }
+  sel.replaceChildren(all, ...want.map((name) => {
+    const opt = document.createElement('option');
+    opt.value = name;
+    opt.textContent = name;
+    return opt;
+  }));
+  sel.value = filter.queue;
+}
+
+async function queueAction(entry, action) {
+  if (entry.busy) return;
+  const name = entry.name;
+  const hadFocus = entry.tr.contains(document.activeElement);
+  entry.busy = true;
+  setQueueRowError(entry, '');
+  entry.tr.setAttribute('aria-busy', 'true');
+  updateQueueRow(entry);
+  const r = await callAction(`/api/queues/${encodeURIComponent(name)}/${action}`, 'POST');
+  entry.busy = false;
+  entry.tr.removeAttribute('aria-busy');
+  const paused = r.body && typeof r.body.paused === 'boolean' ? r.body.paused : null;
+  if (r.ok && paused !== null) {
+    entry.answered = { paused, at: Date.now() };
+    entry.item = Object.assign({}, entry.item, { paused });
+    queuesStatus(paused ? `Paused queue ${name}: its tasks wait until it is resumed.` : `Resumed queue ${name}.`, 'ok');
+  } else {
+    const verb = action === 'pause' ? 'Pause' : 'Resume';
+    const text = r.ok ? 'unexpected answer from the server.' : r.text;
+    setQueueRowError(entry, `${verb} failed: ${text}`);
+    queuesStatus(`${verb} of queue ${name} failed: ${text}`, 'error');
+  }
+  updateQueueRow(entry);
+  renderQueueCount();
+  // The button pressed may have given way to the other one: keep the keyboard on the row.
+  if (hadFocus) {
+    const next = shownPaused(entry) ? entry.el.resume : entry.el.pause;
+    if (!next.hidden) next.focus();
+  }
+}
+
+async function pollQueues() {
+  if (Date.now() - queuesViaStatsAt < QUEUES_VIA_STATS) return; // stats carry them
+  let res;
+  try {
+    res = await api('/api/queues', { headers: { Accept: 'application/json' }, cache: 'no-store' });
+  } catch (e) {
+    queuesStatus('Network error: could not load the queues.', 'error', true);
+    return;
+  }
+  let body = null;
+  try { body = await res.json(); } catch (e) { /* non-JSON body */ }
+  if (Date.now() - queuesViaStatsAt < QUEUES_VIA_STATS) return; // a stats list came meanwhile
+  if (res.ok && body && Array.isArray(body.items)) {
+    applyQueues(body.items);
+  } else if (res.status === 401) {
+    queuesStatus('An access token is required to list the queues.', 'error', true);
+  } else {
+    const msg = body && typeof body.error === 'string' ? `: ${body.error}` : '';
+    queuesStatus(`Could not load the queues (${res.status})${msg}.`, 'error', true);
+  }
 }
 
 // ---------------------------------------------------------------- access token
@@ -1949,8 +2200,9 @@ async function submitTask(form) {
       setStatus(form, id ? `queued ${id.slice(0, 8)}` : 'queued', 'ok');
       // Show it immediately; the socket may already have delivered it (then keep that).
       if (id && !tasks.has(id)) {
+        const queue = typeof body.queue === 'string' ? { queue: body.queue } : {};
         mergeTask({ id, type, status: body.status || 'pending', seq: -1,
-          created_at: Date.now() / 1000, _local: true });
+          created_at: Date.now() / 1000, _local: true, ...queue });
       }
     } else if (res.status === 401) {
       setStatus(form, 'Error: an access token is required to queue tasks.', 'error');
@@ -1979,9 +2231,11 @@ function initForms() {
 
 // ---------------------------------------------------------------- server sync
 
-async function loadTasks() {
+/** Fetch the newest tasks (of one queue, if given) into the store. */
+async function loadTasks(queue = '') {
+  const only = queue ? `&queue=${encodeURIComponent(queue)}` : '';
   try {
-    const res = await api('/api/tasks?limit=100', { headers: { Accept: 'application/json' }, cache: 'no-store' });
+    const res = await api(`/api/tasks?limit=100${only}`, { headers: { Accept: 'application/json' }, cache: 'no-store' });
     if (!res.ok) return;
     const data = await res.json();
     if (data && Array.isArray(data.items)) data.items.forEach(mergeTask);
@@ -2122,6 +2376,7 @@ function startPolling() {
   pollingStarted = true;
   makePoller('workers', WORKERS_POLL, pollWorkers);
   makePoller('dlq', DLQ_POLL, pollDlq);
+  makePoller('queues', QUEUES_POLL, pollQueues);
   pollAllNow();
 }
 
@@ -2132,7 +2387,7 @@ function tick() {
   if (document.hidden) return;
   for (const tr of inView || rows.values()) {
     const t = tasks.get(tr.dataset.id);
-    if (t) setText(tr.cells[6], timeText(t));
+    if (t) setText(tr.cells[COL.time], timeText(t));
   }
   if (details.id) renderDetailsTime(detailsView());
   tickWorkers();

@@ -1100,7 +1100,7 @@ class Change:
     persist: bool = False
     index_at: float | None = None
     index_keep: int = 0  #: the size the recent-tasks index is trimmed to
-    tally: str = ""  #: the per-queue counter of ``status`` (``<status>@<queue>``) bumped with it ('' = none)
+    tally: str = ""  #: the per-queue counter of a final ``status`` (``<status>@<queue>``) bumped with it ('' = none)
 
     def message(self, seq: int, count: int) -> str:
         """The update as published, with the new value of ``counter`` and the sequence number (Redis's
@@ -1122,7 +1122,8 @@ def plan_change(
 ) -> Change:
     """The change ``event`` (a key of TRANSITIONS) makes to task ``tid``, given the fields it reports.
 
-    ``queue``: the task's queue, whose count of tasks reaching the new status is bumped too ('' = none).
+    ``queue``: the task's queue, whose count of tasks finishing with the new status is bumped too ('' = none: a
+    deployment with one queue counts only the totals).
 
     ``restore``: fields written only if the record has no status, i.e. was lost (a Redis restart
     without persistence, an eviction, a flush) while its message waited: the worker knows them from
@@ -1160,7 +1161,7 @@ def plan_change(
         persist=t.reset,
         index_at=index_at,
         index_keep=tasks.max_recent,
-        tally=f"{t.status}@{queue}" if queue and t.timeline else "",
+        tally=f"{t.status}@{queue}" if queue and t.final else "",
     )
 
 
@@ -3336,7 +3337,7 @@ async def requeue_dead_letters(queue: TaskQueue, store: TaskStore, cfg: Config, 
         home = env.queue if env.queue in cfg.queues else DEFAULT_QUEUE
         restore = {"created_at": env.created_at}  # should its record have expired meanwhile
         fields = {"payload": env.payload, "queue": home}
-        change = plan_change("requeued", env.id, env.type, fields, tasks=cfg.tasks, restore=restore, queue=home)
+        change = plan_change("requeued", env.id, env.type, fields, tasks=cfg.tasks, restore=restore)
         await store.apply(change)
         await queue.publish(dataclasses.replace(env, created_at=env.created_at or change.at, queue=home))
 
@@ -3574,7 +3575,7 @@ async def api_submit(request: web.Request) -> web.Response:
     ttype, payload, queue = sub.type, sub.payload, sub.queue
     state = request.app[STATE_KEY]
     fields = {"payload": payload, "queue": queue}
-    change = plan_change("submitted", tid, ttype.name, fields, tasks=cfg.tasks, queue=queue)
+    change = plan_change("submitted", tid, ttype.name, fields, tasks=cfg.tasks)
     try:
         await state.apply(change)
     except STORE_ERRORS as e:
@@ -3635,7 +3636,8 @@ class QueueRates:
     def sample(self, counters: Mapping[str, int], queues: Iterable[str]) -> dict[str, float]:
         """Take a sample now; return the rates since the previous one (if it is at least half a second old)."""
         now = time.monotonic()
-        totals = {q: counters.get(f"completed@{q}", 0) for q in queues}
+        queues = list(queues)  # one queue: its figure is the total (see plan_change)
+        totals = {q: counters.get(f"completed@{q}" if len(queues) > 1 else "completed", 0) for q in queues}
         if self.previous is None or now - self.previous[0] >= STATS_INTERVAL / 2:
             if self.previous is not None:
                 elapsed = now - self.previous[0]
@@ -4177,7 +4179,7 @@ class Worker:
     ) -> Any:
         """Record a change of state of ``env``'s task (an event of TRANSITIONS), durably; ``now``: when it
         happened (the time its queue admitted it to start), if not now."""
-        tasks, queue = self.cfg.tasks, env.queue
+        tasks, queue = self.cfg.tasks, env.queue if len(self.cfg.queues) > 1 else ""
         change = plan_change(event, env.id, env.type, fields, tasks=tasks, restore=restore, now=now, queue=queue)
         return await self._durably(lambda: self.state.apply(change))
 
@@ -4565,6 +4567,12 @@ async def run_check(cfg: Config, args: argparse.Namespace) -> int:
                 problems.append(
                     str(e) if isinstance(e, BrokerUnavailable) else f"{what} unreachable: {e or type(e).__name__}"
                 )
+        with contextlib.suppress(*STORE_ERRORS, TimeoutError):  # unreachable: reported above
+            async with asyncio.timeout(READY_TIMEOUT * 2):
+                workers, paused = await state.workers(), await state.paused_queues()
+            serving = {q: sum(q in cast(list[str], w.get("queues") or ()) for w in workers) for q in cfg.queues}
+            shown = [f"{q}: {n}{' (paused)' if q in paused else ''}" for q, n in serving.items()]
+            print(f"{'consumers':<10} live workers serving each queue: {', '.join(shown)}")
     run_dir = run_dir_for(cfg, name, args.run_dir)
     if (run_dir / "supervisor.sock").exists():
         try:

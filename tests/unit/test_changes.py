@@ -134,3 +134,16 @@ def test_the_envelope_carries_its_creation_time_and_tolerates_its_absence() -> N
     assert older.created_at is None
     odd = asyncnode.Envelope.decode(b'{"id": "x", "type": "reverse", "payload": {}, "created_at": "soon"}')
     assert odd.created_at is None
+
+
+def test_a_submission_publishes_its_queue() -> None:
+    change = plan("submitted", {"payload": {}, "queue": "mail"})
+    assert json.loads(change.message(1, 0))["queue"] == "mail"
+    assert change.fields["queue"] == "mail"
+
+
+def test_only_a_final_change_bumps_its_queues_count_and_only_when_a_queue_is_named() -> None:
+    assert plan("completed", {"result": 1}, queue="mail").tally == "completed@mail"
+    assert plan("failed", {"error": "x"}, queue="mail").tally == "failed@mail"
+    assert plan("started", {"worker": "h:1"}, queue="mail").tally == ""
+    assert plan("completed", {"result": 1}).tally == ""  # one queue: the totals are its figures

@@ -10,9 +10,16 @@ TCP forwarder in this process relays to the shared services on the host's loopba
 tasks over HTTP to the API's namespace address and checks that the other namespace's
 workers ran them.
 
-Needs root and a working ``ip netns``; skipped with the reason otherwise, except in CI
-(``tests.conftest.in_ci``), where that is a failure like any missing service.  Every wait
-is bounded; namespaces, veths and the forwarder are removed even when the test fails.
+A second test runs named queues across such hosts: ``api-1`` (the API and a worker of the
+default queue) and ``mail-1`` (two workers of the mail queue, ``reverse`` routed there), each
+also in a UTS namespace under its instance's name, so that the host part of a task's
+``worker`` ("host:pid") names the host it ran on, and checks that every task ran on the
+host serving its queue.
+
+Needs root and a working ``ip netns`` (the second test ``unshare --uts`` too); skipped
+with the reason otherwise, except in CI (``tests.conftest.in_ci``), where that is a
+failure like any missing service.  Every wait is bounded; namespaces, veths and the
+forwarder are removed even when the test fails.
 """
 
 from __future__ import annotations
@@ -223,22 +230,23 @@ def forwarder() -> Iterator[Forwarder]:
 
 
 @pytest.fixture
-async def netns_config(tag: str, tmp_path: Path) -> AsyncIterator[tuple[Path, int]]:
-    """The config of both instances (api-1, worker-1 with 2 processes) and the API port;
-    the test's queue and keys are deleted afterwards."""
+async def netns_config(tag: str, tmp_path: Path) -> AsyncIterator[Callable[..., tuple[Path, int]]]:
+    """Write the config of this test's instances (on the shared RabbitMQ and Redis) and return it with
+    the API port; the test's queues and keys are deleted afterwards."""
     port = free_port()
-    path = write_config(
-        tmp_path / "config.toml",
-        tag,
-        instances={
-            "api-1": {"roles": ["api"], "host": "api-1"},
-            "worker-1": {"roles": ["worker"], "processes": 2, "host": "worker-1"},
-        },
-        api={"host": "0.0.0.0", "port": port, "token": TOKEN},  # beyond loopback: protected mode wants a token
-        worker={"heartbeat": 0.5},
-    )
+
+    def make(**sections: Any) -> tuple[Path, int]:
+        path = write_config(
+            tmp_path / "config.toml",
+            tag,
+            api={"host": "0.0.0.0", "port": port, "token": TOKEN},  # beyond loopback: protected mode wants a token
+            worker={"heartbeat": 0.5},
+            **sections,
+        )
+        return path, port
+
     try:
-        yield path, port
+        yield make
     finally:
         await cleanup(tag)
 
@@ -253,108 +261,238 @@ def service_env(fwd: Forwarder, host: Host) -> dict[str, str]:
     }
 
 
-# --------------------------------------------------------------------------
-# Test
-# --------------------------------------------------------------------------
+def uts_missing() -> str | None:
+    """Why a host cannot be given a hostname of its own here (one line), or None when it can."""
+    if shutil.which("unshare") is None:
+        return "the unshare command (util-linux) is not installed"
+    try:
+        result = subprocess.run(
+            ["unshare", "--uts", "hostname", "an-probe"], capture_output=True, text=True, timeout=15
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"cannot make a UTS namespace: {e}"
+    if result.returncode != 0:
+        return f"cannot make a UTS namespace: {result.stderr.strip() or f'exit status {result.returncode}'}"
+    return None
 
 
-async def test_two_instances_in_separate_network_namespaces(
-    netns_config: tuple[Path, int],
-    hosts: dict[str, Host],
-    forwarder: Forwarder,
+def up_on(
     ups: Callable[..., Up],
-    tmp_path: Path,
-) -> None:
-    config, port = netns_config
-    api_host, wrk_host = hosts["api"], hosts["worker"]
-    api = ups(
-        config,
-        tmp_path / "run-api-1",
-        "api-1",
-        env=service_env(forwarder, api_host),
-        prefix=["ip", "netns", "exec", api_host.ns],
-    )
-    wrk = ups(
-        config,
-        tmp_path / "run-worker-1",
-        "worker-1",
-        env=service_env(forwarder, wrk_host),
-        prefix=["ip", "netns", "exec", wrk_host.ns],
-    )
-    await api.wait_running({"api"})
-    worker_infos = await wrk.wait_running({"worker_00", "worker_01"})
-    worker_pids = {info["pid"] for info in worker_infos.values()}
-    assert len(worker_pids) == 2 and all(worker_pids), worker_infos
+    fwd: Forwarder,
+    host: Host,
+    config: Path,
+    run_dir: Path,
+    instance: str,
+    hostname: str | None = None,
+) -> Up:
+    """``up --instance INSTANCE`` in ``host``'s namespace, reaching the services through its own relays; with
+    ``hostname``, also in a UTS namespace of its own under that name (what ``socket.gethostname()`` says there)."""
+    prefix = ["ip", "netns", "exec", host.ns]
+    if hostname:
+        prefix += ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', hostname]
+    return ups(config, run_dir, instance, env=service_env(fwd, host), prefix=prefix)
 
-    base = f"http://{api_host.addr}:{port}"
-    timeout = aiohttp.ClientTimeout(total=10)
-    async with aiohttp.ClientSession(timeout=timeout, headers={"Authorization": f"Bearer {TOKEN}"}) as session:
 
+class Api:
+    """The API in its namespace, over HTTP with the operator token; failures show the hosts' logs."""
+
+    def __init__(self, session: aiohttp.ClientSession, base: str, hosts: list[Up]) -> None:
+        self.session = session
+        self.base = base
+        self.hosts = hosts
+
+    def logs(self) -> str:
+        return "\n".join(up.log() for up in self.hosts)
+
+    async def wait(self, check: Callable[[], Any], timeout: float, what: str) -> Any:
+        """wait_for, failing with every host's log."""
+        try:
+            return await wait_for(check, timeout, what)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.logs()}") from None
+
+    async def get(self, path: str) -> Any:
+        async with self.session.get(self.base + path) as r:
+            assert r.status == 200, (path, r.status, await r.text())
+            return await r.json()
+
+    async def wait_ready(self) -> None:
         async def ready() -> bool:
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async with session.get(base + "/readyz") as r:
+                async with self.session.get(self.base + "/readyz") as r:
                     return r.status == 200
             return False
 
-        try:
-            await wait_for(ready, 20, f"GET {base}/readyz to answer 200")
-        except AssertionError as e:
-            raise AssertionError(f"{e}\n{api.log()}") from None
+        await self.wait(ready, 20, f"GET {self.base}/readyz to answer 200")
+
+    async def wait_workers(self, count: int) -> list[dict[str, Any]]:
+        """The live workers, once there are ``count`` of them."""
 
         async def live_workers() -> list[dict[str, Any]] | None:
-            async with session.get(base + "/api/workers") as r:
-                assert r.status == 200, await r.text()
-                items: list[dict[str, Any]] = (await r.json())["items"]
-            return items if len(items) == 2 else None
+            items: list[dict[str, Any]] = (await self.get("/api/workers"))["items"]
+            return items if len(items) == count else None
 
-        try:
-            workers = await wait_for(live_workers, 20, "2 live workers in GET /api/workers")
-        except AssertionError as e:
-            raise AssertionError(f"{e}\n{wrk.log()}") from None
-        assert {w["instance"] for w in workers} == {"worker-1"}, workers
-        assert {w["pid"] for w in workers} == worker_pids, (workers, worker_pids)
+        workers: list[dict[str, Any]] = await self.wait(live_workers, 20, f"{count} live workers in GET /api/workers")
+        return workers
 
-        texts = [f"netns task {i} {uuid.uuid4().hex[:8]}" for i in range(TASKS)]
+    async def submit(self, body: dict[str, Any]) -> str:
+        async with self.session.post(self.base + "/api/tasks", json=body) as r:
+            assert r.status == 202, (r.status, await r.text())
+            tid: str = (await r.json())["id"]
+        return tid
 
-        async def submit(text: str) -> str:
-            body = {"type": "reverse", "payload": {"text": text}}
-            async with session.post(base + "/api/tasks", json=body) as r:
-                assert r.status == 202, (r.status, await r.text())
-                tid: str = (await r.json())["id"]
-            return tid
-
-        ids = await asyncio.gather(*(submit(t) for t in texts))
-        assert len(set(ids)) == TASKS
+    async def wait_finished(self, ids: list[str], timeout: float = 30) -> dict[str, dict[str, Any]]:
+        """The records of ``ids`` once every one is completed, failed or rejected."""
         records: dict[str, dict[str, Any]] = {}
 
         async def fetch(tid: str) -> None:
-            async with session.get(f"{base}/api/tasks/{tid}") as r:
-                assert r.status == 200, (r.status, await r.text())
-                rec = await r.json()
+            rec = await self.get(f"/api/tasks/{tid}")
             if rec["status"] in ("completed", "failed", "rejected"):
                 records[tid] = rec
 
         async def all_done() -> bool:
             await asyncio.gather(*(fetch(tid) for tid in ids if tid not in records))
-            return len(records) == TASKS
+            return len(records) == len(ids)
 
-        try:
-            await wait_for(all_done, 30, f"all {TASKS} tasks to finish")
-        except AssertionError as e:
-            raise AssertionError(f"{e} ({len(records)} did)\n{api.log()}\n{wrk.log()}") from None
+        await self.wait(all_done, timeout, f"all {len(ids)} tasks to finish ({len(records)} did)")
+        return records
+
+
+async def stop_hosts(*hosts: Up) -> None:
+    """Stop each ``up`` in turn (the relays keep running meanwhile): each exits 0 and leaves no child."""
+    children = set().union(*(up.children for up in hosts))
+    assert children
+    codes = [await asyncio.to_thread(up.stop) for up in hosts]
+    assert codes == [0] * len(hosts), (codes, *(up.log() for up in hosts))
+    alive = sorted(pid for pid in children if pid_alive(pid))
+    assert not alive, f"children still running after stop: {alive}"
+
+
+def ran_on(rec: dict[str, Any]) -> tuple[str, int]:
+    """(host, pid) of the worker that ran a task, from its ``worker`` field "host:pid"."""
+    host, _, pid = rec["worker"].rpartition(":")
+    return host, int(pid)
+
+
+# --------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------
+
+
+async def test_two_instances_in_separate_network_namespaces(
+    netns_config: Callable[..., tuple[Path, int]],
+    hosts: dict[str, Host],
+    forwarder: Forwarder,
+    ups: Callable[..., Up],
+    tmp_path: Path,
+) -> None:
+    config, port = netns_config(
+        instances={
+            "api-1": {"roles": ["api"], "host": "api-1"},
+            "worker-1": {"roles": ["worker"], "processes": 2, "host": "worker-1"},
+        },
+    )
+    api_host, wrk_host = hosts["api"], hosts["worker"]
+    api = up_on(ups, forwarder, api_host, config, tmp_path / "run-api-1", "api-1")
+    wrk = up_on(ups, forwarder, wrk_host, config, tmp_path / "run-worker-1", "worker-1")
+    await api.wait_running({"api"})
+    worker_infos = await wrk.wait_running({"worker_00", "worker_01"})
+    worker_pids = {info["pid"] for info in worker_infos.values()}
+    assert len(worker_pids) == 2 and all(worker_pids), worker_infos
+
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(timeout=timeout, headers={"Authorization": f"Bearer {TOKEN}"}) as session:
+        client = Api(session, f"http://{api_host.addr}:{port}", [api, wrk])
+        await client.wait_ready()
+        workers = await client.wait_workers(2)
+        assert {w["instance"] for w in workers} == {"worker-1"}, workers
+        assert {w["pid"] for w in workers} == worker_pids, (workers, worker_pids)
+
+        texts = [f"netns task {i} {uuid.uuid4().hex[:8]}" for i in range(TASKS)]
+        ids = await asyncio.gather(*(client.submit({"type": "reverse", "payload": {"text": t}}) for t in texts))
+        assert len(set(ids)) == TASKS
+        records = await client.wait_finished(ids)
 
     for tid, text in zip(ids, texts, strict=True):
         rec = records[tid]
         assert rec["status"] == "completed" and rec["result"] == text[::-1], rec
-        _, _, pid = rec["worker"].rpartition(":")
-        assert int(pid) in worker_pids, (rec["worker"], worker_pids)
+        assert ran_on(rec)[1] in worker_pids, (rec["worker"], worker_pids)
     # Each namespace reached RabbitMQ and Redis through its own relays (its 127.0.0.1 has neither).
     expected = {(h.host_addr, p) for h in (api_host, wrk_host) for p in (RABBIT_PORT, REDIS_PORT)}
     assert set(forwarder.relayed) == expected, forwarder.relayed
+    await stop_hosts(wrk, api)
 
-    children = api.children | wrk.children
-    assert children
-    codes = [await asyncio.to_thread(up.stop) for up in (wrk, api)]  # the relays keep running meanwhile
-    assert codes == [0, 0], (codes, api.log(), wrk.log())
-    alive = sorted(pid for pid in children if pid_alive(pid))
-    assert not alive, f"children still running after stop: {alive}"
+
+async def test_mail_tasks_run_on_the_mail_host_and_default_tasks_on_the_other(
+    netns_config: Callable[..., tuple[Path, int]],
+    hosts: dict[str, Host],
+    forwarder: Forwarder,
+    ups: Callable[..., Up],
+    tmp_path: Path,
+) -> None:
+    reason = uts_missing()
+    if reason:
+        skip_or_fail(reason)
+    # Two hosts, each with a hostname of its own (the host part of a task's "worker"): api-1 runs the API
+    # and one worker of the default queue, mail-1 two workers of the mail queue; reverse is routed to mail.
+    config, port = netns_config(
+        queues={"mail": {}},
+        routes={"reverse": "mail"},
+        instances={
+            "api-1": {"roles": ["api", "worker"], "queues": ["default"], "processes": 1, "host": "api-1"},
+            "mail-1": {"roles": ["worker"], "queues": ["mail"], "processes": 2, "host": "mail-1"},
+        },
+    )
+    api_host, mail_host = hosts["api"], hosts["worker"]
+    api = up_on(ups, forwarder, api_host, config, tmp_path / "run-api-1", "api-1", hostname="api-1")
+    mail = up_on(ups, forwarder, mail_host, config, tmp_path / "run-mail-1", "mail-1", hostname="mail-1")
+    api_infos = await api.wait_running({"api", "worker_00"})
+    mail_infos = await mail.wait_running({"worker_00", "worker_01"})
+    pids = {"default": {api_infos["worker_00"]["pid"]}, "mail": {p["pid"] for p in mail_infos.values()}}
+    assert len(pids["default"] | pids["mail"]) == 3 and all(pids["default"] | pids["mail"]), (api_infos, mail_infos)
+    hostname = {"default": "api-1", "mail": "mail-1"}
+
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(timeout=timeout, headers={"Authorization": f"Bearer {TOKEN}"}) as session:
+        client = Api(session, f"http://{api_host.addr}:{port}", [api, mail])
+        await client.wait_ready()
+        workers = await client.wait_workers(3)
+        seen = {(w["host"], w["instance"], tuple(w["queues"]), w["pid"]) for w in workers}
+        assert seen == {
+            *(("api-1", "api-1", ("default",), pid) for pid in pids["default"]),
+            *(("mail-1", "mail-1", ("mail",), pid) for pid in pids["mail"]),
+        }, workers
+
+        async def one_and_two_consumers() -> bool:
+            items = (await client.get("/api/queues"))["items"]
+            return {q["name"]: q["consumers"] for q in items} == {"default": 1, "mail": 2}
+
+        await client.wait(one_and_two_consumers, 10, "GET /api/queues to count 1 default and 2 mail consumers")
+
+        texts = [f"netns mail {i} {uuid.uuid4().hex[:8]}" for i in range(TASKS)]
+        bodies: list[dict[str, Any]] = [
+            *({"type": "reverse", "payload": {"text": t}} for t in texts),
+            *({"type": "sleep", "payload": {"seconds": 0.01}} for _ in range(TASKS)),
+        ]
+        random.shuffle(bodies)  # the two queues' tasks interleaved
+        ids = await asyncio.gather(*(client.submit(body) for body in bodies))
+        assert len(set(ids)) == 2 * TASKS
+        records = await client.wait_finished(ids)
+
+    by_queue: dict[str, list[dict[str, Any]]] = {"default": [], "mail": []}
+    for tid, body in zip(ids, bodies, strict=True):
+        rec = records[tid]
+        assert rec["status"] == "completed", rec
+        queue = "mail" if body["type"] == "reverse" else "default"
+        assert rec["queue"] == queue, rec
+        if queue == "mail":
+            assert rec["result"] == body["payload"]["text"][::-1], rec
+        by_queue[queue].append(rec)
+    for queue, recs in by_queue.items():
+        assert len(recs) == TASKS
+        allowed = {(hostname[queue], pid) for pid in pids[queue]}
+        wrong = [(r["id"], r["worker"]) for r in recs if ran_on(r) not in allowed]
+        assert not wrong, f"{queue} tasks not run on {hostname[queue]} (pids {sorted(pids[queue])}): {wrong}"
+    expected = {(h.host_addr, p) for h in (api_host, mail_host) for p in (RABBIT_PORT, REDIS_PORT)}
+    assert set(forwarder.relayed) == expected, forwarder.relayed
+    await stop_hosts(mail, api)

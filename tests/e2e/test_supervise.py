@@ -1,10 +1,12 @@
-"""`up` under real supervisord, on both backends: process counts, two instances, crashes, reload and shutdown."""
+"""`up` under real supervisord, on both backends: process counts, two instances, queues per instance, crashes,
+reload and shutdown."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -138,6 +140,55 @@ async def test_two_instances_as_two_hosts(
         assert {w["instance"] for w in (await resp.json())["items"]} == {"worker-1"}
 
 
+async def test_each_instance_runs_only_the_queues_it_serves(
+    conf: Callable[..., Path], ups: Callable[..., Up], session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    # Two `up`s on this machine as two hosts, on one config (embedded: one SQLite file beside it).
+    path = conf(
+        queues={"mail": {}},
+        routes={"reverse": "mail"},
+        instances={
+            "local": {"roles": ["api", "worker"], "queues": ["default"], "processes": 1},
+            "worker-mail": {"roles": ["worker"], "queues": ["mail"], "processes": 1},
+        },
+    )
+    local = ups(path, tmp_path / "run-local", "local")
+    mail = ups(path, tmp_path / "run-mail", "worker-mail")
+    local_pid = (await local.wait_running({"api", "worker_00"}))["worker_00"]["pid"]
+    mail_pid = (await mail.wait_running({"worker_00"}))["worker_00"]["pid"]
+    assert local_pid and mail_pid and local_pid != mail_pid
+    base = api_url(path)
+    await wait_api(session, base)
+
+    # Each queue both ways: by [routes] (reverse -> mail, sleep -> default) and by the body's "queue".
+    bodies: list[tuple[str, dict[str, Any]]] = [
+        *(("mail", {"type": "reverse", "payload": {"text": f"mail {i}"}}) for i in range(6)),
+        *(("mail", {"type": "sleep", "payload": {"seconds": 0.01}, "queue": "mail"}) for _ in range(4)),
+        *(("default", {"type": "sleep", "payload": {"seconds": 0.01}}) for _ in range(6)),
+        *(("default", {"type": "reverse", "payload": {"text": f"default {i}"}, "queue": "default"}) for i in range(4)),
+    ]
+    expected = {await submit(session, base, body): queue for queue, body in bodies}
+    tasks = await wait_done(session, base, list(expected))
+    pid_of = {"mail": mail_pid, "default": local_pid}
+    ran = {tid: (t["queue"], int(t["worker"].rsplit(":", 1)[1])) for tid, t in tasks.items()}
+    assert ran == {tid: (queue, pid_of[queue]) for tid, queue in expected.items()}, (ran, pid_of)
+
+    async def one_consumer_each() -> dict[str, int] | None:
+        async with session.get(f"{base}/api/queues") as resp:
+            assert resp.status == 200, await resp.text()
+            consumers = {q["name"]: q["consumers"] for q in (await resp.json())["items"]}
+        return consumers if consumers == {"default": 1, "mail": 1} else None
+
+    try:
+        await wait_for(one_consumer_each, 10, "GET /api/queues to count one consumer on each queue")
+    except AssertionError as e:
+        async with session.get(f"{base}/api/queues") as resp:
+            raise AssertionError(f"{e}: {await resp.text()}") from None
+    async with session.get(f"{base}/api/workers") as resp:
+        workers = {w["pid"]: (w["instance"], w["queues"]) for w in (await resp.json())["items"]}
+    assert workers == {local_pid: ("local", ["default"]), mail_pid: ("worker-mail", ["mail"])}, workers
+
+
 async def test_killed_worker_is_restarted_and_its_task_redelivered(
     conf: Callable[..., Path], ups: Callable[..., Up], session: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
@@ -152,7 +203,7 @@ async def test_killed_worker_is_restarted_and_its_task_redelivered(
 
     async def started() -> bool:
         async with session.get(f"{base}/api/tasks/{tid}") as resp:
-            return (await resp.json())["status"] == "started"
+            return bool((await resp.json())["status"] == "started")
 
     await wait_for(started, 15, "the task to start")
     os.kill(old_pid, signal.SIGKILL)
@@ -191,7 +242,7 @@ async def test_reload_scales_workers_without_losing_tasks(
         await wait_for(lambda: asyncio.sleep(0, len(ids) >= 10), 15, "10 tasks submitted")
         path.write_text(path.read_text().replace("processes = 2", "processes = 4"))
         reload = await asyncio.create_subprocess_exec(
-            os.sys.executable,
+            sys.executable,
             "asyncnode.py",
             "ctl",
             "reload",
@@ -258,12 +309,20 @@ async def test_sigterm_to_up_finishes_tasks_in_hand_and_leaves_no_process(
 async def test_process_crashing_at_start_ends_fatal_and_check_says_so(
     conf: Callable[..., Path], ups: Callable[..., Up], tmp_path: Path
 ) -> None:
-    # A handler module that does not exist makes both roles exit 2 at start, every time.
+    # `up` and `check` import the handler modules first and refuse one that cannot import, so this one
+    # imports there and fails only in the roles they supervise (as a dependency missing from their
+    # environment would): both roles exit 2 at start, every time.
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "crashing_handlers.py").write_text(
+        "import sys\n\nif sys.argv[1:2] in (['api'], ['worker']):\n    import no_such_handlers_module\n"
+    )
     path = conf(
         instances={"local": {"roles": ["api", "worker"], "processes": 1}},
-        handlers={"modules": ["no_such_handlers_module"]},
+        handlers={"modules": ["crashing_handlers"]},
     )
-    up = ups(path, tmp_path / "run")
+    env = {"PYTHONPATH": str(modules)}
+    up = ups(path, tmp_path / "run", env=env)
 
     async def fatal() -> bool:
         procs = await up.processes()
@@ -276,7 +335,7 @@ async def test_process_crashing_at_start_ends_fatal_and_check_says_so(
         (["ctl", "status"], "FATAL"),
     ):
         proc = await asyncio.create_subprocess_exec(
-            os.sys.executable,
+            sys.executable,
             "asyncnode.py",
             *argv,
             "--config",
@@ -284,10 +343,27 @@ async def test_process_crashing_at_start_ends_fatal_and_check_says_so(
             "--run-dir",
             str(up.run_dir),
             cwd=root,
+            env={**os.environ, **env},
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )
         out, _ = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode != 0, out.decode()
         assert expected in out.decode(), out.decode()
-    assert "cannot import 'no_such_handlers_module'" in (up.run_dir / "logs" / "worker_00.log").read_text()
+    for name in ("api", "worker_00"):
+        log = (up.run_dir / "logs" / f"{name}.log").read_text()
+        assert "cannot import 'crashing_handlers': No module named 'no_such_handlers_module'" in log, log
+
+
+async def test_up_refuses_a_handler_module_that_cannot_import(
+    conf: Callable[..., Path], ups: Callable[..., Up], tmp_path: Path
+) -> None:
+    path = conf(
+        instances={"local": {"roles": ["api", "worker"], "processes": 1}},
+        handlers={"modules": ["no_such_handlers_module"]},
+    )
+    up = ups(path, tmp_path / "run")
+    code = await asyncio.to_thread(up.popen.wait, 30)
+    assert code == 2, up.log()
+    assert "cannot import 'no_such_handlers_module'" in up.log(), up.log()
+    assert not (up.run_dir / "supervisor.sock").exists()  # supervisord never started

@@ -44,7 +44,8 @@ soak: install
 
 # Throughput of asyncnode side by side with Celery, Dramatiq, the raw aio-pika + Redis limit and a
 # minimal aiohttp API, in one alternated run (about 12 minutes), then WebSocket fan-out and RSS over
-# 100,000 tasks (about 10 minutes more): the README's figures. The [bench]
+# 100,000 tasks (about 10 minutes more), then what a queue's limit and rate cost per task on both
+# backends (bench/limits.py, about 4 minutes more): the README's figures. The [bench]
 # extras are for comparisons only; asyncnode never needs them. wrk (Debian's) drives the API-alone
 # load; without it the harness falls back to an aiohttp client. Extra flags: make bench BENCH_ARGS='--systems raw,celery'
 bench: install
@@ -57,6 +58,7 @@ bench: install
 	$(PY) bench/throughput.py $(BENCH_ARGS)
 	$(PY) bench/fanout.py --rounds 3 --backend rabbitmq,embedded
 	$(PY) bench/memory.py --backend rabbitmq,embedded
+	$(PY) bench/limits.py --backends rabbitmq,embedded
 
 lint: install
 	$(VENV)/bin/ruff check .

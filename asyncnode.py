@@ -4287,6 +4287,7 @@ class Worker:
                     await self.state.release_slot(env.queue, slot)
                 except STORE_ERRORS as e:  # its lease runs out instead
                     self.log.warning("could not give back a slot of queue %r: %s", env.queue, e)
+                self.wake_waiting()  # this process's tasks waiting their turn ask at once, not at their next poll
 
     async def _execute(self, env: Envelope, headers: Mapping[str, Any], admitted_at: float | None = None) -> None:
         deliveries = _int_header(headers, "x-delivery-count")

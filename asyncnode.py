@@ -10,7 +10,8 @@ Sections, in dependency order (each uses only those above it; banners mark them)
 
     Constants            what several sections share (a constant serving one lives in it)
     Errors               the exception tree, and what each backend raises when away
-    Config               the frozen dataclass tree from config.toml; protected mode's rule
+    Config               the frozen dataclass tree from config.toml (queues, routes, instances);
+                         protected mode's rule
     Handler API          Field, TaskType, task(), load_handlers, TaskContext, run_handler:
                          everything a handler author needs
     Pure core            validation, envelopes, the status machine and plan_change() (the
@@ -23,9 +24,9 @@ Sections, in dependency order (each uses only those above it; banners mark them)
     Services             backend(), stop_event(), retrying() (the one backoff policy),
                          dead-letter requeue and discard
     Role: api            the aiohttp application, the WebSocket hub, run_api()
-    Role: worker         Worker, run_worker()
+    Role: worker         Worker (pauses, admission under a queue's limit and rate), run_worker()
     Role: up             supervisord for one host, and ctl
-    Commands             check, dlq
+    Commands             check, dlq, queues
     Command line         main()
 """
 
@@ -2465,8 +2466,9 @@ class RedisStore:
 # ============================================================================
 # Adapter: SQLite (the embedded backend)
 # ============================================================================
-# Longer than the others (about 650 lines) for a reason: it implements a queue (leases, redelivery,
-# retries, dead letters) as well as a store, where the RabbitMQ adapter leaves the queue to RabbitMQ.
+# Longer than the others (about 770 lines) for a reason: it implements a queue (leases, redelivery,
+# retries, dead letters, per-queue claims) as well as a store (with pauses, limit slots and rate
+# windows), where the RabbitMQ adapter leaves the queue to RabbitMQ.
 # One file shared by the processes of one host, in WAL mode: readers never wait
 # for the writer, and a SIGKILL at any moment leaves every committed write and
 # no half-written one.  Each process has one connection, served by a thread of

@@ -14,19 +14,22 @@ Sections, in dependency order (each uses only those above it; banners mark them)
                          protected mode's rule
     Handler API          Field, TaskType, task(), load_handlers, TaskContext, run_handler:
                          everything a handler author needs
-    Pure core            validation, envelopes, the status machine and plan_change() (the
+    Pure core            validation (with a delay or run_at), envelopes, the status machine and plan_change() (the
                          one home of what a change of state does), queue arguments, retry
                          schedule, access and cross-site rules, supervisord rendering
     Backend interface    TaskQueue and TaskStore, which the roles talk to
     Adapter: RabbitMQ    RabbitQueue
-    Adapter: Redis       RedisStore: makes a planned Change in one Lua call
+    Adapter: Redis       RedisStore: makes a planned Change in one Lua call; holds delayed tasks
+                         and idempotency keys
     Adapter: SQLite      SqliteQueue and SqliteStore on one file; open_backend()
     Services             backend(), stop_event(), retrying() (the one backoff policy),
-                         dead-letter requeue and discard
+                         dead-letter requeue and discard; submit_task and submit_once (an
+                         Idempotency-Key), cancel_task
     Role: api            the aiohttp application, the WebSocket hub, run_api()
-    Role: worker         Worker (pauses, admission under a queue's limit and rate), run_worker()
+    Role: worker         Worker (pauses, cancels, admission under a queue's limit and rate, promotion
+                         of delayed tasks as they fall due), run_worker()
     Role: up             supervisord for one host, and ctl
-    Commands             check, dlq, queues
+    Commands             check, dlq, queues, cancel
     Command line         main()
 """
 
@@ -39,6 +42,7 @@ import dataclasses
 import datetime
 import errno
 import functools
+import hashlib
 import hmac
 import importlib
 import inspect
@@ -165,6 +169,23 @@ class EnvelopeError(AsyncnodeError):
     """A message on the queue is not a task envelope this program can read."""
 
 
+class Refused(AsyncnodeError):
+    """A submission that was not queued (answered 503): why, and the id of the task recorded ``rejected``
+    (None: nothing was recorded)."""
+
+    def __init__(self, message: str, tid: str | None = None) -> None:
+        super().__init__(message)
+        self.tid = tid
+
+
+class KeyConflict(AsyncnodeError):
+    """An Idempotency-Key already used with another request body (answered 422)."""
+
+
+class KeyBusy(AsyncnodeError):
+    """An Idempotency-Key whose first request is still being made after the wait (answered 409)."""
+
+
 class BrokerUnavailable(AsyncnodeError):
     """RabbitMQ could not be reached or did not confirm a publish in time."""
 
@@ -220,6 +241,7 @@ class BrokerConfig:
     no_consumer_exit: float = _opt(60.0, "a worker without a working consumer this long exits non-zero", min=1.0)
     publish_timeout: float = _opt(5.0, "seconds to wait for a publisher confirm", min=0.1)
     connect_timeout: float = _opt(5.0, "seconds to wait for a connection", min=0.1)
+    max_delay: float = _opt(30 * 86400.0, "longest delay (or run_at ahead) a submission may ask for, seconds", min=1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,6 +286,7 @@ class ApiConfig:
     read_token: str = _opt("", "read-only token: the GETs, /ws and the page without actions ($ASYNCNODE_READ_TOKEN)")
     insecure: bool = _opt(False, "serve a non-loopback address with no token (anyone who reaches it may act)")
     allowed_origins: tuple[str, ...] = _opt((), "origins besides the page's own that may open /ws and act")
+    idempotency_ttl: int = _opt(86400, "seconds an Idempotency-Key keeps answering with the task it made", min=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -776,6 +799,9 @@ class TaskContext:
         self.type = ttype
         self.attempt = attempt
         self.config = cfg
+        #: True once the task is cancelled: a sync handler should return soon (it cannot be stopped by force);
+        #: an async one is cancelled at its current await.
+        self.cancelled = False
         self._report = report
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
@@ -848,6 +874,8 @@ SNAPSHOT_FIELDS: Final = (
     "attempts",
     "worker",
     "next_attempt_at",
+    "run_at",
+    "cancelled_by",
 )
 
 
@@ -880,16 +908,54 @@ class Submission:
     payload: dict[str, Any]
     timeout: float | None = None
     queue: str = DEFAULT_QUEUE
+    run_at: float | None = None  #: when it may start (epoch seconds); None: at once
 
 
-def validate_submission(body: JSON, cfg: Config) -> Submission:
-    """Check a ``POST /api/tasks`` body; return its task type, normalised payload and time limit."""
+#: Keys a ``POST /api/tasks`` body may have.
+SUBMISSION_KEYS: Final = ("type", "payload", "timeout", "queue", "delay", "run_at")
+#: Seconds a ``run_at`` may lie in the past (a clock a little behind, a retried request): it runs at once.
+RUN_AT_SLACK: Final = 60.0
+
+
+def run_at_of(body: Mapping[str, JSON], max_delay: float, now: float) -> float | None:
+    """When a submission asks to start: ``delay`` seconds from ``now``, or ``run_at`` (RFC 3339 with a zone, or
+    epoch seconds); None for at once. Raise ValidationError for both, a bad value, or a time beyond ``max_delay``
+    ahead or more than RUN_AT_SLACK behind."""
+    delay, run_at = body.get("delay"), body.get("run_at")
+    if delay is not None and run_at is not None:
+        raise ValidationError("give either 'delay' or 'run_at', not both", "delay")
+    if delay is not None:
+        if isinstance(delay, bool) or not isinstance(delay, int | float) or not 0 < delay <= max_delay:
+            raise ValidationError(f"'delay' must be a number of seconds above 0 and at most {max_delay:g}", "delay")
+        return now + float(delay)
+    if run_at is None:
+        return None
+    when: float | None = None
+    if isinstance(run_at, int | float) and not isinstance(run_at, bool) and math.isfinite(run_at):
+        when = float(run_at)
+    elif isinstance(run_at, str) and len(run_at) <= 64:
+        with contextlib.suppress(ValueError):
+            parsed = datetime.datetime.fromisoformat(run_at)
+            if parsed.tzinfo is None:
+                raise ValidationError("'run_at' needs a time zone (e.g. 2026-01-31T09:00:00Z or +01:00)", "run_at")
+            when = parsed.timestamp()
+    if when is None:
+        raise ValidationError("'run_at' must be an RFC 3339 time with a zone, or epoch seconds", "run_at")
+    if when < now - RUN_AT_SLACK:
+        raise ValidationError(f"'run_at' is more than {RUN_AT_SLACK:g} s in the past", "run_at")
+    if when > now + max_delay:
+        raise ValidationError(f"'run_at' is more than {max_delay:g} s ahead ([broker] max_delay)", "run_at")
+    return when
+
+
+def validate_submission(body: JSON, cfg: Config, now: float | None = None) -> Submission:
+    """Check a ``POST /api/tasks`` body; return its task type, normalised payload, time limit, queue and start."""
     if not isinstance(body, dict):
         raise ValidationError("body must be a JSON object")
-    unknown = set(body) - {"type", "payload", "timeout", "queue"}
+    unknown = set(body) - set(SUBMISSION_KEYS)
     if unknown:
         names = ", ".join(sorted(map(str, unknown)))[:200]
-        raise ValidationError(f"unknown key(s) in body: {names} (expected type, payload, timeout, queue)")
+        raise ValidationError(f"unknown key(s) in body: {names} (expected {', '.join(SUBMISSION_KEYS)})")
     queue = body.get("queue")
     if queue is not None and (not isinstance(queue, str) or queue not in cfg.queues):
         shown = repr(queue[:50]) if isinstance(queue, str) else "not a string"
@@ -908,7 +974,11 @@ def validate_submission(body: JSON, cfg: Config) -> Submission:
         known = ", ".join(sorted(REGISTRY))
         raise ValidationError(f"unknown task type {ttype_name[:100]!r} (known: {known})", "type")
     payload = validate_payload(ttype, body.get("payload", {}), cfg)
-    return Submission(ttype, payload, None if timeout is None else float(timeout), queue or queue_of(cfg, ttype))
+    run_at = None
+    if "delay" in body or "run_at" in body:
+        run_at = run_at_of(body, cfg.broker.max_delay, time.time() if now is None else now)
+    limit_s = None if timeout is None else float(timeout)
+    return Submission(ttype, payload, limit_s, queue or queue_of(cfg, ttype), run_at)
 
 
 def validate_payload(ttype: TaskType, payload: JSON, cfg: Config) -> dict[str, Any]:
@@ -1032,11 +1102,14 @@ def blank_record(tid: str) -> dict[str, JSON]:
 
 
 #: Statuses a task may be started from ("": no record, e.g. expired or lost with Redis); a task in any other
-#: (completed, failed) is finished, and a redelivery of it is acknowledged without running it. "rejected":
-#: the API answered 503, yet RabbitMQ may hold the message after all (a confirm lost in time), and then it runs.
-RUNNABLE: Final = ("", "pending", "retrying", "started", "rejected")
+#: (completed, failed, cancelled) is finished, and a delivery of it is acknowledged without running it.
+#: "rejected": the API answered 503, yet RabbitMQ may hold the message after all (a confirm lost in time), and
+#: then it runs.
+RUNNABLE: Final = ("", "pending", "scheduled", "retrying", "started", "rejected")
+#: Statuses a task can be cancelled in: it has not finished (a running one is stopped where it runs).
+CANCELLABLE: Final = ("pending", "scheduled", "retrying", "started")
 #: Fields of an update kept in a task's timeline.
-HISTORY_FIELDS: Final = frozenset({"attempt", "attempts", "error", "worker", "next_attempt_at"})
+HISTORY_FIELDS: Final = frozenset({"attempt", "attempts", "error", "worker", "next_attempt_at", "cancelled_by"})
 #: Fields cleared when a dead letter is requeued as a fresh task.
 RESET_FIELDS: Final = (
     "result",
@@ -1069,14 +1142,18 @@ class Transition:
 #: Every kind of change of a task's state, by name.
 TRANSITIONS: Final[Mapping[str, Transition]] = {
     "submitted": Transition("pending", public=("queue", "attempts"), stamp="created_at", new=True),
+    # Submitted with a delay: held (not queued) until its run_at.
+    "scheduled": Transition("scheduled", public=("queue", "attempts", "run_at"), stamp="created_at", new=True),
     "requeued": Transition("pending", public=("queue", "attempts"), reset=True),
     "started": Transition("started", after=RUNNABLE, public=("worker",), stamp="started_at", counter="attempts"),
     # Guarded on "started": a late progress write never overwrites a final state.
     "progress": Transition("started", after=("started",), public=("progress", "note"), timeline=False),
-    "retrying": Transition("retrying", public=("error", "next_attempt_at", "attempt")),
-    "completed": Transition("completed", public=("result",), stamp="finished_at", final=True),
-    "failed": Transition("failed", public=("error",), stamp="finished_at", final=True),
+    # The outcomes of a run are guarded on RUNNABLE: one that ends after a cancel never overwrites it.
+    "retrying": Transition("retrying", after=RUNNABLE, public=("error", "next_attempt_at", "attempt")),
+    "completed": Transition("completed", after=RUNNABLE, public=("result",), stamp="finished_at", final=True),
+    "failed": Transition("failed", after=RUNNABLE, public=("error",), stamp="finished_at", final=True),
     "rejected": Transition("rejected", public=("error",), stamp="finished_at", final=True),
+    "cancelled": Transition("cancelled", after=CANCELLABLE, public=("cancelled_by",), stamp="cancelled_at", final=True),
 }
 
 
@@ -1556,11 +1633,42 @@ class TaskStore(Protocol):
     async def release_slot(self, queue: str, token: str) -> None:
         """Give back the limit slot ``token`` of ``queue``."""
 
+    async def leave_line(self, queue: str, token: str) -> None:
+        """Give up the place ``token`` holds in the line of ``queue`` (it was not admitted)."""
+
     async def renew_slots(self, slots: Mapping[str, str], lease: float) -> None:
         """Extend the leases of the slots held (token -> queue) by ``lease`` seconds from now."""
 
     async def status_of(self, tid: str) -> str | None:
         """Just the status of a task."""
+
+    async def statuses(self, ids: Iterable[str]) -> dict[str, str | None]:
+        """The status of each task of ``ids`` (None: no record), in one round trip."""
+
+    async def hold(self, envelope: Envelope, run_at: float) -> None:
+        """Keep a task durably, out of every queue, until ``run_at`` (then it is queued: see take_due)."""
+
+    async def take_due(self, limit: int, lease: float) -> tuple[list[tuple[str, bytes]], float] | None:
+        """Up to ``limit`` held tasks now due, as (id, envelope), each kept from other takers for ``lease``
+        seconds (publish them, then call promoted); and the seconds until the next is due. None: this store
+        queues held tasks itself when due, and no one needs to promote them."""
+
+    async def promoted(self, ids: Iterable[str]) -> None:
+        """Forget held tasks that are now queued (or cancelled)."""
+
+    async def held_counts(self) -> dict[str, int]:
+        """How many tasks each queue holds until their run_at."""
+
+    async def claim_key(self, key: str, fingerprint: str, hold: float) -> dict[str, JSON] | None:
+        """Claim an idempotency key for a submission whose body has ``fingerprint``, for ``hold`` seconds while it
+        is made: None if claimed; else what the key holds, ``{"fp": ..., "response": ...}`` (no response: the
+        claim of another request still in flight)."""
+
+    async def settle_key(self, key: str, fingerprint: str, response: Mapping[str, JSON], ttl: float) -> None:
+        """Keep the answer to a key's submission for ``ttl`` seconds (replayed to later requests with it)."""
+
+    async def release_key(self, key: str) -> None:
+        """Drop a claimed key whose submission was refused (its request may be retried)."""
 
     async def attempts_of(self, tid: str) -> int:
         """How many runs of a task have started."""
@@ -2029,12 +2137,20 @@ SLOTS_SUFFIX: Final = "~slots:"
 STARTS_SUFFIX: Final = "~starts:"
 LINE_SUFFIX: Final = "~line:"
 SEEN_SUFFIX: Final = "~seen:"
+#: Suffixes, after ``[redis] key_prefix``, of a queue's sorted set of tasks held until their run_at (id -> run_at,
+#: ``<prefix>~scheduled:<queue>``) and of the hash of their envelopes (id -> envelope), and of an idempotency
+#: key's entry (``<prefix>~idem:<key>``).
+SCHEDULED_SUFFIX: Final = "~scheduled:"
+SCHEDULED_ENV_SUFFIX: Final = "~scheduled-env"
+IDEMPOTENCY_SUFFIX: Final = "~idem:"
 #: Pipelines of state writes one process has in flight at once (the rest wait and go out together).
 REDIS_PIPELINES: Final = 8
 #: Fields of a task that hold JSON rather than text in its Redis hash.
 JSON_FIELDS: Final = frozenset({"payload", "result"})
 #: Fields of a task that hold numbers in its Redis hash.
-FLOAT_FIELDS: Final = frozenset({"created_at", "started_at", "finished_at", "progress", "ts", "next_attempt_at"})
+FLOAT_FIELDS: Final = frozenset(
+    {"created_at", "started_at", "finished_at", "progress", "ts", "next_attempt_at", "run_at", "cancelled_at"}
+)
 INT_FIELDS: Final = frozenset({"attempts", "seq", "attempt", "retries"})
 
 # The one script behind every change of a task's state: it makes a Change (see plan_change) atomically
@@ -2151,6 +2267,38 @@ return 0
 """
 
 
+# Taking the held tasks now due, on Redis's clock: each is pushed a lease ahead in its set, so that no other
+# promoter takes it while this one publishes it (then promoted() drops it; should this one die first, the next
+# takes it once the lease is over: a task is queued at least once).
+#   KEYS[1] the envelopes of held tasks, KEYS[2..] each queue's set of held tasks (id -> run_at);
+#   ARGV[1] most to take; ARGV[2] lease, s.
+#   Returns {now, the next run_at in the sets ('' = none), id, envelope, id, envelope, ...} (times as text).
+_TAKE_DUE_LUA: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local left, lease = tonumber(ARGV[1]), tonumber(ARGV[2])
+local out = {string.format('%.6f', now), ''}
+local nearest = nil
+for k = 2, #KEYS do
+  if left > 0 then
+    local due = redis.call('ZRANGEBYSCORE', KEYS[k], '-inf', now, 'LIMIT', 0, left)
+    for _, id in ipairs(due) do
+      redis.call('ZADD', KEYS[k], now + lease, id)
+      out[#out + 1] = id
+      out[#out + 1] = redis.call('HGET', KEYS[1], id) or ''
+    end
+    left = left - #due
+  end
+  local nxt = redis.call('ZRANGE', KEYS[k], 0, 0, 'WITHSCORES')
+  if nxt[2] and (nearest == nil or tonumber(nxt[2]) < nearest) then
+    nearest = tonumber(nxt[2])
+    out[2] = nxt[2]
+  end
+end
+return out
+"""
+
+
 def encode_fields(fields: Mapping[str, JSON]) -> list[str]:
     """Flatten a task's fields to the strings stored in its Redis hash (None is skipped)."""
     flat: list[str] = []
@@ -2184,7 +2332,7 @@ class RedisStore:
     name = "redis"
     label = "task store (Redis)"
 
-    def __init__(self, cfg: RedisConfig) -> None:
+    def __init__(self, cfg: RedisConfig, queues: Iterable[str] = (DEFAULT_QUEUE,)) -> None:
         self.cfg = cfg
         self.client: aioredis.Redis = aioredis.from_url(
             cfg.url, decode_responses=True, socket_connect_timeout=5, health_check_interval=15
@@ -2192,7 +2340,10 @@ class RedisStore:
         self._update = self.client.register_script(_UPDATE_LUA)
         self._admit = self.client.register_script(_ADMIT_LUA)
         self._renew = self.client.register_script(_RENEW_LUA)
+        self._take_due = self.client.register_script(_TAKE_DUE_LUA)
         self.paused_key = cfg.key_prefix + PAUSED_SUFFIX
+        self.held_env_key = cfg.key_prefix + SCHEDULED_ENV_SUFFIX
+        self.held_keys = {q: cfg.key_prefix + SCHEDULED_SUFFIX + q for q in queues}  # queue -> its held tasks
         self._queued: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
         self._flushes: set[asyncio.Task[None]] = set()
         self._idle: list[aioredis.Connection] = []  # the pipelines' connections between two of them
@@ -2388,11 +2539,78 @@ class RedisStore:
         return (LIMIT_POLL if wait < 0 else wait / 1000), now / 1000
 
     async def release_slot(self, queue: str, token: str) -> None:
-        """Give back the slot ``token`` of ``queue``, or its place in the line."""
+        """Give back the slot ``token`` of ``queue``."""
+        await self.client.zrem(self.cfg.key_prefix + SLOTS_SUFFIX + queue, token)
+
+    async def leave_line(self, queue: str, token: str) -> None:
+        """Leave the line of ``queue`` (and its latest asks)."""
         async with self.client.pipeline(transaction=False) as pipe:
-            for suffix in (SLOTS_SUFFIX, LINE_SUFFIX, SEEN_SUFFIX):
+            for suffix in (LINE_SUFFIX, SEEN_SUFFIX):
                 pipe.zrem(self.cfg.key_prefix + suffix + queue, token)
             await pipe.execute()
+
+    async def statuses(self, ids: Iterable[str]) -> dict[str, str | None]:
+        """Each task's status, in one pipeline."""
+        ids = list(ids)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for tid in ids:
+                pipe.hget(self.key(tid), "status")
+            return dict(zip(ids, await pipe.execute(), strict=True))
+
+    async def hold(self, envelope: Envelope, run_at: float) -> None:
+        """Add the task to the held set at ``run_at``, and its envelope beside it, atomically (MULTI)."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(self.held_env_key, envelope.id, envelope.encode().decode())
+            pipe.zadd(self.cfg.key_prefix + SCHEDULED_SUFFIX + envelope.queue, {envelope.id: run_at})
+            await pipe.execute()
+
+    async def take_due(self, limit: int, lease: float) -> tuple[list[tuple[str, bytes]], float] | None:
+        """The held tasks due on Redis's clock, each leased for ``lease`` seconds (_TAKE_DUE_LUA)."""
+        keys = [self.held_env_key, *self.held_keys.values()]
+        reply = cast(list[str], await self._take_due(keys=keys, args=[limit, lease]))
+        now, following = float(reply[0]), reply[1]
+        items = [(reply[i], reply[i + 1].encode()) for i in range(2, len(reply), 2)]
+        return items, (max(float(following) - now, 0.0) if following else math.inf)
+
+    async def held_counts(self) -> dict[str, int]:
+        """The size of each queue's held set."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key in self.held_keys.values():
+                pipe.zcard(key)
+            return dict(zip(self.held_keys, map(int, await pipe.execute()), strict=True))
+
+    async def promoted(self, ids: Iterable[str]) -> None:
+        """Drop the held tasks ``ids`` and their envelopes."""
+        ids = list(ids)
+        if ids:
+            async with self.client.pipeline(transaction=True) as pipe:
+                for key in self.held_keys.values():
+                    pipe.zrem(key, *ids)
+                pipe.hdel(self.held_env_key, *ids)
+                await pipe.execute()
+
+    def _key_entry(self, key: str) -> str:
+        return self.cfg.key_prefix + IDEMPOTENCY_SUFFIX + key
+
+    async def claim_key(self, key: str, fingerprint: str, hold: float) -> dict[str, JSON] | None:
+        """SET NX the key's entry, in flight for ``hold`` seconds; else what it holds."""
+        entry = self._key_entry(key)
+        for _ in range(3):  # the entry may expire between the SET and the GET
+            if await self.client.set(entry, dumps({"fp": fingerprint}), nx=True, px=max(round(hold * 1000), 1)):
+                return None
+            raw = cast(str | None, await self.client.get(entry))
+            if raw is not None:
+                return cast(dict[str, JSON], loads(raw))
+        return {"fp": fingerprint}  # taken and dropped over and over: another request is at it
+
+    async def settle_key(self, key: str, fingerprint: str, response: Mapping[str, JSON], ttl: float) -> None:
+        """Keep the key's answer for ``ttl`` seconds."""
+        value = dumps({"fp": fingerprint, "response": dict(response)})
+        await self.client.set(self._key_entry(key), value, px=max(round(ttl * 1000), 1))
+
+    async def release_key(self, key: str) -> None:
+        """Drop the key's entry."""
+        await self.client.delete(self._key_entry(key))
 
     async def renew_slots(self, slots: Mapping[str, str], lease: float) -> None:
         """Extend the slots held (token -> queue) to ``lease`` seconds from now, on Redis's clock."""
@@ -2466,9 +2684,9 @@ class RedisStore:
 # ============================================================================
 # Adapter: SQLite (the embedded backend)
 # ============================================================================
-# Longer than the others (about 770 lines) for a reason: it implements a queue (leases, redelivery,
-# retries, dead letters, per-queue claims) as well as a store (with pauses, limit slots and rate
-# windows), where the RabbitMQ adapter leaves the queue to RabbitMQ.
+# Longer than the others (about 840 lines) for a reason: it implements a queue (leases, redelivery,
+# retries, delays, dead letters, per-queue claims) as well as a store (with pauses, limit slots, rate
+# windows and idempotency keys), where the RabbitMQ adapter leaves the queue to RabbitMQ.
 # One file shared by the processes of one host, in WAL mode: readers never wait
 # for the writer, and a SIGKILL at any moment leaves every committed write and
 # no half-written one.  Each process has one connection, served by a thread of
@@ -2506,6 +2724,7 @@ _SCHEMA: Final = (
     "CREATE INDEX IF NOT EXISTS starts_at ON starts (queue, at)",
     "CREATE TABLE IF NOT EXISTS line (token TEXT PRIMARY KEY, queue TEXT NOT NULL, first REAL NOT NULL, "
     "seen REAL NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS idempotency (key TEXT PRIMARY KEY, entry TEXT NOT NULL, expires_at REAL NOT NULL)",
 )
 
 _Job: TypeAlias = tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any], bool]
@@ -2527,6 +2746,16 @@ def _rows(conn: sqlite3.Connection, sql: str, *params: Any) -> list[Any]:
 def _changed(conn: sqlite3.Connection, sql: str, *params: Any) -> int:
     """How many rows ``sql`` changed."""
     return conn.execute(sql, params).rowcount
+
+
+def _insert_message(
+    conn: sqlite3.Connection, queue: str, envelope: Envelope, headers: Mapping[str, Any] | None, ready_at: float
+) -> None:
+    """Queue ``envelope`` on ``queue`` (its name in the file), claimable from ``ready_at`` on."""
+    conn.execute(
+        "INSERT INTO messages (queue, task_id, body, headers, ready_at) VALUES (?, ?, ?, ?, ?)",
+        (queue, envelope.id, envelope.encode(), dumps(dict(headers or {})), ready_at),
+    )
 
 
 def _settle_soon(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -2721,30 +2950,26 @@ class SqliteQueue:
         await self._guarded(self.db.read(_rows, "SELECT 1"))
         return self.db
 
-    def _insert(self, conn: sqlite3.Connection, queue: str, envelope: Envelope, headers: Any, ready_at: float) -> None:
-        conn.execute(
-            "INSERT INTO messages (queue, task_id, body, headers, ready_at) VALUES (?, ?, ?, ?, ?)",
-            (queue, envelope.id, envelope.encode(), dumps(dict(headers or {})), ready_at),
-        )
-
     async def publish(
         self, envelope: Envelope, routing_key: str | None = None, headers: Mapping[str, Any] | None = None
     ) -> None:
         """Queue a task (on its own queue by default); it is committed to the file when this returns."""
         queue = routing_key or self.config.broker_name(envelope.queue)
-        await self._guarded(self.db.write(self._insert, queue, envelope, headers, 0.0), "task queue refused the task")
+        write = self.db.write(_insert_message, queue, envelope, headers, 0.0)
+        await self._guarded(write, "task queue refused the task")
         self._wake.set()
 
     async def publish_later(self, envelope: Envelope, delay: float, headers: Mapping[str, Any]) -> None:
         """Queue a task that no worker may claim for ``delay`` seconds."""
         when = time.time() + delay
         queue = self.config.broker_name(envelope.queue)
-        await self._guarded(self.db.write(self._insert, queue, envelope, headers, when), "task queue refused the retry")
+        write = self.db.write(_insert_message, queue, envelope, headers, when)
+        await self._guarded(write, "task queue refused the retry")
 
     async def dead_letter(self, envelope: Envelope, headers: Mapping[str, Any]) -> None:
         """Put a task in the dead-letter queue."""
         await self._guarded(
-            self.db.write(self._insert, self.dlq, envelope, headers, 0.0), "task queue refused the dead letter"
+            self.db.write(_insert_message, self.dlq, envelope, headers, 0.0), "task queue refused the dead letter"
         )
 
     def _claim(
@@ -2960,7 +3185,8 @@ class SqliteQueue:
         """Per queue (by its name in the file): tasks ready, held by a worker, and waiting to retry."""
         rows = conn.execute(
             "SELECT queue, COALESCE(SUM(holder IS NULL AND ready_at <= ?1), 0), COALESCE(SUM(holder IS NOT NULL), 0), "
-            "COALESCE(SUM(holder IS NULL AND ready_at > ?1), 0) FROM messages GROUP BY queue",
+            "COALESCE(SUM(holder IS NULL AND ready_at > ?1 AND json_extract(headers, '$.\"x-retries\"') IS NOT NULL), "
+            "0) FROM messages GROUP BY queue",
             (now,),
         ).fetchall()
         return {queue: (ready, held, waiting) for queue, ready, held, waiting in rows}
@@ -2999,9 +3225,10 @@ class SqliteStore:
     name = "sqlite"
     label = "task store (SQLite)"
 
-    def __init__(self, db: Database, tasks: TasksConfig) -> None:
+    def __init__(self, db: Database, cfg: Config) -> None:
         self.db = db
-        self.tasks = tasks
+        self.config = cfg
+        self.tasks = cfg.tasks
         self._next_prune = 0.0
 
     @staticmethod
@@ -3127,13 +3354,8 @@ class SqliteStore:
         return cast(tuple[float, float], await self.db.write(self._admit, queue, token, limit, rate, lease))
 
     async def release_slot(self, queue: str, token: str) -> None:
-        """Give back the slot ``token``, or its place in the line."""
-
-        def release(conn: sqlite3.Connection) -> None:
-            conn.execute("DELETE FROM slots WHERE token = ?", (token,))
-            conn.execute("DELETE FROM line WHERE token = ?", (token,))
-
-        await self.db.write(release)
+        """Give back the slot ``token``."""
+        await self.db.write(_changed, "DELETE FROM slots WHERE token = ?", token)
 
     async def renew_slots(self, slots: Mapping[str, str], lease: float) -> None:
         """Extend the slots held to ``lease`` seconds from now."""
@@ -3141,6 +3363,69 @@ class SqliteStore:
             until = time.time() + lease
             renew = "UPDATE slots SET expires_at = ? WHERE token = ?"
             await self.db.write(lambda conn: conn.executemany(renew, [(until, token) for token in slots]))
+
+    async def leave_line(self, queue: str, token: str) -> None:
+        """Leave the line of ``queue``."""
+        await self.db.write(_changed, "DELETE FROM line WHERE token = ?", token)
+
+    async def statuses(self, ids: Iterable[str]) -> dict[str, str | None]:
+        """Each task's status, in one query."""
+        found = dict.fromkeys(ids)
+        if found:
+            marks = ",".join("?" * len(found))
+            query = f"SELECT id, json_extract(record, '$.status') FROM tasks WHERE id IN ({marks})"
+            found.update(await self.db.read(_rows, query, *found))
+        return found
+
+    async def hold(self, envelope: Envelope, run_at: float) -> None:
+        """Queue the task's message claimable from ``run_at`` on: the file holds it, and no one promotes it."""
+        queue = self.config.broker_name(envelope.queue)
+        await self.db.write(_insert_message, queue, envelope, {}, run_at)
+
+    async def take_due(self, limit: int, lease: float) -> tuple[list[tuple[str, bytes]], float] | None:
+        """None: held tasks are messages that become claimable on time by themselves."""
+        return None
+
+    async def held_counts(self) -> dict[str, int]:
+        """The messages of each queue not claimable before their run_at (those waiting to retry aside)."""
+        query = (
+            "SELECT queue, COUNT(*) FROM messages WHERE holder IS NULL AND ready_at > ? "
+            "AND json_extract(headers, '$.\"x-retries\"') IS NULL GROUP BY queue"
+        )
+        counts = dict(await self.db.read(_rows, query, time.time()))
+        return {q: counts.get(self.config.broker_name(q), 0) for q in self.config.queues}
+
+    async def promoted(self, ids: Iterable[str]) -> None:
+        """Drop the messages of ``ids`` that wait unclaimed in a work queue (cancelled: no one needs them)."""
+        ids = list(ids)
+        if ids:
+            marks = ",".join("?" * len(ids))
+            drop = f"DELETE FROM messages WHERE task_id IN ({marks}) AND holder IS NULL AND queue != ?"
+            await self.db.write(_changed, drop, *ids, self.config.broker.queue + DLQ_SUFFIX)
+
+    @staticmethod
+    def _claim_key(conn: sqlite3.Connection, key: str, fingerprint: str, until: float, now: float) -> str | None:
+        conn.execute("DELETE FROM idempotency WHERE key = ? AND expires_at <= ?", (key, now))
+        insert = "INSERT OR IGNORE INTO idempotency (key, entry, expires_at) VALUES (?, ?, ?)"
+        if conn.execute(insert, (key, dumps({"fp": fingerprint}), until)).rowcount:
+            return None
+        return cast(str, conn.execute("SELECT entry FROM idempotency WHERE key = ?", (key,)).fetchone()[0])
+
+    async def claim_key(self, key: str, fingerprint: str, hold: float) -> dict[str, JSON] | None:
+        """Insert the key's row, in flight for ``hold`` seconds, unless a live one is there: then what it holds."""
+        now = time.time()
+        raw = await self.db.write(self._claim_key, key, fingerprint, now + hold, now)
+        return None if raw is None else cast(dict[str, JSON], loads(raw))
+
+    async def settle_key(self, key: str, fingerprint: str, response: Mapping[str, JSON], ttl: float) -> None:
+        """Keep the key's answer for ``ttl`` seconds."""
+        value = dumps({"fp": fingerprint, "response": dict(response)})
+        upsert = "INSERT OR REPLACE INTO idempotency (key, entry, expires_at) VALUES (?, ?, ?)"
+        await self.db.write(_changed, upsert, key, value, time.time() + ttl)
+
+    async def release_key(self, key: str) -> None:
+        """Drop the key's row."""
+        await self.db.write(_changed, "DELETE FROM idempotency WHERE key = ?", key)
 
     async def _field(self, tid: str, name: str) -> Any:
         rows = await self.db.read(_rows, "SELECT record FROM tasks WHERE id = ?", tid)
@@ -3188,6 +3473,7 @@ class SqliteStore:
         conn.execute("DELETE FROM workers WHERE expires_at < ?", (now,))
         conn.execute("DELETE FROM slots WHERE expires_at < ?", (now,))
         conn.execute("DELETE FROM line WHERE seen < ?", (now - LINE_PATIENCE,))
+        conn.execute("DELETE FROM idempotency WHERE expires_at < ?", (now,))
         conn.execute("DELETE FROM starts WHERE at < ?", (now - max(RATE_WINDOWS.values()),))
 
     async def beat(self, worker_id: str, info: Mapping[str, JSON], ttl: float) -> None:
@@ -3233,8 +3519,8 @@ def open_backend(cfg: Config, role: str) -> tuple[TaskQueue, TaskStore]:
         # commits are ordered, so a power loss can only take back its latest steps, and a task whose
         # completion or ack is taken back is run again (at least once, as with RabbitMQ).
         db = Database(cfg, "normal" if role == "worker" else cfg.embedded.synchronous)
-        return SqliteQueue(db, cfg, role), SqliteStore(db, cfg.tasks)
-    return RabbitQueue(cfg, role), RedisStore(cfg.redis)
+        return SqliteQueue(db, cfg, role), SqliteStore(db, cfg)
+    return RabbitQueue(cfg, role), RedisStore(cfg.redis, cfg.queues)
 
 
 # ============================================================================
@@ -3344,6 +3630,115 @@ async def requeue_dead_letters(queue: TaskQueue, store: TaskStore, cfg: Config, 
         await queue.publish(dataclasses.replace(env, created_at=env.created_at or change.at, queue=home))
 
     return await queue.take_dead_letters(lambda item: task_id is None or item["id"] == task_id, take)
+
+
+#: What an ``Idempotency-Key`` may be: 1 to 200 printable ASCII characters.
+IDEMPOTENCY_KEY: Final = re.compile(r"[\x20-\x7e]{1,200}")
+#: Seconds between two looks at a key whose first request is still in flight.
+KEY_POLL: Final = 0.02
+
+
+def body_fingerprint(body: JSON) -> str:
+    """What identifies a request body for its Idempotency-Key: the SHA-256 of its JSON with sorted keys."""
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+async def submit_task(
+    broker: TaskQueue, store: TaskStore, cfg: Config, sub: Submission, fields: Mapping[str, JSON] | None = None
+) -> dict[str, JSON]:
+    """Record a valid submission, then queue it durably (a confirmed publish), or hold it until its ``run_at``;
+    return the 202's body. Raise Refused if it could not be (a task recorded first is then recorded rejected).
+    ``fields``: more of the record (a schedule's name and slot)."""
+    tid, ttype = new_task_id(), sub.type.name
+    record: dict[str, JSON] = {"payload": sub.payload, "queue": sub.queue, **(fields or {})}
+    if sub.run_at is not None:
+        record["run_at"] = sub.run_at
+    change = plan_change("submitted" if sub.run_at is None else "scheduled", tid, ttype, record, tasks=cfg.tasks)
+    try:
+        await store.apply(change)
+    except STORE_ERRORS as e:
+        raise Refused(f"{store.label} unavailable; nothing was queued, retry later") from e
+    env = Envelope(tid, ttype, sub.payload, sub.timeout, change.at, sub.queue)
+    try:
+        if sub.run_at is None:
+            await broker.publish(env)
+        else:
+            await store.hold(env, sub.run_at)
+    except (BrokerUnavailable, *STORE_ERRORS) as e:
+        with contextlib.suppress(*STORE_ERRORS):
+            await store.apply(plan_change("rejected", tid, ttype, {"error": str(e)}, tasks=cfg.tasks))
+        raise Refused(f"task not queued: {e}; retry later", tid) from e
+    body: dict[str, JSON] = {"id": tid, "status": change.status, "queue": sub.queue}
+    if sub.run_at is not None:
+        body["run_at"] = sub.run_at
+    return body
+
+
+async def submit_once(
+    broker: TaskQueue,
+    store: TaskStore,
+    cfg: Config,
+    sub: Submission,
+    key: str,
+    fingerprint: str,
+    fields: Mapping[str, JSON] | None = None,
+) -> tuple[bool, dict[str, JSON]]:
+    """Submit under an idempotency key: (True, the 202's body) for its first request, (False, that same body)
+    for each later one within ``[api] idempotency_ttl``; KeyConflict for another body, KeyBusy if the first is
+    still being made after the longest it can take, Refused (the key is then free again) if it was not queued.
+
+    The key is claimed in the store before anything is made, so requests racing each other, on any API
+    process, make one task: the others wait for the first one's answer (polled: no event spans processes)."""
+    # Longest the first request can take: a store write that waits out the file's lock, then a publish.
+    hold = SQLITE_BUSY_TIMEOUT + cfg.broker.connect_timeout + cfg.broker.publish_timeout + 5.0
+    deadline = time.monotonic() + hold
+    while True:
+        try:
+            entry = await store.claim_key(key, fingerprint, hold)
+        except STORE_ERRORS as e:
+            raise Refused(f"{store.label} unavailable; nothing was queued, retry later") from e
+        if entry is None:
+            break
+        if entry.get("fp") != fingerprint:
+            raise KeyConflict(f"Idempotency-Key {key!r} was already used with a different request body")
+        if isinstance(response := entry.get("response"), dict):
+            return False, response
+        if time.monotonic() >= deadline:
+            raise KeyBusy(f"the first request with Idempotency-Key {key!r} is still being made; retry later")
+        await asyncio.sleep(KEY_POLL)
+    try:
+        body = await submit_task(broker, store, cfg, sub, fields)
+    except BaseException:
+        with contextlib.suppress(*STORE_ERRORS):
+            await store.release_key(key)
+        raise
+    try:
+        await store.settle_key(key, fingerprint, body, cfg.api.idempotency_ttl)
+    except STORE_ERRORS as e:  # the claim still answers "in flight" until it expires; then the key is free
+        log.warning("Idempotency-Key %r of task %s not kept: %s", key, body["id"], e)
+    return True, body
+
+
+async def cancel_task(store: TaskStore, cfg: Config, tid: str, by: Mapping[str, JSON]) -> tuple[bool, str | None]:
+    """Cancel task ``tid`` wherever it is: (True, "cancelled") if this call did; else (False, its status), or
+    (False, None) for no such task. ``by``: who (``cancelled_by`` and the client's details), kept in its record.
+
+    The record says ``cancelled`` at once, durably: no worker starts it from then on (a delivery of it is
+    acknowledged unrun), and the worker running it, on any host, stops it within a second (Worker.watch)."""
+    for _ in range(3):  # it may change between the read and the guarded write (started, finished)
+        rec = await store.get(tid)
+        status = rec.get("status") if rec is not None else None
+        if rec is None or not status:
+            return False, None
+        if status not in CANCELLABLE:
+            return False, str(status)
+        queue = str(rec.get("queue") or DEFAULT_QUEUE) if len(cfg.queues) > 1 else ""
+        change = plan_change("cancelled", tid, str(rec.get("type")), by, tasks=cfg.tasks, queue=queue)
+        if await store.apply(change) is not None:
+            await store.promoted([tid])  # a held (delayed) task is dropped; the file drops a waiting message too
+            return True, "cancelled"
+    return False, await store.status_of(tid)
 
 
 async def discard_dead_letter(queue: TaskQueue, task_id: str) -> int:
@@ -3474,8 +3869,8 @@ def _json_response(data: JSON, *, status: int = 200, headers: Mapping[str, str] 
     return web.json_response(data, status=status, headers=headers, dumps=dumps)
 
 
-def _json_error(status: int, message: str, **extra: JSON) -> web.Response:
-    return _json_response({"error": message, **extra}, status=status)
+def _json_error(code: int, message: str, **extra: JSON) -> web.Response:
+    return _json_response({"error": message, **extra}, status=code)
 
 
 _Handler: TypeAlias = "Callable[[web.Request], Awaitable[web.StreamResponse]]"
@@ -3573,25 +3968,97 @@ async def api_submit(request: web.Request) -> web.Response:
     except ValidationError as e:
         extra = {"field": e.field} if e.field else {}
         return _json_error(400, str(e), **extra)
-    tid = new_task_id()
-    ttype, payload, queue = sub.type, sub.payload, sub.queue
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
+        return _json_error(400, "Idempotency-Key must be 1 to 200 printable ASCII characters")
+    app = request.app
+    try:
+        if key is None:
+            created, answer = True, await submit_task(app[BROKER_KEY], app[STATE_KEY], cfg, sub)
+        else:
+            fingerprint = body_fingerprint(body)
+            created, answer = await submit_once(app[BROKER_KEY], app[STATE_KEY], cfg, sub, key, fingerprint)
+    except Refused as e:
+        log.getChild("api").warning("refusing a task: %s", e)
+        return _json_error(503, str(e), **({"id": e.tid} if e.tid else {}))
+    except KeyConflict as e:
+        return _json_error(422, str(e), key=key)
+    except KeyBusy as e:
+        return _json_error(409, str(e), key=key)
+    return _json_response(answer, status=202 if created else 200, headers={"Location": f"/api/tasks/{answer['id']}"})
+
+
+def _cancelled_by(request: web.Request) -> dict[str, JSON]:
+    """Who cancels, as the task's record keeps it: the API, the client's address, the kind of token."""
+    access = access_of(request.app[CFG_KEY].api, request.headers.get("Authorization"), None)
+    token = "operator" if access == "operator" else "none"
+    return {"cancelled_by": "api", "cancelled_client": request.remote, "cancelled_token": token}
+
+
+async def api_cancel(request: web.Request) -> web.Response:
+    """``POST /api/tasks/<id>/cancel``: cancel a task that has not finished, wherever it waits or runs."""
+    tid = request.match_info["id"]
+    if not TASK_ID.fullmatch(tid):
+        return _json_error(404, f"no task with id {tid[:64]!r}")
     state = request.app[STATE_KEY]
-    fields = {"payload": payload, "queue": queue}
-    change = plan_change("submitted", tid, ttype.name, fields, tasks=cfg.tasks)
     try:
-        await state.apply(change)
-    except STORE_ERRORS as e:
-        log.getChild("api").warning("%s unavailable, refusing task: %s", state.label, e)
-        return _json_error(503, f"{state.label} unavailable; nothing was queued, retry later")
+        done, status = await cancel_task(state, request.app[CFG_KEY], tid, _cancelled_by(request))
+    except STORE_ERRORS:
+        return _json_error(503, f"{state.label} unavailable; nothing was cancelled")
+    if status is None:
+        return _json_error(404, f"no task with id {tid!r}")
+    if not done:
+        return _json_error(409, f"task {tid} is already {status}", id=tid, status=status)
+    log.getChild("api").info("task %s cancelled by %s", tid, request.remote)
+    return _json_response({"id": tid, "status": status})
+
+
+#: Keys of a ``POST /api/tasks/cancel`` body: ids, or a filter.
+CANCEL_FILTERS: Final = ("status", "type", "queue")
+
+
+async def api_cancel_many(request: web.Request) -> web.Response:
+    """``POST /api/tasks/cancel``: cancel the tasks ``{"ids": [...]}`` lists, or those among the recent tasks a
+    filter ``{"status", "type", "queue"}`` matches; answer how many were cancelled and skipped (finished, gone)."""
+    cfg, state = request.app[CFG_KEY], request.app[STATE_KEY]
     try:
-        await request.app[BROKER_KEY].publish(Envelope(tid, ttype.name, payload, sub.timeout, change.at, queue))
-    except BrokerUnavailable as e:
-        log.getChild("api").warning("refusing task %s: %s", tid, e)
-        with contextlib.suppress(*STORE_ERRORS):
-            await state.apply(plan_change("rejected", tid, ttype.name, {"error": str(e)}, tasks=cfg.tasks))
-        return _json_error(503, f"task not queued: {e}; retry later", id=tid)
-    body = {"id": tid, "status": "pending", "queue": queue}
-    return _json_response(body, status=202, headers={"Location": f"/api/tasks/{tid}"})
+        body = loads(await request.read())
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return _json_error(400, "body is not valid JSON")
+    if not isinstance(body, dict) or not body or not set(body) <= {"ids", *CANCEL_FILTERS}:
+        return _json_error(400, 'body must be {"ids": [...]} or a filter of status, type and queue')
+    ids = body.get("ids")
+    if ids is not None:
+        if len(body) > 1 or not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            return _json_error(400, "'ids' must be a list of task ids, without a filter")
+        if len(ids) > MAX_LIST_LIMIT:
+            return _json_error(400, f"at most {MAX_LIST_LIMIT} ids at once")
+    else:
+        if not all(isinstance(body[k], str) for k in body):
+            return _json_error(400, "each filter value must be a string")
+        if "status" in body and body["status"] not in CANCELLABLE:
+            return _json_error(400, f"'status' must be one of {', '.join(CANCELLABLE)}")
+        if "queue" in body:
+            _queue_named(request, body["queue"])
+    by = _cancelled_by(request)
+    try:
+        if ids is None:
+            recent = await state.recent(cfg.tasks.max_recent, body.get("queue"))
+            ids = [
+                str(t["id"])
+                for t in recent
+                if t.get("status") in CANCELLABLE and all(t.get(k) == body[k] for k in ("status", "type") if k in body)
+            ]
+            skipped = 0
+        else:
+            skipped = sum(1 for i in ids if not TASK_ID.fullmatch(i))
+            ids = [i for i in dict.fromkeys(ids) if TASK_ID.fullmatch(i)]
+        outcomes = await asyncio.gather(*(cancel_task(state, cfg, tid, by) for tid in ids))
+    except STORE_ERRORS:
+        return _json_error(503, f"{state.label} unavailable; some tasks may not have been cancelled")
+    cancelled = sum(1 for done, _ in outcomes if done)
+    log.getChild("api").info("%d task(s) cancelled by %s (%s)", cancelled, request.remote, dumps(body)[:200])
+    return _json_response({"cancelled": cancelled, "skipped": skipped + len(outcomes) - cancelled})
 
 
 async def api_get_task(request: web.Request) -> web.Response:
@@ -3652,7 +4119,7 @@ async def queue_items(app: web.Application, workers: list[dict[str, JSON]]) -> t
     """One item per declared queue, as ``GET /api/queues`` shows it, and the dead letters (None: the queue is
     away). Running tasks come from the backend where it knows them (SQLite), else from the workers' heartbeats."""
     cfg, state, broker = app[CFG_KEY], app[STATE_KEY], app[BROKER_KEY]
-    paused, counters = await state.paused_queues(), await state.counters()
+    paused, counters, held = await state.paused_queues(), await state.counters(), await state.held_counts()
     try:
         figures, dlq = await broker.queue_figures()
     except BrokerUnavailable:
@@ -3672,6 +4139,7 @@ async def queue_items(app: web.Application, workers: list[dict[str, JSON]]) -> t
                 "ready": found.get("ready"),
                 "running": running,
                 "retrying": found.get("retrying"),
+                "scheduled": held.get(name, 0),
                 "consumers": len(serving),
                 "paused": name in paused,
                 "limit": q.limit,
@@ -3960,6 +4428,8 @@ def make_app(cfg: Config) -> web.Application:
     app.router.add_post("/api/tasks", api_submit)
     app.router.add_get("/api/tasks", api_list_tasks)
     app.router.add_get("/api/tasks/{id}", api_get_task)
+    app.router.add_post("/api/tasks/cancel", api_cancel_many)
+    app.router.add_post("/api/tasks/{id}/cancel", api_cancel)
     app.router.add_get("/api/workers", api_workers)
     app.router.add_get("/api/queues", api_queues)
     app.router.add_post("/api/queues/{name}/{action:pause|resume}", api_queue_pause)
@@ -4029,6 +4499,16 @@ HOLD_LIMIT: Final = 20.0
 #: What became of a delivery: run (or found finished: acknowledge it), handed back (the worker is stopping), or
 #: put back without counting a delivery (its queue is paused, or it waited its turn too long).
 ACK, RETURN, PUT_BACK = "ack", "return", "put back"
+#: Most held (delayed) tasks one promotion queues at once, and seconds between a worker's looks for due ones.
+PROMOTE_BATCH: Final = 500
+PROMOTE_INTERVAL: Final = 0.25
+#: Seconds a promoter keeps the held tasks it took from the others while it queues them (all at once, each
+#: confirmed within [broker] publish_timeout).
+PROMOTE_LEASE: Final = 20.0
+
+
+class Cancelled:
+    """What run() returns for a task cancelled while it ran: nothing more is recorded (the cancel was)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4078,6 +4558,8 @@ class Worker:
         self.inflight: set[asyncio.Task[None]] = set()
         self.in_hand: dict[str, float] = {}  # task id -> when it started, oldest first
         self.running: dict[str, asyncio.Event] = {}  # task id -> set when its outcome is recorded
+        self.cancelled: set[str] = set()  # tasks in hand found cancelled
+        self.handlers: dict[str, tuple[asyncio.Task[Any] | None, TaskContext]] = {}  # running: (async run, context)
         self.tasks_done = 0
         self.slots = asyncio.Semaphore(cfg.worker.concurrency)
         self.one_thread = asyncio.Semaphore(1)
@@ -4130,14 +4612,63 @@ class Worker:
             await self.broker.set_consumed(wanted)
             self.consumed = wanted
 
+    async def watch_cancels(self) -> None:
+        """Find which tasks in hand were cancelled: stop those running (an async handler is cancelled at its
+        await, a sync one sees ``ctx.cancelled``), and let those waiting for their turn go, unrun."""
+        found = await self.state.statuses(list(self.running))
+        for tid, status in found.items():
+            if status == "cancelled" and tid not in self.cancelled:
+                self.cancelled.add(tid)
+                runner, ctx = self.handlers.get(tid, (None, None))
+                if ctx is not None:
+                    self.log.info("task %s cancelled: stopping it", tid)
+                    ctx.cancelled = True
+                if runner is not None:
+                    runner.cancel()
+                self.wake_waiting()
+
     async def control_loop(self) -> None:
-        """Every CONTROL_INTERVAL, take up the pauses (kept as they were while the store or queue is away)."""
+        """Every CONTROL_INTERVAL, take up the pauses and the cancels of the tasks in hand (while the store or
+        queue is away, nothing changes). Stopping, it watches the cancels alone, until the tasks in hand end."""
         while True:
             await asyncio.sleep(CONTROL_INTERVAL)
             try:
-                await self.read_pauses()
+                if not self.stopping:
+                    await self.read_pauses()
+                if self.running:
+                    await self.watch_cancels()
             except (*STORE_ERRORS, BrokerUnavailable) as e:
-                self.log.warning("cannot read the paused queues: %s", e)
+                self.log.warning("cannot read the paused queues or the cancels: %s", e)
+
+    async def promote_loop(self) -> None:
+        """Queue the held (delayed) tasks as they fall due, on a store that holds them apart (Redis); on the
+        embedded file they are messages already, and this returns at once. The publishes are confirmed; one
+        refused leaves its task held, taken again once its lease is over."""
+        while True:
+            wait = PROMOTE_INTERVAL
+            try:
+                taken = await self.state.take_due(PROMOTE_BATCH, PROMOTE_LEASE)
+                if taken is None:
+                    return
+                items, wait = taken
+                if items:
+                    outcomes = await asyncio.gather(*(self._promote(body) for _, body in items), return_exceptions=True)
+                    await self.state.promoted(tid for (tid, _), e in zip(items, outcomes, strict=True) if e is None)
+                    refused = [e for e in outcomes if e is not None]
+                    if refused:
+                        self.log.warning("%d delayed task(s) not queued yet: %s", len(refused), refused[0])
+                    elif len(items) == PROMOTE_BATCH:
+                        wait = 0.0
+            except (*STORE_ERRORS, BrokerUnavailable) as e:
+                self.log.warning("cannot queue the delayed tasks due: %s", e)
+            await asyncio.sleep(min(wait, PROMOTE_INTERVAL))
+
+    async def _promote(self, body: bytes) -> None:
+        try:
+            envelope = Envelope.decode(body)
+        except EnvelopeError:  # its envelope is lost or unreadable: nothing to queue
+            return
+        await self.broker.publish(envelope)
 
     async def on_message(self, message: Delivery) -> None:
         """Consumer callback: start running the delivery (or hand it back when shutting down).
@@ -4231,6 +4762,7 @@ class Worker:
             return await self._when_admitted(env, headers)
         finally:
             del self.running[env.id]
+            self.cancelled.discard(env.id)
             done.set()
 
     async def _when_admitted(self, env: Envelope, headers: Mapping[str, Any]) -> str:
@@ -4247,6 +4779,9 @@ class Worker:
             while not outcome:
                 wait = 0.0
                 async with self.slots:  # [worker] concurrency; the other deliveries in hand wait their turn
+                    if env.id in self.cancelled:
+                        self.log.info("task %s was cancelled; acknowledging it without running it", env.id)
+                        return ACK
                     if self.stopping:
                         outcome = RETURN
                     elif env.queue in self.paused:
@@ -4272,7 +4807,7 @@ class Worker:
         finally:
             if token:  # leave the line at once rather than after LINE_PATIENCE
                 with contextlib.suppress(*STORE_ERRORS):
-                    await self.state.release_slot(env.queue, token)
+                    await self.state.leave_line(env.queue, token)
 
     async def _run_admitted(self, env: Envelope, headers: Mapping[str, Any], slot: str, at: float | None) -> None:
         """Run an admitted task, holding its limit slot (if any) until its outcome is recorded."""
@@ -4309,7 +4844,7 @@ class Worker:
         restore["created_at"] = env.created_at
         recorded = await self._record(env, "started", {"worker": self.name}, restore=restore, now=admitted_at)
         if recorded is None:
-            self.log.info("task %s is already finished; acknowledging it without running it", env.id)
+            self.log.info("task %s is already finished or cancelled; acknowledging it without running it", env.id)
             return
         attempt = int(recorded[1])
         self.in_hand[env.id] = time.time()
@@ -4317,6 +4852,8 @@ class Worker:
             outcome = await self.run(env, attempt)
         finally:
             self.in_hand.pop(env.id, None)
+        if isinstance(outcome, Cancelled):
+            return  # recorded by the cancel itself: not retried, not dead-lettered
         if isinstance(outcome, Failure):
             if outcome.permanent or retries >= self.cfg.broker.max_retries:
                 await self.give_up(env, outcome, retries, headers)
@@ -4325,8 +4862,8 @@ class Worker:
             return
         await self._record(env, "completed", {"result": outcome})
 
-    async def run(self, env: Envelope, attempt: int) -> JSON | Failure:
-        """Run the handler; return its result, or a Failure."""
+    async def run(self, env: Envelope, attempt: int) -> JSON | Failure | Cancelled:
+        """Run the handler; return its result, a Failure, or Cancelled (it was cancelled meanwhile)."""
 
         def report(fraction: float, note: str | None) -> Awaitable[Any]:
             change = plan_change("progress", env.id, env.type, {"progress": fraction, "note": note}, tasks=tasks)
@@ -4340,15 +4877,35 @@ class Worker:
             if ttype is None:
                 raise PermanentError(f"unknown task type {env.type!r} (this worker has {', '.join(sorted(REGISTRY))})")
             payload = validate_payload(ttype, env.payload, self.cfg)
+            result = None
             if ttype.is_async:
-                result = await run_handler(ttype, payload, ctx, limit)
+                # Its own task, so that a cancel stops the handler, not the worker's bookkeeping around it.
+                runner = asyncio.get_running_loop().create_task(run_handler(ttype, payload, ctx, limit))
+                self.handlers[env.id] = (runner, ctx)
+                if env.id in self.cancelled:  # found cancelled since its start was recorded
+                    ctx.cancelled = True
+                    runner.cancel()
+                result = await runner
             else:
                 async with self.one_thread:  # plain functions are taken for CPU-bound: one at a time per process
-                    result = await run_handler(ttype, payload, ctx, limit)
+                    self.handlers[env.id] = (None, ctx)
+                    ctx.cancelled = env.id in self.cancelled  # found cancelled while it waited for the thread
+                    if not ctx.cancelled:
+                        result = await run_handler(ttype, payload, ctx, limit)
             dumps(result)  # a result that cannot be stored is a failure of the task, not of the worker
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not ctx.cancelled or (current is not None and current.cancelling()):
+                raise  # this worker itself is being cancelled
+            result = Cancelled()
         except Exception as e:
             result = describe_failure(e, limit)
             self.log.warning("task %s (%s) attempt %d failed: %s", env.id, env.type, attempt, result.error)
+        finally:
+            self.handlers.pop(env.id, None)
+        if ctx.cancelled:  # a sync handler that saw the cancel returned, or one that ended as it came
+            self.log.info("task %s stopped: it was cancelled", env.id)
+            result = Cancelled()
         await ctx.drain()
         return result
 
@@ -4359,7 +4916,8 @@ class Worker:
         delay = retry_delay_for(retries + 1, self.cfg.broker.retry_delays)
         now = time.time()
         fields = {"error": failure.error, "next_attempt_at": now + delay, "attempt": attempt, "retries": retries + 1}
-        await self._record(env, "retrying", fields)
+        if await self._record(env, "retrying", fields) is None:
+            return  # cancelled meanwhile: nothing to retry
         retry_headers = {
             "x-retries": retries + 1,
             "x-first-failed-at": headers.get("x-first-failed-at") or header_time(now),
@@ -4370,6 +4928,8 @@ class Worker:
     async def give_up(self, env: Envelope, failure: Failure, retries: int, headers: Mapping[str, Any]) -> None:
         """Send the task to the DLQ with why (confirmed), then record ``failed``."""
         now = time.time()
+        if await self._durably(lambda: self.state.status_of(env.id)) == "cancelled":
+            return  # cancelled meanwhile: nothing to dead-letter
         attempts = await self._durably(lambda: self.state.attempts_of(env.id))
         dlq_headers = {
             "x-error": failure.error,
@@ -4441,6 +5001,7 @@ async def run_worker(cfg: Config, queues: Iterable[str] = ()) -> int:
             return 1
         heartbeat = asyncio.create_task(worker.heartbeat_loop())
         control = asyncio.create_task(worker.control_loop())
+        promoter = asyncio.create_task(worker.promote_loop())
         paused = [q for q in serve if q in worker.paused]
         wlog.info(
             "worker %s consuming %s from %s (prefetch %d each; types: %s)%s",
@@ -4459,11 +5020,12 @@ async def run_worker(cfg: Config, queues: Iterable[str] = ()) -> int:
         wlog.info("stopping: finishing %d task(s) in hand", len(worker.inflight))
         worker.stopping = True
         worker.wake_waiting()
-        control.cancel()
+        promoter.cancel()
         await broker.stop_consuming()
-        await worker.drain()
+        await worker.drain()  # a cancel still stops a task in hand meanwhile
+        control.cancel()
         heartbeat.cancel()
-        await asyncio.wait({heartbeat, control})
+        await asyncio.wait({heartbeat, control, promoter})
         with contextlib.suppress(*STORE_ERRORS):
             await state.forget_worker(worker.name)
     wlog.info("stopped after %d task(s)", worker.tasks_done)
@@ -4549,7 +5111,7 @@ def run_ctl(cfg: Config, args: argparse.Namespace) -> int:
 
 
 # ============================================================================
-# Commands: check, dlq, queues
+# Commands: check, dlq, queues, cancel
 # ============================================================================
 
 
@@ -4627,6 +5189,21 @@ async def run_dlq(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+async def run_cancel(cfg: Config, args: argparse.Namespace) -> int:
+    """``cancel ID...``: cancel each task (see cancel_task); 0 if every one is cancelled by this, 1 if not."""
+    code = 0
+    async with backend(cfg, "cancel") as (_, state):
+        for tid in args.ids:
+            try:
+                done, status = await cancel_task(state, cfg, tid, {"cancelled_by": "cli"})
+            except STORE_ERRORS as e:
+                print(f"asyncnode: {state.describe()} unavailable: {e}", file=sys.stderr)
+                return 1
+            print(f"{tid}: {'cancelled' if done else f'already {status}' if status else 'no such task'}")
+            code = code if done else 1
+    return code
+
+
 async def run_queues(cfg: Config, args: argparse.Namespace) -> int:
     """``queues list`` (each queue's figures), ``queues pause NAME`` or ``queues resume NAME``."""
     if args.action != "list":
@@ -4683,6 +5260,7 @@ COMMANDS: Final[dict[str, Callable[[Config, argparse.Namespace], Any]]] = {
     "check": run_check,
     "dlq": run_dlq,
     "queues": run_queues,
+    "cancel": run_cancel,
 }
 
 
@@ -4713,6 +5291,7 @@ def _parser() -> argparse.ArgumentParser:
         "check": "validate config.toml and reach RabbitMQ, Redis and supervisord",
         "dlq": "list, requeue or purge dead letters",
         "queues": "list the queues, or pause or resume one on every host",
+        "cancel": "cancel tasks, wherever they wait or run",
     }
     for command, helptext in commands.items():
         p = sub.add_parser(command, help=helptext, description=helptext)
@@ -4724,6 +5303,8 @@ def _parser() -> argparse.ArgumentParser:
         if command == "queues":
             p.add_argument("action", choices=("list", "pause", "resume"))
             p.add_argument("name", nargs="?", metavar="NAME", help="the queue to pause or resume")
+        if command == "cancel":
+            p.add_argument("ids", nargs="+", metavar="ID", help="ids of the tasks to cancel")
         p.add_argument("--config", metavar="PATH", help="config file (default: $ASYNCNODE_CONFIG or ./config.toml)")
         p.add_argument(
             "--log-level",
@@ -4762,6 +5343,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "dlq" and args.ids and args.action != "requeue":
         parser.error(f"dlq {args.action} takes no task ids")
+    if args.command == "cancel" and (bad := next((i for i in args.ids if not TASK_ID.fullmatch(i)), None)):
+        parser.error(f"not a task id: {bad[:64]!r}")
     if args.command == "queues" and (args.name is None) != (args.action == "list"):
         parser.error("queues list takes no name" if args.action == "list" else f"queues {args.action} NAME")
     try:

@@ -8,6 +8,9 @@ their absence is a failure; the embedded variants need no service at all.
 
 At the end of the session, after a last sweep, nothing of this session's may be left on the
 shared RabbitMQ and Redis: see :func:`_nothing_left_on_the_shared_services`.
+
+The browser tests share :func:`browser` (Debian's Chromium under Playwright), :func:`sign_in` (a page
+given a token in its token dialog) and :func:`inbox` (an SMTP server for the e-mail tasks).
 """
 
 from __future__ import annotations
@@ -33,10 +36,32 @@ import aio_pika
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from aiosmtpd.controller import Controller
 
 import asyncnode
 
 ROOT = Path(asyncnode.__file__).resolve().parent
+
+#: Seconds one command may take, a connection to RabbitMQ and Redis included.
+COMMAND_TIMEOUT = 30.0
+
+#: Variables that would make a command read another config, instance or server than the test's.
+_FOREIGN = (*asyncnode.Config.ENV, "ASYNCNODE_CONFIG", "ASYNCNODE_INSTANCE", "ASYNCNODE_RUN_DIR", "ASYNCNODE_LOG_LEVEL")
+
+
+async def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python asyncnode.py ARGS`` to its end (killed after COMMAND_TIMEOUT), with its output."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, str(ROOT / "asyncnode.py"), *args],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k not in _FOREIGN},
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+    )
+
+
 RABBIT_URL = os.environ.get("RABBIT_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -634,6 +659,76 @@ def ups() -> Iterator[Callable[..., Up]]:
     yield start
     for up in started:
         up.stop()
+
+
+class Inbox:
+    """An SMTP server's handler (aiosmtpd) keeping the envelopes it receives."""
+
+    def __init__(self) -> None:
+        self.envelopes: list[Any] = []
+        self.port = 0
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.envelopes.append(envelope)
+        return "250 OK"
+
+
+@pytest.fixture
+def inbox() -> Iterator[Inbox]:
+    """A running SMTP server on a free port, for a stack's [smtp] host and port; stopped after the test."""
+    handler = Inbox()
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    handler.port = controller.port
+    try:
+        yield handler
+    finally:
+        controller.stop()
+
+
+#: The browser the browser tests drive: Debian's Chromium (Playwright's own download cannot work offline).
+CHROMIUM = "/usr/bin/chromium"
+#: Its flags: headless in a container (no sandbox, no GPU), and nothing fetched from outside.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-quic",
+    "--disable-sync",
+]
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    """Chromium under Playwright, closed after the test; without it the test skips (fails in CI)."""
+    if not Path(CHROMIUM).exists():
+        skip_or_fail(f"{CHROMIUM} not installed (apt-get install chromium)")
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        launched = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+async def sign_in(browser: Any, base: str, token: str) -> tuple[Any, list[str]]:
+    """A new page of the dashboard at ``base``, given ``token`` in the token dialog it opens, once its
+    socket is live; and the list of the errors its scripts raise (filled as they come)."""
+    context = await browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    await page.goto(base + "/", timeout=15_000)
+    await page.locator("#token-input").wait_for(state="visible", timeout=10_000)
+    await page.fill("#token-input", token)
+    await page.click("#token-submit")
+    await page.wait_for_selector("#conn[data-state=live]", timeout=10_000)
+    return page, errors
 
 
 # Private RabbitMQ/Redis instances for tests that stop or restart a service.

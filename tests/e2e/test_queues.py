@@ -77,6 +77,16 @@ async def wait_log(proc: Proc, text: str, timeout: float = 20.0) -> None:
     await wait_for(logged, timeout, f"{proc.role} pid {proc.pid} to log {text!r}")
 
 
+async def start_workers(
+    procs: Callable[..., Proc], config: Path, count: int = 1, args: list[str] | None = None
+) -> list[Proc]:
+    """Start ``count`` worker processes and wait until each consumes."""
+    workers = [procs("worker", config, args=args) for _ in range(count)]
+    for w in workers:
+        await wait_log(w, "consuming")
+    return workers
+
+
 def most_at_once(intervals: list[tuple[float, float]]) -> int:
     """The most intervals that overlap at any moment."""
     events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
@@ -163,9 +173,7 @@ async def test_limit_keeps_at_most_that_many_running_over_every_worker(
     config = write_config(tmp_path / "config.toml", tag, backend=backend, queues={"mail": {"limit": 2}})
     async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
         api = await start_api(procs, config, session)
-        workers = [procs("worker", config) for _ in range(4)]
-        for w in workers:
-            await wait_log(w, "consuming")
+        await start_workers(procs, config, 4)
         ids = [await api.submit("sleep", {"seconds": 1.0}, queue="mail") for _ in range(12)]
         await api.wait_status(ids, "completed", timeout=60)
         records = [await api.task(tid) for tid in ids]
@@ -184,9 +192,7 @@ async def test_rate_allows_no_more_starts_in_any_window_than_it_says(
     config = write_config(tmp_path / "config.toml", tag, backend=backend, queues={"mail": {"rate": "5/s"}})
     async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
         api = await start_api(procs, config, session)
-        workers = [procs("worker", config, args=["--queues", "mail"]) for _ in range(2)]
-        for w in workers:
-            await wait_log(w, "consuming")
+        await start_workers(procs, config, 2, args=["--queues", "mail"])
         ids = [await api.submit("noop", {}, queue="mail") for _ in range(20)]
         await api.wait_status(ids, "completed", timeout=30)
         starts = sorted([(await api.task(tid))["started_at"] for tid in ids])
@@ -209,12 +215,10 @@ async def test_a_worker_killed_holding_a_limit_slot_gives_it_back(
     )
     async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
         api = await start_api(procs, config, session)
-        doomed = procs("worker", config)
-        await wait_log(doomed, "consuming")
+        [doomed] = await start_workers(procs, config)
         holder = await api.submit("sleep", {"seconds": 60}, queue="mail")
         await api.wait_status([holder], "started")
-        survivor = procs("worker", config, args=["--queues", "mail"])
-        await wait_log(survivor, "consuming")
+        await start_workers(procs, config, args=["--queues", "mail"])
         waiting = await api.submit("reverse", {"text": "next"}, queue="mail")
         doomed.signal(signal.SIGKILL)
         killed_at = time.time()
@@ -231,8 +235,7 @@ async def test_a_flood_in_one_queue_does_not_hold_up_a_task_of_another(
     config = write_config(tmp_path / "config.toml", tag, backend=backend, queues={"bulk": {}})
     async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
         api = await start_api(procs, config, session)
-        worker = procs("worker", config)
-        await wait_log(worker, "consuming")
+        await start_workers(procs, config)
         flood = [await api.submit("sleep", {"seconds": 0.05}, queue="bulk") for _ in range(150)]
         await api.wait_status(flood[:1], "completed")
         urgent = await api.submit("noop", {})

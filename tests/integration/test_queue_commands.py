@@ -3,37 +3,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
 import re
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-import asyncnode
-from tests.conftest import ROOT, cleanup, write_config
-
-#: Seconds one command may take, a connection to RabbitMQ and Redis included.
-COMMAND_TIMEOUT = 30.0
-
-#: Variables that would make a command read another config, instance or server than the test's.
-_FOREIGN = (*asyncnode.Config.ENV, "ASYNCNODE_CONFIG", "ASYNCNODE_INSTANCE", "ASYNCNODE_RUN_DIR", "ASYNCNODE_LOG_LEVEL")
-
-
-async def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run ``python asyncnode.py ARGS`` to its end (killed after COMMAND_TIMEOUT), with its output."""
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, str(ROOT / "asyncnode.py"), *args],
-        cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if k not in _FOREIGN},
-        capture_output=True,
-        text=True,
-        timeout=COMMAND_TIMEOUT,
-    )
+from tests.conftest import cleanup, run_cli, write_config
 
 
 def one_line_error(run: subprocess.CompletedProcess[str]) -> str:

@@ -18,7 +18,7 @@ def plan(event: str, fields: dict[str, object] | None = None, **options: object)
 
 def test_every_status_a_change_can_set_is_reached_by_one_event_table() -> None:
     statuses = {t.status for t in asyncnode.TRANSITIONS.values()}
-    assert statuses == {"pending", "started", "retrying", "completed", "failed", "rejected"}
+    assert statuses == {"pending", "scheduled", "started", "retrying", "completed", "failed", "rejected", "cancelled"}
 
 
 def test_a_submission_is_new_pending_indexed_and_stamped() -> None:
@@ -74,7 +74,9 @@ def test_a_final_change_expires_after_result_ttl_and_stamps_finished_at(event: s
     change = plan(event, {"result": 1} if event == "completed" else {"error": "boom"})
     assert change.expire == 600
     assert change.fields["finished_at"] == 100.0
-    assert change.guard == ()
+    # The outcome of a run never overwrites a cancel (or another outcome); a rejection is the API's own.
+    assert change.guard == (() if event == "rejected" else asyncnode.RUNNABLE)
+    assert "cancelled" not in change.guard
 
 
 def test_result_ttl_zero_keeps_finished_tasks() -> None:

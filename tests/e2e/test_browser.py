@@ -12,27 +12,24 @@ import os
 import re
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 
-from tests.conftest import ROOT, Proc, cleanup, free_port, skip_or_fail, wait_for, write_config
+from tests.conftest import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    ROOT,
+    Inbox,
+    Proc,
+    cleanup,
+    skip_or_fail,
+    wait_for,
+    write_config,
+)
 from tests.faults import Cluster
-
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-quic",
-    "--disable-sync",
-]
 
 pytestmark = [pytest.mark.timeout(180)]
 
@@ -46,31 +43,6 @@ def worker_gone_keep_ms() -> int:
     found = re.search(r"^const WORKER_GONE_KEEP = (\d+);", (ROOT / "web" / "static" / "app.js").read_text(), re.M)
     assert found, "WORKER_GONE_KEEP not found in web/static/app.js"
     return int(found[1])
-
-
-class Inbox:
-    """An SMTP server (aiosmtpd) keeping the envelopes it receives."""
-
-    def __init__(self) -> None:
-        self.envelopes: list[Any] = []
-        self.port = 0
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.envelopes.append(envelope)
-        return "250 OK"
-
-
-@pytest.fixture
-def inbox() -> Iterator[Inbox]:
-    """A running SMTP server on a free port: the stack's [smtp] host and port."""
-    handler = Inbox()
-    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
-    controller.start()
-    handler.port = controller.port
-    try:
-        yield handler
-    finally:
-        controller.stop()
 
 
 @pytest.fixture
@@ -107,7 +79,7 @@ async def page(stack: Cluster) -> AsyncIterator[Any]:
     from playwright.async_api import async_playwright
 
     async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             context = await browser.new_context(viewport={"width": 1400, "height": 1000})
             page = await context.new_page()

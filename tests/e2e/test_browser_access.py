@@ -12,8 +12,7 @@ from typing import Any
 import pytest
 
 import asyncnode
-from tests.conftest import Proc, cleanup, skip_or_fail, wait_healthy, write_config
-from tests.e2e.test_browser import ARGS, CHROMIUM
+from tests.conftest import Proc, cleanup, sign_in, wait_healthy, write_config
 
 TOKEN, READ = "operator-browser-s3cret", "reader-browser-s3cret"
 DEAD = asyncnode.Envelope("7c2d3e4f-1a2b-4c3d-8e9f-0a1b2c3d4e5f", "reverse", {"text": "dead"})
@@ -35,32 +34,10 @@ async def api(backend: str, tag: str, tmp_path: Path, procs: Callable[..., Proc]
     await cleanup(tag)
 
 
-@pytest.fixture
-async def browser() -> AsyncIterator[Any]:
-    if not Path(CHROMIUM).exists():
-        skip_or_fail(f"{CHROMIUM} not installed (apt-get install chromium)")
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            yield browser
-        finally:
-            await browser.close()
-
-
 async def open_with(browser: Any, base: str, token: str) -> tuple[Any, list[str]]:
     """A page of the dashboard, given ``token`` in its token dialog, once the dead letter is listed; and the
     errors its scripts raise."""
-    context = await browser.new_context(viewport={"width": 1400, "height": 1000})
-    page = await context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    await page.goto(base + "/", timeout=15_000)
-    await page.locator("#token-input").wait_for(state="visible", timeout=10_000)
-    await page.fill("#token-input", token)
-    await page.click("#token-submit")
-    await page.wait_for_selector("#conn[data-state=live]", timeout=10_000)
+    page, errors = await sign_in(browser, base, token)
     await page.locator(f'#dlq-rows tr[data-id="{DEAD.id}"]').wait_for(timeout=10_000)
     return page, errors
 

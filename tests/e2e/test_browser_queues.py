@@ -7,36 +7,22 @@ the task table's queue filter shows one queue's rows; the read-only token is off
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiosmtpd.controller import Controller
 
 import asyncnode
-from tests.conftest import Proc, cleanup, free_port, skip_or_fail, wait_for, wait_healthy, write_config
-from tests.e2e.test_browser import ARGS, CHROMIUM, Inbox, row, submitted_id, wait_row
+from tests.conftest import Inbox, Proc, cleanup, sign_in, wait_for, wait_healthy, write_config
+from tests.e2e.test_browser import row, submitted_id, wait_row
 
 TOKEN, READ = "operator-queues-s3cret", "reader-queues-s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 NO_LIMIT = "\u2014"  # what the panel shows for limit 0 and rate "" (app.js NO_LIMIT)
 
 pytestmark = [pytest.mark.timeout(120)]
-
-
-@pytest.fixture
-def inbox() -> Iterator[Inbox]:
-    """A running SMTP server on a free port, for the e-mail tasks the mail queue runs."""
-    handler = Inbox()
-    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
-    controller.start()
-    handler.port = controller.port
-    try:
-        yield handler
-    finally:
-        controller.stop()
 
 
 @dataclasses.dataclass
@@ -71,32 +57,10 @@ async def api(backend: str, tag: str, tmp_path: Path, inbox: Inbox, procs: Calla
     await cleanup(tag)
 
 
-@pytest.fixture
-async def browser() -> AsyncIterator[Any]:
-    if not Path(CHROMIUM).exists():
-        skip_or_fail(f"{CHROMIUM} not installed (apt-get install chromium)")
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            yield browser
-        finally:
-            await browser.close()
-
-
 async def open_with(browser: Any, base: str, token: str) -> tuple[Any, list[str]]:
     """A live page of the dashboard, given ``token`` in its token dialog, once both queues are listed; and the
     errors its scripts raise."""
-    context = await browser.new_context(viewport={"width": 1400, "height": 1000})
-    page = await context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    await page.goto(base + "/", timeout=15_000)
-    await page.locator("#token-input").wait_for(state="visible", timeout=10_000)
-    await page.fill("#token-input", token)
-    await page.click("#token-submit")
-    await page.wait_for_selector("#conn[data-state=live]", timeout=10_000)
+    page, errors = await sign_in(browser, base, token)
     for name in ("default", "mail"):
         await queue_row(page, name).wait_for(timeout=10_000)
     return page, errors

@@ -19,8 +19,14 @@
 //   Submit       form.task-form[data-type] with [name][data-kind] fields, #<field-id>-err,
 //                and [role="status"] output (inline 400/401/503/network messages).
 //   Tasks        table#task-table; #task-rows > tr[data-id][data-status] with
-//                td.id/.type/.queue/.status/.progress/.attempts/.worker/.time/.result; td.id holds
-//                button.open-task[data-task-id] (text: the short id); span.badge.status-<s>;
+//                td.id/.type/.queue/.status/.actions/.progress/.attempts/.worker/.time/.result; td.id
+//                holds button.open-task[data-task-id] (text: the short id); td.status holds
+//                span.badge.status-<s>, and for a scheduled task span.countdown (" · in 4 s", "· due
+//                now"; ticking with the page's one clock, dropped when the status changes); td.actions
+//                holds button.cancel-task (shown for pending, scheduled, retrying and started; a click
+//                POSTs /api/tasks/<id>/cancel, disabled while it runs) and span.row-error (its inline
+//                error, e.g. "Cancel failed: already completed" for a 409); #tasks-status (role=status,
+//                data-state ok/error: the last cancel's outcome);
 //                <progress> and span.pct in td.progress; span.error/.retry/.note in
 //                td.result; #task-count, #tasks-empty (no tasks at all), #tasks-nomatch (none
 //                pass the filters); filters select#filter-status and select#filter-type
@@ -32,11 +38,15 @@
 //                backdrop click close it and focus returns to the opener), with
 //                #task-details-title, #detail-short, #detail-message (loading/404/errors),
 //                #detail-id, #detail-type, #detail-queue, #detail-status (span.badge), #detail-attempts,
-//                #detail-worker, #detail-created, #detail-time (ticking),
+//                #detail-worker, #detail-created, #detail-time (ticking), and, each with its <dt> and
+//                hidden while unset: #detail-run-at (ticking while scheduled), #detail-cancelled-at,
+//                #detail-cancelled-by ("api (from 127.0.0.1, operator token)"); #detail-cancel
+//                (button.cancel-task "Cancel task", shown as on the task's row; its outcome shows in
+//                #detail-message, data-state busy/ok/error),
 //                #detail-progress-block > #detail-progress, #detail-payload (pretty JSON),
 //                #detail-result-block > #detail-result, #detail-error-block > #detail-error,
 //                and ol#task-timeline > li[data-status] (time[datetime], span.badge,
-//                span.tl-meta "+Δ · attempt N", span.tl-error).
+//                span.tl-meta "+Δ · attempt N" or "+Δ · by api", span.tl-error).
 //   Throughput   canvas#throughput-chart (role=img, aria-label, aria-describedby)
 //                #throughput-summary (visually hidden text, refreshed every 5 s),
 //                #chart-readout (values under the pointer), #chart-waiting (shown until the
@@ -81,7 +91,11 @@
 // `Authorization: Bearer <token>` and the socket needs /ws?token=<token>. The token is
 // asked for once (on the first 401) and kept in sessionStorage for this tab's session.
 // With the read-only token (`[api] read_token`), <body data-access="read"> hides every
-// action (submit forms, requeue, discard, pause/resume a queue) and #readonly-note says why.
+// action (submit forms, requeue, discard, pause/resume a queue, cancel a task) and #readonly-note
+// says why.
+//
+// Tables: every table's rows come from one builder, tableRow(), with a <td class="<column>"> per
+// column; their action buttons from actionButton() and their inline errors from rowError().
 'use strict';
 
 const MAX_ROWS = 200;    // rendered table rows cap
@@ -89,7 +103,8 @@ const MAX_KEPT = 1000;   // tasks kept in memory; the oldest beyond this are for
 const WS_MIN = 500;      // reconnect backoff start (ms)
 const WS_MAX = 10000;    // reconnect backoff ceiling (ms)
 const RESULT_MAX = 500;  // chars of result/error shown in a cell (full text in title)
-const TERMINAL = new Set(['completed', 'failed', 'rejected']);
+const TERMINAL = new Set(['completed', 'failed', 'rejected', 'cancelled']);
+const CANCELLABLE = new Set(['pending', 'scheduled', 'retrying', 'started']); // POST .../cancel stops these
 const TOKEN_KEY = 'asyncnode.token'; // sessionStorage key of the API access token
 const HIST_MAX = 50;     // status changes remembered per task (for the details timeline)
 
@@ -109,6 +124,8 @@ const QUEUE_ANSWER_HOLD = 3000; // ms a pause/resume answer outranks a list that
 const tasks = new Map(); // id -> merged task object
 const rows = new Map();  // id -> <tr> currently in the table
 const dirty = new Set(); // ids changed since the last animation frame
+const cancels = new Map(); // id -> {busy, error, detail, done}: this page's cancel of that task
+const countdowns = new Set(); // <tr> of the scheduled tasks shown: their countdowns tick
 let frameQueued = false;
 const filter = { status: '', type: '', queue: '' }; // task table filters ('' = all)
 
@@ -198,9 +215,13 @@ function mergeTask(u) {
       const attempt = toNum(u.attempt != null ? u.attempt : u.attempts);
       if (attempt !== null) entry.attempt = attempt;
       if (u.error != null && u.error !== '') entry.error = u.error;
+      if (typeof u.cancelled_by === 'string' && u.cancelled_by) entry.cancelled_by = u.cancelled_by;
       h.push(entry);
       if (h.length > HIST_MAX) h.splice(0, h.length - HIST_MAX);
     }
+    // Back to a status that can be cancelled (a requeue, a new attempt): an old cancel error is moot.
+    const c = cancels.get(u.id);
+    if (c && !c.busy && CANCELLABLE.has(u.status)) cancels.delete(u.id);
   }
   if (isTime(u.created_at)) delete t._tsCreated;
   // Socket updates carry `ts` instead of explicit timestamps; derive what we can so that
@@ -214,6 +235,7 @@ function mergeTask(u) {
       t.started_at = u.ts; // a new attempt starts its own clock
     }
     if (TERMINAL.has(u.status) && t.finished_at == null) t.finished_at = u.ts;
+    if (u.status === 'cancelled' && !isTime(t.cancelled_at)) t.cancelled_at = u.ts; // the update has only ts
   }
   if (!u._local) delete t._local; // real server data has replaced the optimistic guess
   tasks.set(u.id, t);
@@ -239,13 +261,96 @@ function matchesFilter(t) {
     && (filter.queue === '' || t.queue === filter.queue);
 }
 
+// ---------------------------------------------------------------- table rows and actions
+
+const NO_COLS = new Set();
+
+/**
+ * A table row with one <td class="<column>"> per name of `cols` (also class "num" for those in
+ * `numeric`): the one builder of the rows of every table. Returns the row and its cells by name.
+ */
+function tableRow(cols, numeric = NO_COLS) {
+  const tr = document.createElement('tr');
+  const td = {};
+  for (const name of cols) {
+    const cell = document.createElement('td');
+    cell.className = name;
+    if (numeric.has(name)) cell.classList.add('num');
+    tr.appendChild(cell);
+    td[name] = cell;
+  }
+  return { tr, td };
+}
+
+/** A row's action button (requeue, discard, pause, resume, cancel): `cls` says which. */
+function actionButton(cls, text, label = '') {
+  const b = document.createElement('button');
+  b.type = 'button';
+  b.className = `btn btn-small ${cls}`;
+  b.textContent = text;
+  if (label) b.setAttribute('aria-label', label);
+  return b;
+}
+
+/** The inline error beside a row's actions, hidden while empty (see setInlineError). Not of class
+ *  "error": in a task's row that is the task's own error. */
+function rowError() {
+  const err = document.createElement('span');
+  err.className = 'row-error';
+  err.hidden = true;
+  return err;
+}
+
+/** The inline error of a dead letter's or a queue's row (its entry.el.err). */
+function setRowError(entry, text) {
+  setInlineError(entry.el.err, text);
+}
+
+/** A panel's status line (#queues-status, #dlq-status, #tasks-status); `fromPoll` marks a
+ *  poll's own error, which the next good poll clears. */
+function panelStatus(id, text, state, fromPoll = false) {
+  const el = $(id);
+  if (!el) return;
+  el.textContent = text;
+  el.dataset.state = state || '';
+  el.dataset.poll = String(fromPoll);
+}
+
+/** One action call (requeue, discard, pause, resume, cancel): the answer's status and JSON body, and
+ *  the text an inline error shows when it failed ('' when it succeeded). Never throws. */
+async function callAction(path, method) {
+  let res;
+  try {
+    res = await api(path, { method, headers: { Accept: 'application/json' } });
+  } catch (e) {
+    return { ok: false, status: 0, text: 'Network error: could not reach the server.' };
+  }
+  let body = null;
+  try { body = await res.json(); } catch (e) { /* non-JSON body */ }
+  const msg = body && typeof body.error === 'string' ? body.error : '';
+  let text = '';
+  if (!res.ok) {
+    if (res.status === 401) text = 'An access token is required.';
+    else if (res.status === 503) text = `Unavailable${msg ? `: ${msg}` : ', try again shortly.'}`;
+    else text = msg || `Request failed (${res.status}).`;
+  }
+  return { ok: res.ok, status: res.status, body, text };
+}
+
+/** Show `text` in an inline error element, hidden while empty. */
+function setInlineError(el, text) {
+  if (!el) return;
+  setText(el, text);
+  setHidden(el, !text);
+}
+
 // ---------------------------------------------------------------- task table
 
 function flush() {
   frameQueued = false;
   const body = $('task-rows');
   const ordered = [...tasks.values()].sort(byNewest); // stable: ties keep arrival order
-  for (const t of ordered.splice(MAX_KEPT)) tasks.delete(t.id);
+  for (const t of ordered.splice(MAX_KEPT)) { tasks.delete(t.id); cancels.delete(t.id); }
   const filtering = isFiltering();
   const matching = filtering ? ordered.filter(matchesFilter) : ordered;
   const visible = matching.slice(0, MAX_ROWS);
@@ -266,6 +371,7 @@ function flush() {
     if (tr.contains(document.activeElement)) focusAfterRemoval(tr);
     tr.remove();
     rows.delete(id);
+    countdowns.delete(tr);
     unwatchRow(tr);
   }
   if (details.id && dirty.has(details.id)) renderDetails();
@@ -325,7 +431,7 @@ function unwatchRow(tr) {
   if (rowObserver) rowObserver.unobserve(tr);
 }
 
-const COLS = ['id', 'type', 'queue', 'status', 'progress', 'attempts', 'worker', 'time', 'result'];
+const COLS = ['id', 'type', 'queue', 'status', 'actions', 'progress', 'attempts', 'worker', 'time', 'result'];
 const COL = Object.fromEntries(COLS.map((name, i) => [name, i])); // column name -> cell index
 
 /** A button opening the details of task `id`, labelled with its short id. */
@@ -343,14 +449,12 @@ function taskButton(id, cls = 'open-task') {
 }
 
 function createRow(id) {
-  const tr = document.createElement('tr');
+  const { tr, td } = tableRow(COLS);
   tr.dataset.id = id;
-  for (const name of COLS) {
-    const td = document.createElement('td');
-    td.className = name;
-    tr.appendChild(td);
-  }
-  tr.cells[COL.id].appendChild(taskButton(id));
+  td.id.appendChild(taskButton(id));
+  const cancel = actionButton('btn-danger-outline cancel-task', 'Cancel', `Cancel task ${shortId(id)}`);
+  cancel.hidden = true;
+  td.actions.append(cancel, rowError());
   return tr;
 }
 
@@ -390,7 +494,18 @@ function updateRow(tr, t) {
   const queue = t.queue == null ? '' : String(t.queue);
   if (c[COL.queue].textContent !== queue) { c[COL.queue].textContent = queue; c[COL.queue].title = queue; }
   const b = c[COL.status].firstElementChild;
-  if (!b || b.textContent !== status) c[COL.status].replaceChildren(badge(status));
+  if (!b || b.textContent !== status) {
+    const parts = [badge(status)];
+    if (status === 'scheduled') {
+      const left = document.createElement('span');
+      left.className = 'countdown';
+      parts.push(left);
+    }
+    c[COL.status].replaceChildren(...parts);
+  }
+  // One clock for every countdown (tick()); a row leaves it as soon as its status changes.
+  if (status === 'scheduled') { countdowns.add(tr); renderCountdown(tr, t); } else countdowns.delete(tr);
+  renderRowActions(tr, t, status);
   const prog = c[COL.progress];
   if (hasProgress(t, status)) {
     const bar = prog.querySelector('progress');
@@ -414,6 +529,37 @@ function updateRow(tr, t) {
   if (c[COL.worker].textContent !== worker) { c[COL.worker].textContent = worker; c[COL.worker].title = worker; }
   setText(c[COL.time], timeText(t));
   renderResult(c[COL.result], t, status);
+}
+
+/** The Cancel button of a row: offered while the task can be cancelled, disabled while this
+ *  page's cancel of it runs; its inline error stays until the task can be cancelled again. */
+function renderRowActions(tr, t, status) {
+  const cell = tr.cells[COL.actions];
+  const btn = cell.querySelector('button.cancel-task');
+  const c = cancels.get(t.id);
+  const can = CANCELLABLE.has(status);
+  // The button pressed gives way as the row turns cancelled: keep the keyboard on the row.
+  if (!can && btn === document.activeElement) tr.cells[COL.id].querySelector('button').focus();
+  setHidden(btn, !can);
+  const busy = !!(c && c.busy);
+  if (btn.disabled !== busy) btn.disabled = busy;
+  setInlineError(cell.querySelector('.row-error'), c && c.error ? c.error : '');
+}
+
+/** "in 4 s" until a scheduled task's run_at, "due now" from then on ('' if unknown). */
+function countdownText(t) {
+  const at = toNum(t.run_at);
+  if (at === null) return '';
+  const left = Math.ceil(at - Date.now() / 1000);
+  return left > 0 ? `in ${left < 60 ? `${left} s` : fmtDur(left)}` : 'due now';
+}
+
+function renderCountdown(tr, t) {
+  const el = tr.cells[COL.status].querySelector('.countdown');
+  if (!el) return;
+  const left = countdownText(t);
+  setText(el, left ? ` \u00b7 ${left}` : '');
+  setTitle(el, t.run_at == null ? '' : `runs at ${fullTime(t.run_at)}`);
 }
 
 const pad2 = (n) => String(n).padStart(2, '0');
@@ -462,6 +608,9 @@ function renderResult(cell, t, status) {
   } else if (failing && t.error != null && t.error !== '') {
     text = asText(t.error);
     cls = 'error';
+  } else if (status === 'cancelled') {
+    text = typeof t.cancelled_by === 'string' && t.cancelled_by ? `cancelled by ${t.cancelled_by}` : 'cancelled';
+    cls = 'note';
   } else if (t.result !== undefined && (t.result !== null || status === 'completed')) {
     // Strings are shown verbatim (not JSON-quoted) so text results read naturally.
     text = asText(t.result);
@@ -494,9 +643,17 @@ function fmtDur(s) {
   return `${Math.floor(s / 86400)} d ${Math.floor((s % 86400) / 3600)} h`;
 }
 
-/** Duration for finished tasks, running time for started ones, age otherwise. */
+/** Duration for finished tasks, running time for started ones, age otherwise; a cancelled task
+ *  tells how long it ran (or, stopped before it started, waited). */
 function timeText(t) {
   const now = Date.now() / 1000;
+  if (t.status === 'cancelled') {
+    const end = toNum(t.cancelled_at) ?? toNum(t.finished_at);
+    const started = toNum(t.started_at);
+    const start = started ?? toNum(t.created_at);
+    if (end === null || start === null) return '';
+    return `${started !== null ? 'ran' : 'waited'} ${fmtDur(end - start)}`;
+  }
   if (t.finished_at != null) {
     const start = t.started_at != null ? t.started_at : t.created_at;
     return start != null ? `took ${fmtDur(t.finished_at - start)}` : '';
@@ -579,6 +736,7 @@ function normEntry(e) {
   const attempt = toNum(e.attempt);
   if (attempt !== null) out.attempt = attempt;
   if (e.error != null && e.error !== '') out.error = e.error;
+  if (typeof e.cancelled_by === 'string' && e.cancelled_by) out.cancelled_by = e.cancelled_by;
   return out;
 }
 
@@ -589,7 +747,7 @@ function timelineEntries(v) {
   if (!entries.length) {
     const created = toNum(v.created_at);
     const started = toNum(v.started_at);
-    const finished = toNum(v.finished_at);
+    const finished = toNum(v.finished_at) ?? toNum(v.cancelled_at);
     if (created !== null && !v._tsCreated) entries.push({ status: 'pending', ts: created });
     if (started !== null) entries.push({ status: 'started', ts: started });
     if (finished !== null) {
@@ -610,7 +768,7 @@ function timelineEntries(v) {
 
 function renderTimeline(list, entries) {
   // Progress updates re-render the details many times a second: rebuild only on change.
-  const key = `${details.loading}|${entries.map((e) => `${e.status}@${e.ts}#${e.attempt}`).join(',')}`;
+  const key = `${details.loading}|${entries.map((e) => `${e.status}@${e.ts}#${e.attempt}~${e.cancelled_by}`).join(',')}`;
   if (list._key === key) return;
   list._key = key;
   const first = entries.length ? entries[0].ts : 0;
@@ -625,6 +783,7 @@ function renderTimeline(list, entries) {
     const bits = [];
     if (i > 0) bits.push(`+${fmtDur(e.ts - first)}`);
     if (e.attempt != null) bits.push(`attempt ${e.attempt}`);
+    if (e.cancelled_by != null) bits.push(`by ${e.cancelled_by}`);
     if (bits.length) {
       const meta = document.createElement('span');
       meta.className = 'tl-meta';
@@ -664,7 +823,17 @@ function renderDetails() {
   setText($('detail-attempts'), v.attempts == null ? '—' : String(v.attempts));
   setText($('detail-worker'), v.worker == null ? '—' : String(v.worker));
   setText($('detail-created'), v.created_at == null ? '—' : fullTime(v.created_at));
+  setDetailRow('detail-cancelled-at', v.cancelled_at == null ? '' : fullTime(v.cancelled_at));
+  setDetailRow('detail-cancelled-by', cancelledByText(v));
   renderDetailsTime(v);
+  const cancel = $('detail-cancel');
+  if (cancel) {
+    const can = CANCELLABLE.has(status);
+    if (!can && cancel === document.activeElement && $('task-details-close')) $('task-details-close').focus();
+    setHidden(cancel, !can);
+    const c = cancels.get(details.id);
+    cancel.disabled = !!(c && c.busy);
+  }
 
   const progBlock = $('detail-progress-block');
   if (progBlock) {
@@ -705,8 +874,9 @@ function renderDetails() {
   if (list) renderTimeline(list, timelineEntries(v));
   const msg = $('detail-message');
   if (msg) {
-    setText(msg, details.error || (details.loading && !details.fetched ? 'Loading…' : ''));
-    setData(msg, 'state', details.error ? 'error' : 'busy');
+    const [text, state] = detailsMessage();
+    setText(msg, text);
+    setData(msg, 'state', state);
   }
   // A change of status may bring history the socket did not carry (errors, attempts).
   if (details.fetched && !details.loading && details.shownStatus !== undefined
@@ -716,6 +886,35 @@ function renderDetails() {
   details.shownStatus = status;
 }
 
+/** The line above the details: loading and load errors first, then this page's cancel of the task. */
+function detailsMessage() {
+  if (details.error) return [details.error, 'error'];
+  const c = cancels.get(details.id);
+  if (c && c.busy) return ['Cancelling…', 'busy'];
+  if (c && c.error) return [c.detail, 'error'];
+  if (c && c.done) return ['Cancelled.', 'ok'];
+  return [details.loading && !details.fetched ? 'Loading…' : '', 'busy'];
+}
+
+/** A <dd> of the details grid and its <dt>: shown with `text`, hidden while it is ''. */
+function setDetailRow(id, text) {
+  const dd = $(id);
+  if (!dd) return;
+  setText(dd, text);
+  setHidden(dd, !text);
+  if (dd.previousElementSibling) setHidden(dd.previousElementSibling, !text);
+}
+
+/** "api (from 127.0.0.1, operator token)", "cli", "schedule"; '' when not cancelled. */
+function cancelledByText(v) {
+  if (typeof v.cancelled_by !== 'string' || !v.cancelled_by) return '';
+  const bits = [];
+  if (typeof v.cancelled_client === 'string' && v.cancelled_client) bits.push(`from ${v.cancelled_client}`);
+  const token = v.cancelled_token;
+  if (typeof token === 'string' && token) bits.push(token === 'none' ? 'no token' : `${token} token`);
+  return bits.length ? `${v.cancelled_by} (${bits.join(', ')})` : v.cancelled_by;
+}
+
 function renderDetailsTime(v) {
   let text = timeText(v) || '—';
   if (v.status === 'retrying' && v.next_attempt_at != null) {
@@ -723,6 +922,9 @@ function renderDetailsTime(v) {
     text += ` · next attempt at ${clockTime(v.next_attempt_at)}${left > 0 ? ` (in ${fmtDur(left)})` : ''}`;
   }
   setText($('detail-time'), text);
+  let runAt = v.run_at == null ? '' : fullTime(v.run_at);
+  if (runAt && v.status === 'scheduled' && countdownText(v)) runAt += ` (${countdownText(v)})`;
+  setDetailRow('detail-run-at', runAt);
 }
 
 function scheduleDetailsRefetch() {
@@ -827,6 +1029,8 @@ function initDetails() {
     dlg.addEventListener('close', onDetailsClosed);
     const close = $('task-details-close');
     if (close) close.addEventListener('click', closeDetails);
+    const cancel = $('detail-cancel');
+    if (cancel) cancel.addEventListener('click', () => { if (details.id) cancelTask(details.id); });
     // A click on the backdrop (the dialog box itself, outside its content) closes it.
     dlg.addEventListener('click', (ev) => { if (ev.target === dlg) closeDetails(); });
     // Escape: native for a modal dialog; this covers the fallback without showModal.
@@ -849,6 +1053,12 @@ function initDetails() {
   });
   const body = $('task-rows');
   if (body) {
+    // One listener for every row's Cancel button (rows come and go with the updates).
+    body.addEventListener('click', (ev) => {
+      const btn = ev.target && typeof ev.target.closest === 'function' ? ev.target.closest('button.cancel-task') : null;
+      const tr = btn && btn.closest('tr[data-id]');
+      if (tr) cancelTask(tr.dataset.id);
+    });
     body.addEventListener('keydown', (ev) => {
       if (ev.key !== 'Enter' && ev.key !== ' ') return;
       const tr = ev.target;
@@ -857,6 +1067,44 @@ function initDetails() {
       openDetails(tr.dataset.id, tr.querySelector('button.open-task') || tr);
     });
   }
+}
+
+// ---------------------------------------------------------------- cancel
+
+/**
+ * Cancel task `id` (its row's or its details' Cancel button). The row turns cancelled through the
+ * socket's update; the answer's outcome shows in #tasks-status, in the row (an error) and in the
+ * details; then the task is read back, so that the row is right even while the socket is down.
+ */
+async function cancelTask(id) {
+  const c = cancels.get(id);
+  if (c && c.busy) return;
+  cancels.set(id, { busy: true, error: '', detail: '', done: false });
+  markDirty(id);
+  const r = await callAction(`/api/tasks/${encodeURIComponent(id)}/cancel`, 'POST');
+  const short = shortId(id);
+  if (r.ok) {
+    cancels.set(id, { busy: false, error: '', detail: '', done: true });
+    panelStatus('tasks-status', `Cancelled ${short}.`, 'ok');
+  } else {
+    const now = r.status === 409 && r.body && typeof r.body.status === 'string' ? `already ${r.body.status}` : '';
+    cancels.set(id, { busy: false, error: `Cancel failed: ${now || r.text}`, detail: `Cancel failed: ${r.text}`, done: false });
+    panelStatus('tasks-status', `Cancel of ${short} failed: ${r.text}`, 'error');
+  }
+  markDirty(id);
+  if (r.status !== 0) refreshTask(id);
+}
+
+/** Read task `id` back into the store (merged by its seq like any update: never a step back). */
+async function refreshTask(id) {
+  try {
+    const res = await api(`/api/tasks/${encodeURIComponent(id)}`, { headers: { Accept: 'application/json' }, cache: 'no-store' });
+    if (!res.ok) return;
+    const body = await res.json();
+    if (!body || typeof body !== 'object' || Array.isArray(body)) return;
+    const { history, ...task } = body; // the details fetch their own history
+    mergeTask(Object.assign(task, { id }));
+  } catch (e) { /* offline: the socket's snapshot catches up on reconnect */ }
 }
 
 // ---------------------------------------------------------------- live figures & chart
@@ -1245,10 +1493,11 @@ function initChart() {
 
 // ---------------------------------------------------------------- workers
 
-const workers = new Map(); // worker id -> {tr, data, recvAt, goneAt, cur}
+const workers = new Map(); // worker id -> {tr, td, data, recvAt, goneAt, cur}
 let workersViaStatsAt = 0; // Date.now() of the last worker list carried by a stats message
 
 const WORKER_COLS = ['host', 'instance', 'pid', 'uptime', 'done', 'current'];
+const WORKER_NUMS = new Set(['pid', 'done']);
 
 function workerId(w) {
   if (w.id != null && w.id !== '') return String(w.id);
@@ -1256,16 +1505,10 @@ function workerId(w) {
   return `${w.host == null ? '?' : w.host}:${w.instance == null ? '' : w.instance}:${w.pid == null ? '?' : w.pid}`;
 }
 
+/** A worker's row and its cells by column: {tr, td}. */
 function createWorkerRow(id) {
-  const tr = document.createElement('tr');
-  tr.dataset.worker = id;
-  for (const name of WORKER_COLS) {
-    const td = document.createElement('td');
-    td.className = name;
-    if (name === 'pid' || name === 'done') td.classList.add('num');
-    tr.appendChild(td);
-  }
-  const host = tr.cells[0];
+  const row = tableRow(WORKER_COLS, WORKER_NUMS);
+  row.tr.dataset.worker = id;
   const dot = document.createElement('span');
   dot.className = 'dot';
   dot.setAttribute('aria-hidden', 'true');
@@ -1275,8 +1518,8 @@ function createWorkerRow(id) {
   gone.className = 'gone-label';
   gone.textContent = 'gone';
   gone.hidden = true;
-  host.append(dot, name, gone);
-  return tr;
+  row.td.host.append(dot, name, gone);
+  return row;
 }
 
 /** Seconds the worker has been up: measured on the server's clock, then ticking locally. */
@@ -1291,16 +1534,16 @@ function workerUptime(e) {
 
 function updateWorkerRow(e) {
   const w = e.data;
-  const c = e.tr.cells;
-  const name = c[0].querySelector('.host-name');
+  const td = e.td;
+  const name = td.host.querySelector('.host-name');
   setText(name, w.host == null ? '?' : String(w.host));
-  c[0].title = workerId(w);
-  setText(c[1], w.instance == null ? '' : String(w.instance));
-  setText(c[2], w.pid == null ? '' : String(w.pid));
+  td.host.title = workerId(w);
+  setText(td.instance, w.instance == null ? '' : String(w.instance));
+  setText(td.pid, w.pid == null ? '' : String(w.pid));
   const up = workerUptime(e);
-  setText(c[3], up === null ? '' : fmtDur(up));
-  c[3].title = w.started_at == null ? '' : `since ${fullTime(w.started_at)}`;
-  setText(c[4], w.tasks_done == null ? '' : fmtCount(num(w.tasks_done)));
+  setText(td.uptime, up === null ? '' : fmtDur(up));
+  td.uptime.title = w.started_at == null ? '' : `since ${fullTime(w.started_at)}`;
+  setText(td.done, w.tasks_done == null ? '' : fmtCount(num(w.tasks_done)));
   const inHand = num(w.in_hand) || 0;
   const cur = typeof w.current === 'string' && w.current ? w.current : '';
   const key = `${cur}|${inHand}`;
@@ -1321,7 +1564,7 @@ function updateWorkerRow(e) {
       idle.textContent = 'idle';
       parts.push(idle);
     }
-    c[5].replaceChildren(...parts);
+    td.current.replaceChildren(...parts);
   }
 }
 
@@ -1344,7 +1587,7 @@ function applyWorkers(items) {
     if (!id || seen.has(id)) continue;
     seen.add(id);
     let e = workers.get(id);
-    if (!e) { e = { tr: createWorkerRow(id), cur: null, goneAt: 0 }; workers.set(id, e); }
+    if (!e) { e = { ...createWorkerRow(id), cur: null, goneAt: 0 }; workers.set(id, e); }
     e.data = w;
     e.recvAt = now / 1000;
     if (e.goneAt) { e.goneAt = 0; setWorkerGone(e, false); }
@@ -1397,15 +1640,9 @@ function renderWorkers() {
 function tickWorkers() {
   for (const e of workers.values()) {
     const up = workerUptime(e);
-    if (up !== null) setText(e.tr.cells[3], fmtDur(up));
+    if (up !== null) setText(e.td.uptime, fmtDur(up));
   }
   if ([...workers.values()].some((e) => e.goneAt)) renderWorkers();
-}
-
-function setInlineError(el, text) {
-  if (!el) return;
-  setText(el, text);
-  setHidden(el, !text);
 }
 
 async function pollWorkers() {
@@ -1434,46 +1671,25 @@ async function pollWorkers() {
 // ---------------------------------------------------------------- dead letters
 
 const dlq = {
-  rows: new Map(),  // key -> {tr, item, sig, busy, armed}
+  rows: new Map(),  // key -> {tr, td, el, item, sig, busy, armed}
   total: null,
   busyAll: false,
   version: 0,       // bumped by every action, so an older poll answer cannot resurrect rows
 };
 const DLQ_COLS = ['id', 'type', 'error', 'attempts', 'failed', 'actions'];
+const DLQ_NUMS = new Set(['attempts']);
 const ERROR_MAX = 300; // chars of a dead letter's error shown in the row (full text in title)
 
-function dlqStatus(text, state, fromPoll = false) {
-  const el = $('dlq-status');
-  if (!el) return;
-  el.textContent = text;
-  el.dataset.state = state || '';
-  el.dataset.poll = String(fromPoll); // a poll's own error is cleared by the next good poll
-}
+const dlqStatus = (text, state, fromPoll = false) => panelStatus('dlq-status', text, state, fromPoll);
 
 function createDlqRow(entry) {
-  const tr = document.createElement('tr');
-  for (const name of DLQ_COLS) {
-    const td = document.createElement('td');
-    td.className = name;
-    if (name === 'attempts') td.classList.add('num');
-    tr.appendChild(td);
-  }
-  const actions = tr.cells[5];
-  const mk = (cls, text) => {
-    const b = document.createElement('button');
-    b.type = 'button';
-    b.className = `btn btn-small ${cls}`;
-    b.textContent = text;
-    return b;
-  };
-  const requeue = mk('requeue', 'Requeue');
-  const discard = mk('btn-danger-outline discard', 'Discard');
-  const cancel = mk('btn-secondary discard-cancel', 'Cancel');
+  const { tr, td } = tableRow(DLQ_COLS, DLQ_NUMS);
+  const requeue = actionButton('requeue', 'Requeue');
+  const discard = actionButton('btn-danger-outline discard', 'Discard');
+  const cancel = actionButton('btn-secondary discard-cancel', 'Cancel');
   cancel.hidden = true;
-  const err = document.createElement('span');
-  err.className = 'row-error error';
-  err.hidden = true;
-  actions.append(requeue, discard, cancel, err);
+  const err = rowError();
+  td.actions.append(requeue, discard, cancel, err);
   requeue.addEventListener('click', () => dlqAction(entry, 'requeue'));
   discard.addEventListener('click', () => {
     if (entry.armed) dlqAction(entry, 'discard');
@@ -1484,6 +1700,7 @@ function createDlqRow(entry) {
     if (ev.key === 'Escape' && entry.armed) { ev.preventDefault(); armDiscard(entry, false); discard.focus(); }
   });
   entry.tr = tr;
+  entry.td = td;
   entry.el = { requeue, discard, cancel, err };
   return tr;
 }
@@ -1503,19 +1720,13 @@ function armDiscard(entry, armed) {
   else if ($('dlq-status') && $('dlq-status').dataset.state === 'confirm') dlqStatus('', '');
 }
 
-function setRowError(entry, text) {
-  const { err } = entry.el;
-  err.textContent = text;
-  err.hidden = !text;
-}
-
 function updateDlqRow(entry) {
   const it = entry.item;
-  const c = entry.tr.cells;
+  const td = entry.td;
   const id = typeof it.id === 'string' && it.id ? it.id : '';
   entry.tr.dataset.id = id;
-  c[0].replaceChildren(id ? taskButton(id) : Object.assign(document.createElement('span'), { className: 'muted', textContent: '(no id)' }));
-  c[1].textContent = it.type == null ? '' : String(it.type);
+  td.id.replaceChildren(id ? taskButton(id) : Object.assign(document.createElement('span'), { className: 'muted', textContent: '(no id)' }));
+  td.type.textContent = it.type == null ? '' : String(it.type);
   const errText = it.error == null ? '' : asText(it.error);
   const errSpan = document.createElement('span');
   errSpan.className = 'error';
@@ -1533,11 +1744,11 @@ function updateDlqRow(entry) {
     det.append(sum, pre);
     parts.push(det);
   }
-  c[2].replaceChildren(...parts);
-  c[3].textContent = it.attempts == null ? '' : String(it.attempts);
+  td.error.replaceChildren(...parts);
+  td.attempts.textContent = it.attempts == null ? '' : String(it.attempts);
   renderDlqTime(entry);
   const first = toNum(it.first_failed_at);
-  c[4].title = [
+  td.failed.title = [
     it.failed_at != null ? `last failed ${fullTime(it.failed_at)}` : '',
     first !== null && first !== toNum(it.failed_at) ? `first failed ${fullTime(first)}` : '',
   ].filter(Boolean).join('; ');
@@ -1550,7 +1761,7 @@ function updateDlqRow(entry) {
 
 function renderDlqTime(entry) {
   const at = toNum(entry.item.failed_at);
-  const cell = entry.tr.cells[4];
+  const cell = entry.td.failed;
   if (at === null) { setText(cell, ''); return; }
   const ago = Date.now() / 1000 - at; // may be slightly negative: clocks differ
   setText(cell, `${clockTime(at)} · ${ago < 1 ? 'just now' : `${fmtDur(ago)} ago`}`);
@@ -1621,27 +1832,6 @@ function removeDlqRow(key) {
   }
   entry.tr.remove();
   dlq.rows.delete(key);
-}
-
-/** One action call (requeue, discard, pause, resume): the answer's status and JSON body, and
- *  the text an inline error shows when it failed ('' when it succeeded). Never throws. */
-async function callAction(path, method) {
-  let res;
-  try {
-    res = await api(path, { method, headers: { Accept: 'application/json' } });
-  } catch (e) {
-    return { ok: false, status: 0, text: 'Network error: could not reach the server.' };
-  }
-  let body = null;
-  try { body = await res.json(); } catch (e) { /* non-JSON body */ }
-  const msg = body && typeof body.error === 'string' ? body.error : '';
-  let text = '';
-  if (!res.ok) {
-    if (res.status === 401) text = 'An access token is required.';
-    else if (res.status === 503) text = `Unavailable${msg ? `: ${msg}` : ', try again shortly.'}`;
-    else text = msg || `Request failed (${res.status}).`;
-  }
-  return { ok: res.ok, status: res.status, body, text };
 }
 
 async function dlqAction(entry, kind) {
@@ -1748,42 +1938,22 @@ const QUEUE_COLS = ['name', 'ready', 'running', 'retrying', 'consumers', 'limit'
 const QUEUE_NUMS = new Set(['ready', 'running', 'retrying', 'consumers', 'limit', 'rate', 'completed']);
 const NO_LIMIT = '\u2014'; // shown for limit 0 and rate "": the queue has none
 
-function queuesStatus(text, state, fromPoll = false) {
-  const el = $('queues-status');
-  if (!el) return;
-  el.textContent = text;
-  el.dataset.state = state || '';
-  el.dataset.poll = String(fromPoll); // a poll's own error is cleared by the next good list
-}
+const queuesStatus = (text, state, fromPoll = false) => panelStatus('queues-status', text, state, fromPoll);
 
 function createQueueRow(entry) {
-  const tr = document.createElement('tr');
+  const { tr, td } = tableRow(QUEUE_COLS, QUEUE_NUMS);
   tr.dataset.queue = entry.name;
-  const td = {};
-  for (const name of QUEUE_COLS) {
-    const cell = document.createElement('td');
-    cell.className = name;
-    if (QUEUE_NUMS.has(name)) cell.classList.add('num');
-    tr.appendChild(cell);
-    td[name] = cell;
-  }
   const state = document.createElement('span');
   state.className = 'badge queue-state';
   td.state.appendChild(state);
   const mk = (cls, text, action) => {
-    const b = document.createElement('button');
-    b.type = 'button';
-    b.className = `btn btn-small ${cls}`;
-    b.textContent = text;
-    b.setAttribute('aria-label', `${text} queue ${entry.name}`);
+    const b = actionButton(cls, text, `${text} queue ${entry.name}`);
     b.addEventListener('click', () => queueAction(entry, action));
     return b;
   };
   const pause = mk('btn-secondary pause-queue', 'Pause', 'pause');
   const resume = mk('resume-queue', 'Resume', 'resume');
-  const err = document.createElement('span');
-  err.className = 'row-error error';
-  err.hidden = true;
+  const err = rowError();
   td.actions.append(pause, resume, err);
   entry.tr = tr;
   entry.td = td;
@@ -1823,11 +1993,6 @@ function updateQueueRow(entry) {
   el.resume.disabled = !paused || entry.busy;
 }
 
-function setQueueRowError(entry, text) {
-  const { err } = entry.el;
-  err.textContent = text;
-  err.hidden = !text;
-}
 
 /** Apply the latest list of declared queues (from GET /api/queues or a stats message). */
 function applyQueues(items) {
@@ -1901,7 +2066,7 @@ async function queueAction(entry, action) {
   const name = entry.name;
   const hadFocus = entry.tr.contains(document.activeElement);
   entry.busy = true;
-  setQueueRowError(entry, '');
+  setRowError(entry, '');
   entry.tr.setAttribute('aria-busy', 'true');
   updateQueueRow(entry);
   const r = await callAction(`/api/queues/${encodeURIComponent(name)}/${action}`, 'POST');
@@ -1915,7 +2080,7 @@ async function queueAction(entry, action) {
   } else {
     const verb = action === 'pause' ? 'Pause' : 'Resume';
     const text = r.ok ? 'unexpected answer from the server.' : r.text;
-    setQueueRowError(entry, `${verb} failed: ${text}`);
+    setRowError(entry, `${verb} failed: ${text}`);
     queuesStatus(`${verb} of queue ${name} failed: ${text}`, 'error');
   }
   updateQueueRow(entry);
@@ -2382,12 +2547,17 @@ function startPolling() {
 
 // ---------------------------------------------------------------- clock
 
-/** Once a second: ages, durations and uptimes tick; the chart scrolls; staleness shows. */
+/** Once a second: ages, durations, uptimes and countdowns tick; the chart scrolls; staleness
+ *  shows. The page's one clock: no row has a timer of its own. */
 function tick() {
   if (document.hidden) return;
   for (const tr of inView || rows.values()) {
     const t = tasks.get(tr.dataset.id);
     if (t) setText(tr.cells[COL.time], timeText(t));
+  }
+  for (const tr of countdowns) {
+    const t = tasks.get(tr.dataset.id);
+    if (t) renderCountdown(tr, t);
   }
   if (details.id) renderDetailsTime(detailsView());
   tickWorkers();

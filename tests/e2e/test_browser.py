@@ -264,12 +264,14 @@ async def test_screenshot_with_every_state(page: Any, stack: Cluster, tmp_path: 
         {"type": "sleep", "payload": {"seconds": 8}},
         {"type": "sleep", "payload": {"seconds": 8}},
         {"type": "sleep", "payload": {"seconds": 8}},
+        {"type": "noop", "delay": 3600},  # scheduled, counting down
     ]
     for body in bodies:
         assert (await stack.submit(body))[0] == 202
     await page.locator("tbody#dlq-rows tr[data-id]").nth(1).wait_for(timeout=20_000)
     await page.locator("tbody#task-rows tr[data-status=started] progress").first.wait_for(timeout=20_000)
     await page.locator("tbody#task-rows tr[data-status=pending]").first.wait_for(timeout=20_000)
+    await page.locator("tbody#task-rows tr[data-status=scheduled]").first.wait_for(timeout=20_000)
     target = ROOT / SCREENSHOT if SCREENSHOT else tmp_path / "dashboard.png"
     written_after = time.time()
     await page.screenshot(path=str(target), full_page=True)

@@ -112,6 +112,8 @@ async def test_a_delayed_task_counts_down_and_its_rows_cancel_button_cancels_it(
     assert 25 <= first <= 30, first_text
     await expect(countdown).not_to_have_text(first_text or "", timeout=3_000)
     assert await seconds_left(countdown) < first
+    # The Queues panel counts it among its queue's scheduled tasks.
+    await expect(page.locator('#queue-rows tr[data-queue="default"] td.scheduled')).to_have_text("1", timeout=10_000)
 
     # Cancel from the row: it turns cancelled (the socket's update), the countdown and the button go.
     cancel = task_row.locator("button.cancel-task")
@@ -121,6 +123,7 @@ async def test_a_delayed_task_counts_down_and_its_rows_cancel_button_cancels_it(
     await expect(task_row.locator("td.status .badge")).to_have_text("cancelled")
     await expect(countdown).to_have_count(0)
     await expect(cancel).to_be_hidden()
+    await expect(page.locator('#queue-rows tr[data-queue="default"] td.scheduled')).to_have_text("0", timeout=10_000)
     await expect(task_row.locator("td.result")).to_have_text("cancelled by api")
     await expect(page.locator("#tasks-status")).to_have_text(f"Cancelled {tid[:8]}.")
     task = await record(api, tid)

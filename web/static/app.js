@@ -57,7 +57,7 @@
 //                a worker missing from the latest list gets class "gone" for 30 s, then
 //                goes; #worker-count, #workers-empty, #workers-error.
 //   Queues       table#queue-table; #queue-rows > tr[data-queue="<name>"][data-paused=true|false]
-//                in the server's order, with td.name, td.ready, td.running, td.retrying,
+//                in the server's order, with td.name, td.ready, td.running, td.retrying, td.scheduled,
 //                td.consumers ("–" when unknown), td.limit, td.rate ("—" for no limit),
 //                td.completed (per second), td.state (span.badge.queue-state "running" or
 //                "paused") and td.actions holding button.pause-queue and button.resume-queue
@@ -83,7 +83,7 @@
 // keeps the one it has when a later update leaves it out); a stats item is {"stats": {ts,
 // completed_per_s, failed_per_s, submitted_per_s, queue: {ready, dlq}, totals: {...},
 // workers?: [...], queues?: [...]}} (no "id"), `queues` holding the items of GET
-// /api/queues: {name, broker_name, ready, running, retrying (null: unknown), consumers,
+// /api/queues: {name, broker_name, ready, running, retrying (null: unknown), scheduled, consumers,
 // paused, limit (0: none), rate ("": none, else like "10/s"), completed_per_s}.
 // After the socket opens the page sends {"subscribe": "*"}.
 //
@@ -1934,8 +1934,8 @@ const queues = {
 };
 let queuesViaStatsAt = 0; // Date.now() of the last queue list carried by a stats message
 
-const QUEUE_COLS = ['name', 'ready', 'running', 'retrying', 'consumers', 'limit', 'rate', 'completed', 'state', 'actions'];
-const QUEUE_NUMS = new Set(['ready', 'running', 'retrying', 'consumers', 'limit', 'rate', 'completed']);
+const QUEUE_COLS = ['name', 'ready', 'running', 'retrying', 'scheduled', 'consumers', 'limit', 'rate', 'completed', 'state', 'actions'];
+const QUEUE_NUMS = new Set(['ready', 'running', 'retrying', 'scheduled', 'consumers', 'limit', 'rate', 'completed']);
 const NO_LIMIT = '\u2014'; // shown for limit 0 and rate "": the queue has none
 
 const queuesStatus = (text, state, fromPoll = false) => panelStatus('queues-status', text, state, fromPoll);
@@ -1975,7 +1975,7 @@ function updateQueueRow(entry) {
   const it = entry.item;
   const { td, el } = entry;
   setText(td.name, entry.name);
-  for (const key of ['ready', 'running', 'retrying', 'consumers']) setText(td[key], fmtCount(num(it[key])));
+  for (const key of ['ready', 'running', 'retrying', 'scheduled', 'consumers']) setText(td[key], fmtCount(num(it[key])));
   const limit = num(it.limit);
   setText(td.limit, limit ? fmtCount(limit) : NO_LIMIT);
   setTitle(td.limit, limit ? `at most ${fmtCount(limit)} running at once` : 'no limit');

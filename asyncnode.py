@@ -2593,12 +2593,18 @@ class RedisStore:
         return self.cfg.key_prefix + IDEMPOTENCY_SUFFIX + key
 
     async def claim_key(self, key: str, fingerprint: str, hold: float) -> dict[str, JSON] | None:
-        """SET NX the key's entry, in flight for ``hold`` seconds; else what it holds."""
-        entry = self._key_entry(key)
+        """SET NX the key's entry, in flight for ``hold`` seconds, and GET it, in one round trip: None if set;
+        else what it holds. (On the pipelines' own connections: redis-py's command layer would cost more than
+        the round trip.)"""
+        entry, ms = self._key_entry(key), str(max(round(hold * 1000), 1))
         for _ in range(3):  # the entry may expire between the SET and the GET
-            if await self.client.set(entry, dumps({"fp": fingerprint}), nx=True, px=max(round(hold * 1000), 1)):
+            claimed, raw = await self._pipeline(
+                [("SET", entry, dumps({"fp": fingerprint}), "NX", "PX", ms), ("GET", entry)]
+            )
+            if isinstance(claimed, Exception) or isinstance(raw, Exception):
+                raise claimed if isinstance(claimed, Exception) else cast(Exception, raw)
+            if claimed is not None:
                 return None
-            raw = cast(str | None, await self.client.get(entry))
             if raw is not None:
                 return cast(dict[str, JSON], loads(raw))
         return {"fp": fingerprint}  # taken and dropped over and over: another request is at it
@@ -2606,7 +2612,9 @@ class RedisStore:
     async def settle_key(self, key: str, fingerprint: str, response: Mapping[str, JSON], ttl: float) -> None:
         """Keep the key's answer for ``ttl`` seconds."""
         value = dumps({"fp": fingerprint, "response": dict(response)})
-        await self.client.set(self._key_entry(key), value, px=max(round(ttl * 1000), 1))
+        [done] = await self._pipeline([("SET", self._key_entry(key), value, "PX", str(max(round(ttl * 1000), 1)))])
+        if isinstance(done, Exception):
+            raise done
 
     async def release_key(self, key: str) -> None:
         """Drop the key's entry."""
@@ -2814,15 +2822,28 @@ class Database:
         return future
 
     def _open(self) -> sqlite3.Connection:
+        """Connect, in WAL mode, with the tables made. Switching a new file to WAL does not wait for a lock
+        another process's first connection holds (SQLite answers "locked" at once): it is tried again, for
+        as long as any lock is waited for."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=SQLITE_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
-        conn.execute("BEGIN IMMEDIATE")
-        for statement in _SCHEMA:
-            conn.execute(statement)
-        conn.execute("COMMIT")
-        return conn
+        deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT
+        while True:
+            conn = sqlite3.connect(
+                self.path, timeout=SQLITE_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+            )
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
+                conn.execute("BEGIN IMMEDIATE")
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                conn.execute("COMMIT")
+                return conn
+            except sqlite3.OperationalError as e:
+                conn.close()
+                if "locked" not in str(e) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(SQLITE_POLL[0])  # in the database thread, not the event loop
 
     def _serve(self) -> None:
         conn: sqlite3.Connection | None = None
@@ -4559,7 +4580,8 @@ class Worker:
         self.in_hand: dict[str, float] = {}  # task id -> when it started, oldest first
         self.running: dict[str, asyncio.Event] = {}  # task id -> set when its outcome is recorded
         self.cancelled: set[str] = set()  # tasks in hand found cancelled
-        self.handlers: dict[str, tuple[asyncio.Task[Any] | None, TaskContext]] = {}  # running: (async run, context)
+        # Tasks whose handler runs now: (the asyncio task awaiting an async one, else None; its context).
+        self.handlers: dict[str, tuple[asyncio.Task[Any] | None, TaskContext]] = {}
         self.tasks_done = 0
         self.slots = asyncio.Semaphore(cfg.worker.concurrency)
         self.one_thread = asyncio.Semaphore(1)
@@ -4879,13 +4901,14 @@ class Worker:
             payload = validate_payload(ttype, env.payload, self.cfg)
             result = None
             if ttype.is_async:
-                # Its own task, so that a cancel stops the handler, not the worker's bookkeeping around it.
-                runner = asyncio.get_running_loop().create_task(run_handler(ttype, payload, ctx, limit))
-                self.handlers[env.id] = (runner, ctx)
-                if env.id in self.cancelled:  # found cancelled since its start was recorded
-                    ctx.cancelled = True
-                    runner.cancel()
-                result = await runner
+                ctx.cancelled = env.id in self.cancelled  # found cancelled since its start was recorded: not run
+                if not ctx.cancelled:
+                    # A cancel (watch_cancels) cancels this very task, at the handler's await; the CancelledError
+                    # is taken back below, and the bookkeeping after the handler goes on as usual.
+                    self.handlers[env.id] = (asyncio.current_task(), ctx)
+                    result = await run_handler(ttype, payload, ctx, limit)
+                    if ctx.cancelled:  # it caught the CancelledError and returned: take the cancel back
+                        cast(asyncio.Task[Any], asyncio.current_task()).uncancel()
             else:
                 async with self.one_thread:  # plain functions are taken for CPU-bound: one at a time per process
                     self.handlers[env.id] = (None, ctx)
@@ -4894,8 +4917,7 @@ class Worker:
                         result = await run_handler(ttype, payload, ctx, limit)
             dumps(result)  # a result that cannot be stored is a failure of the task, not of the worker
         except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if not ctx.cancelled or (current is not None and current.cancelling()):
+            if not ctx.cancelled or cast(asyncio.Task[Any], asyncio.current_task()).uncancel():
                 raise  # this worker itself is being cancelled
             result = Cancelled()
         except Exception as e:

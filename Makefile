@@ -45,7 +45,9 @@ soak: install
 # Throughput of asyncnode side by side with Celery, Dramatiq, the raw aio-pika + Redis limit and a
 # minimal aiohttp API, in one alternated run (about 12 minutes), then WebSocket fan-out and RSS over
 # 100,000 tasks (about 10 minutes more), then what a queue's limit and rate cost per task on both
-# backends (bench/limits.py, about 4 minutes more): the README's figures. The [bench]
+# backends (bench/limits.py, about 4 minutes more), then what the task controls cost: unused, the release
+# before them against this tree, and used, an Idempotency-Key and a delay (bench/controls.py, about 5 minutes
+# more; it checks the release before out into a temporary git worktree): the README's figures. The [bench]
 # extras are for comparisons only; asyncnode never needs them. wrk (Debian's) drives the API-alone
 # load; without it the harness falls back to an aiohttp client. Extra flags: make bench BENCH_ARGS='--systems raw,celery'
 bench: install
@@ -59,6 +61,7 @@ bench: install
 	$(PY) bench/fanout.py --rounds 3 --backend rabbitmq,embedded
 	$(PY) bench/memory.py --backend rabbitmq,embedded
 	$(PY) bench/limits.py --backends rabbitmq,embedded
+	$(PY) bench/controls.py --backend rabbitmq,embedded
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -10,13 +10,13 @@ Sections, in dependency order (each uses only those above it; banners mark them)
 
     Constants            what several sections share (a constant serving one lives in it)
     Errors               the exception tree, and what each backend raises when away
-    Config               the frozen dataclass tree from config.toml (queues, routes, instances);
+    Config               the frozen dataclass tree from config.toml (queues, routes, schedules, instances);
                          protected mode's rule
     Handler API          Field, TaskType, task(), load_handlers, TaskContext, run_handler:
                          everything a handler author needs
     Pure core            validation (with a delay or run_at), envelopes, the status machine and plan_change() (the
                          one home of what a change of state does), queue arguments, retry
-                         schedule, access and cross-site rules, supervisord rendering
+                         schedule, a schedule's slots, access and cross-site rules, supervisord rendering
     Backend interface    TaskQueue and TaskStore, which the roles talk to
     Adapter: RabbitMQ    RabbitQueue
     Adapter: Redis       RedisStore: makes a planned Change in one Lua call; holds delayed tasks
@@ -24,12 +24,12 @@ Sections, in dependency order (each uses only those above it; banners mark them)
     Adapter: SQLite      SqliteQueue and SqliteStore on one file; open_backend()
     Services             backend(), stop_event(), retrying() (the one backoff policy),
                          dead-letter requeue and discard; submit_task and submit_once (an
-                         Idempotency-Key), cancel_task
+                         Idempotency-Key), cancel_task; the scheduler (lease, fire_due) and schedules
     Role: api            the aiohttp application, the WebSocket hub, run_api()
     Role: worker         Worker (pauses, cancels, admission under a queue's limit and rate, promotion
                          of delayed tasks as they fall due), run_worker()
     Role: up             supervisord for one host, and ctl
-    Commands             check, dlq, queues, cancel
+    Commands             check, dlq, queues, cancel, schedules
     Command line         main()
 """
 
@@ -63,6 +63,7 @@ import time
 import tomllib
 import traceback
 import uuid
+import zoneinfo
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol, TypeAlias, cast
@@ -113,10 +114,13 @@ if TYPE_CHECKING:
     import sqlite3
 
     import aiohttp_jinja2
+    import croniter
     import jinja2
     from aiohttp import web
-else:  # sqlite3 serves the embedded backend alone
-    aiohttp_jinja2, jinja2, web, sqlite3 = map(_LazyModule, ("aiohttp_jinja2", "jinja2", "aiohttp.web", "sqlite3"))
+else:  # sqlite3 serves the embedded backend alone; croniter (with dateutil) the cron schedules alone
+    aiohttp_jinja2, jinja2, web, sqlite3, croniter = map(
+        _LazyModule, ("aiohttp_jinja2", "jinja2", "aiohttp.web", "sqlite3", "croniter")
+    )
 
 # ============================================================================
 # Constants
@@ -134,6 +138,8 @@ LIMIT_POLL: Final = 0.05
 ASK_INTERVAL: Final = 1.0
 #: Seconds a task waiting its turn keeps its place in line without asking again (3 asks missed: it is gone).
 LINE_PATIENCE: Final = 3 * ASK_INTERVAL
+#: The name of the lease whose holder fires the schedules (one process of the deployment at a time).
+SCHEDULER_LEASE: Final = "scheduler"
 JSON: TypeAlias = Any
 
 
@@ -176,6 +182,10 @@ class Refused(AsyncnodeError):
     def __init__(self, message: str, tid: str | None = None) -> None:
         super().__init__(message)
         self.tid = tid
+
+
+class LeaseLost(AsyncnodeError):
+    """The scheduler lease passed to another process: this one fires nothing more."""
 
 
 class KeyConflict(AsyncnodeError):
@@ -339,6 +349,38 @@ class QueueConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """``[scheduler]``: the lease that lets one process at a time fire the schedules."""
+
+    lease_ttl: float = _opt(
+        10.0, "seconds the scheduler lease lasts unless renewed (a dead holder's is taken over)", min=1.0
+    )
+
+
+#: ``[schedules.*] catch_up``: after slots were missed, fire one task for them, or none.
+CATCH_UP: Final = ("one", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    """``[schedules.<name>]``: a task fired at each slot of a cron expression or a period, once per deployment."""
+
+    type: str = _opt("", "task type fired", nonempty=True)
+    payload: dict[str, Any] | None = _opt(None, "its payload, checked like a submission's")  # noqa: RUF009 (None)
+    cron: str = _opt("", "five-field cron expression (or every)")
+    every: float | None = _opt(None, "seconds between slots, from the Unix epoch (or cron)", min=0.001)
+    timezone: str = _opt("UTC", "the zone the cron expression is read in", nonempty=True)
+    queue: str = _opt("", "queue of its tasks (default: the type's route)")
+    catch_up: str = _opt("one", "after missed slots: one task for them, or none", choices=CATCH_UP)
+    name: str = ""  #: the table's name (not a key)
+
+    @functools.cached_property
+    def zone(self) -> zoneinfo.ZoneInfo:
+        """The schedule's time zone."""
+        return zoneinfo.ZoneInfo(self.timezone)
+
+
+@dataclasses.dataclass(frozen=True)
 class InstanceConfig:
     """``[instances.<name>]``: what one host (or one ``up`` on a host) runs."""
 
@@ -363,6 +405,7 @@ class Config:
     smtp: SmtpConfig = SmtpConfig()
     handlers: HandlersConfig = HandlersConfig()
     worker: WorkerConfig = WorkerConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
     instances: Mapping[str, InstanceConfig] = dataclasses.field(
         default_factory=lambda: {DEFAULT_INSTANCE: InstanceConfig(host=DEFAULT_INSTANCE)}
     )
@@ -370,6 +413,8 @@ class Config:
     queues: Mapping[str, QueueConfig] = dataclasses.field(default_factory=lambda: {DEFAULT_QUEUE: QueueConfig()})
     #: Task type -> queue (``[routes]``); a type not listed goes to its handler's queue, else "default".
     routes: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: Periodic tasks by name, in the order declared (``[schedules.*]``).
+    schedules: Mapping[str, ScheduleConfig] = dataclasses.field(default_factory=dict)
 
     SECTIONS: ClassVar[dict[str, type]] = {
         "broker": BrokerConfig,
@@ -380,6 +425,7 @@ class Config:
         "smtp": SmtpConfig,
         "handlers": HandlersConfig,
         "worker": WorkerConfig,
+        "scheduler": SchedulerConfig,
     }
     #: Environment variables that override a key: deployments change these per host.
     ENV: ClassVar[dict[str, tuple[str, str]]] = {
@@ -414,8 +460,8 @@ class Config:
     def from_mapping(cls, raw: Mapping[str, Any], path: Path, env: Mapping[str, str]) -> Config:
         """Validate an already-parsed TOML document (see :meth:`from_toml`)."""
         for name in raw:
-            if name not in cls.SECTIONS and name not in ("instances", "queues", "routes"):
-                known = ", ".join([*cls.SECTIONS, "instances", "queues", "routes"])
+            if name not in cls.SECTIONS and name not in ("instances", "queues", "routes", "schedules"):
+                known = ", ".join([*cls.SECTIONS, "instances", "queues", "routes", "schedules"])
                 raise ConfigError(f"{path}: [{name}]: unknown section (known: {known})")
         sections: dict[str, dict[str, Any]] = {}
         for name in cls.SECTIONS:
@@ -447,7 +493,8 @@ class Config:
         queues = _build_queues(path, raw.get("queues"))
         routes = _build_routes(path, raw.get("routes"), queues)
         instances = _build_instances(path, raw.get("instances"), api, queues)
-        return cls(path=path, instances=instances, queues=queues, routes=routes, **built)
+        schedules = _build_schedules(path, raw.get("schedules"), queues)
+        return cls(path=path, instances=instances, queues=queues, routes=routes, schedules=schedules, **built)
 
     def broker_name(self, queue: str) -> str:
         """The RabbitMQ (and SQLite) name of declared queue ``queue``: ``<[broker] queue>[.<name>]``."""
@@ -533,6 +580,35 @@ def _build_routes(path: Path, raw: Any, queues: Mapping[str, QueueConfig]) -> di
     return dict(raw)
 
 
+def _build_schedules(path: Path, raw: Any, queues: Mapping[str, QueueConfig]) -> dict[str, ScheduleConfig]:
+    """Check ``[schedules.*]``: names, exactly one of cron and every, the cron expression, the zone, the queue
+    (the type and the payload once the handlers are loaded: see validate_schedules)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not all(isinstance(t, dict) for t in raw.values()):
+        raise ConfigError(f"{path}: schedules: expected tables [schedules.<name>]")
+    schedules = {}
+    for name, table in raw.items():
+        where = f"{path}: [schedules.{name}]"
+        if not QUEUE_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: schedule names use a-z, 0-9, '_' and '-' only, 1 to 40 of them")
+        sch = dataclasses.replace(_build_section(path, f"schedules.{name}", ScheduleConfig, table), name=name)
+        if bool(sch.cron) == (sch.every is not None):
+            raise ConfigError(f"{where}: set either cron or every (seconds), not both and not neither")
+        if sch.cron and (len(sch.cron.split()) != 5 or not croniter.croniter.is_valid(sch.cron)):
+            raise ConfigError(f"{where} cron: {sch.cron!r} is not a five-field cron expression")
+        try:
+            sch.zone  # noqa: B018 (the check is that it can be made)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(
+                f"{where} timezone: unknown time zone {sch.timezone!r} (e.g. UTC, Europe/Berlin)"
+            ) from None
+        if sch.queue and sch.queue not in queues:
+            raise ConfigError(f"{where} queue: {sch.queue!r} is not declared (declared: {', '.join(queues)})")
+        schedules[name] = sch
+    return schedules
+
+
 def _build_instances(
     path: Path, raw: Any, api: ApiConfig, queues: Mapping[str, QueueConfig]
 ) -> dict[str, InstanceConfig]:
@@ -577,7 +653,7 @@ def _build_instances(
 
 def _build_section(path: Path, name: str, cls: type, table: dict[str, Any]) -> Any:
     """Check a section's keys and value types against its dataclass and build it."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if "doc" in f.metadata}  # not those set otherwise
     for key in table:
         if key not in fields:
             raise ConfigError(f"{path}: [{name}] {key}: unknown key (known: {', '.join(fields)})")
@@ -612,6 +688,10 @@ def _check_value(where: str, ftype: str, value: Any, rules: Mapping[str, Any]) -
             bounds = f"≥ {lo}" if hi is None else f"between {lo} and {hi}"
             raise ConfigError(f"{where}: expected a value {bounds}, got {value!r}")
         return float(value) if ftype == "float" else value
+    if ftype == "dict[str, Any]":
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table (e.g. {{ key = value }}), got {value!r}")
+        return value
     if ftype == "tuple[str, ...]":
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise ConfigError(f"{where}: expected a list of non-empty strings, got {value!r}")
@@ -1034,6 +1114,54 @@ def _check_field(f: Field, value: JSON, max_text: int) -> JSON:
     if f.max is not None and value > f.max:
         raise ValidationError(f"{where} must be at most {f.max:g}", f.name)
     return value
+
+
+def validate_schedules(cfg: Config) -> None:
+    """Check each schedule's type and payload against the loaded handlers (ConfigError in one line)."""
+    for name, sch in cfg.schedules.items():
+        where = f"{cfg.path}: [schedules.{name}]"
+        ttype = REGISTRY.get(sch.type)
+        if ttype is None:
+            raise ConfigError(f"{where} type: unknown task type {sch.type!r} (known: {', '.join(sorted(REGISTRY))})")
+        try:
+            validate_payload(ttype, sch.payload or {}, cfg)
+        except ValidationError as e:
+            raise ConfigError(f"{where} payload: {e}") from None
+
+
+#: Seconds past which a due slot counts as missed (its holder died, or nothing ran): catch_up decides for it.
+MISSED_AFTER: Final = 2.0
+
+
+def next_slot(sch: ScheduleConfig, after: float) -> float:
+    """The first slot of ``sch`` strictly after ``after`` (epoch seconds); a cron expression is read in the
+    schedule's zone, by croniter, which decides the days the clocks change."""
+    if sch.every is not None:
+        return (math.floor(after / sch.every) + 1) * sch.every
+    start = datetime.datetime.fromtimestamp(after, sch.zone)
+    return float(croniter.croniter(sch.cron, start).get_next(float))
+
+
+def latest_slot(sch: ScheduleConfig, at: float) -> float | None:
+    """The last slot of ``sch`` at or before ``at`` (None: there is none)."""
+    if sch.every is not None:
+        return math.floor(at / sch.every) * sch.every
+    start = datetime.datetime.fromtimestamp(at + 0.001, sch.zone)  # a slot exactly at ``at`` counts
+    with contextlib.suppress(croniter.CroniterBadDateError):
+        return float(croniter.croniter(sch.cron, start).get_prev(float))
+    return None
+
+
+def slots_to_fire(sch: ScheduleConfig, last: float, now: float) -> tuple[list[float], float]:
+    """What the scheduler does at ``now`` for ``sch``, whose slots up to ``last`` are handled: the slots to fire,
+    and the new ``last``. The slots due since ``last``: one on time (less than MISSED_AFTER old) is fired; the
+    missed ones are covered by one task (``catch_up = "one"``: the latest due slot's) or by none."""
+    first = next_slot(sch, last)
+    if first > now:
+        return [], last
+    latest = max(latest_slot(sch, now) or first, first)
+    on_time = now - latest <= MISSED_AFTER
+    return ([latest] if on_time or sch.catch_up == "one" else []), latest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1670,6 +1798,24 @@ class TaskStore(Protocol):
     async def release_key(self, key: str) -> None:
         """Drop a claimed key whose submission was refused (its request may be retried)."""
 
+    async def lease(self, name: str, owner: str, ttl: float) -> int | None:
+        """Take or renew the lease ``name`` for ``owner`` for ``ttl`` seconds: its fencing value (a new, higher
+        one each time it changes hands or lapsed), or None while another holds it."""
+
+    async def release_lease(self, name: str, owner: str) -> None:
+        """Give the lease ``name`` up, if ``owner`` holds it (another process may take it at once)."""
+
+    async def schedule_states(self, names: Iterable[str]) -> dict[str, dict[str, JSON]]:
+        """The durable state of each schedule named: ``last_slot``, ``last_run_at``, ``last_task_id``,
+        ``paused`` (absent: never set)."""
+
+    async def save_schedule(self, name: str, fields: Mapping[str, JSON], fence: int | None) -> bool:
+        """Write fields of a schedule's state; with ``fence``, only while the scheduler lease still has that
+        fencing value (False: it has not, nothing was written)."""
+
+    async def forget_schedules(self, keep: Iterable[str]) -> list[str]:
+        """Drop the state of every schedule but those kept; return the names dropped."""
+
     async def attempts_of(self, tid: str) -> int:
         """How many runs of a task have started."""
 
@@ -2143,13 +2289,19 @@ SEEN_SUFFIX: Final = "~seen:"
 SCHEDULED_SUFFIX: Final = "~scheduled:"
 SCHEDULED_ENV_SUFFIX: Final = "~scheduled-env"
 IDEMPOTENCY_SUFFIX: Final = "~idem:"
+#: Suffixes, after ``[redis] key_prefix``, of a lease (``<prefix>~lease:<name>``, a hash of owner and fence) and
+#: its fencing counter (``...:fence``, never expiring), of a schedule's state hash (``<prefix>~schedule:<name>``),
+#: and of the set of the schedules with a state.
+LEASE_SUFFIX: Final = "~lease:"
+SCHEDULE_SUFFIX: Final = "~schedule:"
+SCHEDULES_SUFFIX: Final = "~schedules"
 #: Pipelines of state writes one process has in flight at once (the rest wait and go out together).
 REDIS_PIPELINES: Final = 8
 #: Fields of a task that hold JSON rather than text in its Redis hash.
 JSON_FIELDS: Final = frozenset({"payload", "result"})
 #: Fields of a task that hold numbers in its Redis hash.
 FLOAT_FIELDS: Final = frozenset(
-    {"created_at", "started_at", "finished_at", "progress", "ts", "next_attempt_at", "run_at", "cancelled_at"}
+    {"created_at", "started_at", "finished_at", "progress", "ts", "next_attempt_at", "run_at", "cancelled_at", "slot"}
 )
 INT_FIELDS: Final = frozenset({"attempts", "seq", "attempt", "retries"})
 
@@ -2299,6 +2451,37 @@ return out
 """
 
 
+# A lease: renewed by its owner; else taken if free, with the next fencing value.
+#   KEYS[1] the lease, KEYS[2] its fencing counter; ARGV[1] owner, ARGV[2] ttl, ms. Returns the fence, or false.
+_LEASE_LUA: Final = """
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if owner == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return tonumber(redis.call('HGET', KEYS[1], 'fence'))
+end
+if owner then return false end
+local fence = redis.call('INCR', KEYS[2])
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'fence', fence)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return fence
+"""
+
+# A lease given up by its owner: KEYS[1] the lease; ARGV[1] owner.
+_RELEASE_LUA: Final = """
+if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# A schedule's state written, fenced: KEYS[1] the scheduler lease, KEYS[2] the state hash, KEYS[3] the set of
+# schedules; ARGV[1] the fence ('' = unfenced), ARGV[2] the schedule's name, then field, value pairs.
+_SAVE_SCHEDULE_LUA: Final = """
+if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[2], unpack(ARGV, 3))
+redis.call('SADD', KEYS[3], ARGV[2])
+return 1
+"""
+
+
 def encode_fields(fields: Mapping[str, JSON]) -> list[str]:
     """Flatten a task's fields to the strings stored in its Redis hash (None is skipped)."""
     flat: list[str] = []
@@ -2341,6 +2524,9 @@ class RedisStore:
         self._admit = self.client.register_script(_ADMIT_LUA)
         self._renew = self.client.register_script(_RENEW_LUA)
         self._take_due = self.client.register_script(_TAKE_DUE_LUA)
+        self._lease = self.client.register_script(_LEASE_LUA)
+        self._save_schedule = self.client.register_script(_SAVE_SCHEDULE_LUA)
+        self._release = self.client.register_script(_RELEASE_LUA)
         self.paused_key = cfg.key_prefix + PAUSED_SUFFIX
         self.held_env_key = cfg.key_prefix + SCHEDULED_ENV_SUFFIX
         self.held_keys = {q: cfg.key_prefix + SCHEDULED_SUFFIX + q for q in queues}  # queue -> its held tasks
@@ -2620,6 +2806,46 @@ class RedisStore:
         """Drop the key's entry."""
         await self.client.delete(self._key_entry(key))
 
+    async def lease(self, name: str, owner: str, ttl: float) -> int | None:
+        """Renew or take the lease, atomically (_LEASE_LUA)."""
+        key = self.cfg.key_prefix + LEASE_SUFFIX + name
+        fence = await self._lease(keys=[key, key + ":fence"], args=[owner, max(round(ttl * 1000), 1)])
+        return None if fence is None else int(fence)
+
+    async def release_lease(self, name: str, owner: str) -> None:
+        """Delete the lease if ``owner`` holds it (_RELEASE_LUA)."""
+        await self._release(keys=[self.cfg.key_prefix + LEASE_SUFFIX + name], args=[owner])
+
+    async def schedule_states(self, names: Iterable[str]) -> dict[str, dict[str, JSON]]:
+        """Each schedule's state hash, in one pipeline."""
+        names = list(names)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hgetall(self.cfg.key_prefix + SCHEDULE_SUFFIX + name)
+            raws = await pipe.execute()
+        return {name: {k: loads(v) for k, v in raw.items()} for name, raw in zip(names, raws, strict=True)}
+
+    async def save_schedule(self, name: str, fields: Mapping[str, JSON], fence: int | None) -> bool:
+        """Write the fields (as JSON), fenced by the scheduler lease (_SAVE_SCHEDULE_LUA)."""
+        keys = [
+            self.cfg.key_prefix + LEASE_SUFFIX + SCHEDULER_LEASE,
+            self.cfg.key_prefix + SCHEDULE_SUFFIX + name,
+            self.cfg.key_prefix + SCHEDULES_SUFFIX,
+        ]
+        flat = [x for k, v in fields.items() for x in (k, dumps(v))]
+        return bool(await self._save_schedule(keys=keys, args=["" if fence is None else fence, name, *flat]))
+
+    async def forget_schedules(self, keep: Iterable[str]) -> list[str]:
+        """Delete the state hashes of the schedules not kept."""
+        names_key = self.cfg.key_prefix + SCHEDULES_SUFFIX
+        gone = sorted(set(cast(set[str], await self.client.smembers(names_key))) - set(keep))
+        if gone:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.delete(*(self.cfg.key_prefix + SCHEDULE_SUFFIX + name for name in gone))
+                pipe.srem(names_key, *gone)
+                await pipe.execute()
+        return gone
+
     async def renew_slots(self, slots: Mapping[str, str], lease: float) -> None:
         """Extend the slots held (token -> queue) to ``lease`` seconds from now, on Redis's clock."""
         if slots:
@@ -2692,9 +2918,10 @@ class RedisStore:
 # ============================================================================
 # Adapter: SQLite (the embedded backend)
 # ============================================================================
-# Longer than the others (about 840 lines) for a reason: it implements a queue (leases, redelivery,
+# Longer than the others (about 900 lines) for a reason: it implements a queue (leases, redelivery,
 # retries, delays, dead letters, per-queue claims) as well as a store (with pauses, limit slots, rate
-# windows and idempotency keys), where the RabbitMQ adapter leaves the queue to RabbitMQ.
+# windows, idempotency keys, the scheduler's lease and schedules), where the RabbitMQ adapter leaves the
+# queue to RabbitMQ.
 # One file shared by the processes of one host, in WAL mode: readers never wait
 # for the writer, and a SIGKILL at any moment leaves every committed write and
 # no half-written one.  Each process has one connection, served by a thread of
@@ -2733,6 +2960,9 @@ _SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS line (token TEXT PRIMARY KEY, queue TEXT NOT NULL, first REAL NOT NULL, "
     "seen REAL NOT NULL)",
     "CREATE TABLE IF NOT EXISTS idempotency (key TEXT PRIMARY KEY, entry TEXT NOT NULL, expires_at REAL NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, owner TEXT NOT NULL, fence INTEGER NOT NULL, "
+    "expires_at REAL NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS schedules (name TEXT PRIMARY KEY, state TEXT NOT NULL)",
 )
 
 _Job: TypeAlias = tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any], bool]
@@ -3448,6 +3678,56 @@ class SqliteStore:
         """Drop the key's row."""
         await self.db.write(_changed, "DELETE FROM idempotency WHERE key = ?", key)
 
+    @staticmethod
+    def _lease(conn: sqlite3.Connection, name: str, owner: str, ttl: float) -> int | None:
+        now = time.time()
+        row = conn.execute("SELECT owner, fence, expires_at FROM leases WHERE name = ?", (name,)).fetchone()
+        if row is not None and row[2] > now and row[0] != owner:
+            return None
+        fence = int(row[1]) if row is not None and row[2] > now else (int(row[1]) + 1 if row else 1)
+        upsert = "INSERT OR REPLACE INTO leases (name, owner, fence, expires_at) VALUES (?, ?, ?, ?)"
+        conn.execute(upsert, (name, owner, fence, now + ttl))
+        return fence
+
+    async def lease(self, name: str, owner: str, ttl: float) -> int | None:
+        """Renew or take the lease in one transaction (a lapsed one is taken with the next fencing value)."""
+        return cast(int | None, await self.db.write(self._lease, name, owner, ttl))
+
+    async def release_lease(self, name: str, owner: str) -> None:
+        """Let the lease lapse now if ``owner`` holds it (its fencing value is kept, for the next holder's)."""
+        give_up = "UPDATE leases SET expires_at = 0 WHERE name = ? AND owner = ?"
+        await self.db.write(_changed, give_up, name, owner)
+
+    async def schedule_states(self, names: Iterable[str]) -> dict[str, dict[str, JSON]]:
+        """Each schedule's state row."""
+        rows = dict(await self.db.read(_rows, "SELECT name, state FROM schedules"))
+        return {name: loads(rows[name]) if name in rows else {} for name in names}
+
+    @staticmethod
+    def _save_schedule(conn: sqlite3.Connection, name: str, fields: Mapping[str, JSON], fence: int | None) -> bool:
+        if fence is not None:
+            row = conn.execute("SELECT fence, expires_at FROM leases WHERE name = ?", (SCHEDULER_LEASE,)).fetchone()
+            if row is None or row[0] != fence or row[1] <= time.time():
+                return False
+        row = conn.execute("SELECT state FROM schedules WHERE name = ?", (name,)).fetchone()
+        state = loads(row[0]) if row else {}
+        conn.execute(
+            "INSERT OR REPLACE INTO schedules (name, state) VALUES (?, ?)", (name, dumps(state | dict(fields)))
+        )
+        return True
+
+    async def save_schedule(self, name: str, fields: Mapping[str, JSON], fence: int | None) -> bool:
+        """Merge the fields into the schedule's state, fenced by the scheduler lease, in one transaction."""
+        return bool(await self.db.write(self._save_schedule, name, fields, fence))
+
+    async def forget_schedules(self, keep: Iterable[str]) -> list[str]:
+        """Delete the state rows of the schedules not kept."""
+        kept = set(keep)
+        gone = sorted({name for (name,) in await self.db.read(_rows, "SELECT name FROM schedules")} - kept)
+        for name in gone:
+            await self.db.write(_changed, "DELETE FROM schedules WHERE name = ?", name)
+        return gone
+
     async def _field(self, tid: str, name: str) -> Any:
         rows = await self.db.read(_rows, "SELECT record FROM tasks WHERE id = ?", tid)
         return loads(rows[0][0]).get(name) if rows else None
@@ -3760,6 +4040,144 @@ async def cancel_task(store: TaskStore, cfg: Config, tid: str, by: Mapping[str, 
             await store.promoted([tid])  # a held (delayed) task is dropped; the file drops a waiting message too
             return True, "cancelled"
     return False, await store.status_of(tid)
+
+
+#: Longest pause between two ticks of a process that holds the scheduler lease or tries to take it.
+SCHEDULER_TICK: Final = 0.5
+#: Seconds between a holder's sweeps for the state of schedules no longer in its config.toml.
+SCHEDULE_SWEEP: Final = 30.0
+
+
+def schedule_submission(cfg: Config, sch: ScheduleConfig) -> tuple[Submission, str]:
+    """What a schedule submits, and the fingerprint of its request (its slots' Idempotency-Keys carry it)."""
+    ttype = REGISTRY[sch.type]
+    payload = validate_payload(ttype, sch.payload or {}, cfg)
+    sub = Submission(ttype, payload, None, sch.queue or queue_of(cfg, ttype))
+    return sub, body_fingerprint({"type": sch.type, "payload": payload, "queue": sub.queue})
+
+
+async def fire_due(broker: TaskQueue, store: TaskStore, cfg: Config, fence: int, now: float) -> int:
+    """As the holder of the scheduler lease (its fencing value ``fence``), fire each schedule's slots due at
+    ``now`` (see slots_to_fire); return how many tasks were submitted. A slot's task is submitted under the
+    Idempotency-Key ``schedule:<name>:<slot>``, so a slot makes one task whichever holder fires it and however
+    often; the progress is written fenced, so a holder that lost its lease writes nothing. Raise LeaseLost then."""
+    states = await store.schedule_states(cfg.schedules)
+    fired = 0
+    for name, sch in cfg.schedules.items():
+        state = states.get(name, {})
+        if state.get("paused"):
+            continue
+        last = state.get("last_slot")
+        if not isinstance(last, int | float):  # new: it starts from now
+            if not await store.save_schedule(name, {"last_slot": now}, fence):
+                raise LeaseLost("the scheduler lease was taken over")
+            continue
+        slots, handled = slots_to_fire(sch, float(last), now)
+        if handled == last:
+            continue
+        fields: dict[str, JSON] = {"last_slot": handled}
+        for slot in slots:
+            sub, fingerprint = schedule_submission(cfg, sch)
+            key = f"schedule:{name}:{slot!r}"
+            try:
+                _, body = await submit_once(broker, store, cfg, sub, key, fingerprint, {"schedule": name, "slot": slot})
+            except KeyConflict:  # its payload or queue changed since another holder fired the slot: it is fired
+                continue
+            fields |= {"last_task_id": body["id"], "last_run_at": now}
+            fired += 1
+        if not await store.save_schedule(name, fields, fence):
+            raise LeaseLost("the scheduler lease was taken over")
+    return fired
+
+
+async def run_scheduler(broker: TaskQueue, store: TaskStore, cfg: Config, owner: str, stop: asyncio.Event) -> None:
+    """Compete for the scheduler lease until ``stop``; while holding it, fire the schedules' slots as they fall
+    due (within SCHEDULER_TICK), and drop the state of schedules no longer in config.toml. Every API and worker
+    process runs this when config.toml has schedules: whichever dies, another takes over within the lease's TTL."""
+    slog = log.getChild("scheduler")
+    fence: int | None = None
+    ttl = cfg.scheduler.lease_ttl
+    next_sweep = 0.0
+    while not stop.is_set():
+        wait = min(SCHEDULER_TICK, ttl / 4)
+        try:
+            held = await store.lease(SCHEDULER_LEASE, owner, ttl)
+            if held != fence:
+                if held is not None:
+                    slog.info("holding the scheduler lease (fence %d): firing %d schedule(s)", held, len(cfg.schedules))
+                    next_sweep = 0.0
+                elif fence is not None:
+                    slog.warning("lost the scheduler lease (fence %d)", fence)
+                fence = held
+            if fence is not None and time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + SCHEDULE_SWEEP
+                dropped = await store.forget_schedules(cfg.schedules)
+                if dropped:
+                    slog.info("dropped the state of schedule(s) no longer in config.toml: %s", ", ".join(dropped))
+            if fence is not None:
+                await fire_due(broker, store, cfg, fence, time.time())
+                now = time.time()
+                upcoming = [next_slot(sch, now) for sch in cfg.schedules.values()]
+                wait = min(wait, max(min(upcoming) - now, 0.0) + 0.002)  # timers may wake a little early
+        except LeaseLost as e:
+            slog.warning("%s (fence %s)", e, fence)
+            fence = None
+        except (*STORE_ERRORS, BrokerUnavailable, Refused) as e:
+            slog.warning("schedules not fired now: %s", e)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), wait)
+    if fence is not None:  # stopping cleanly: another process takes over at its next tick, not after the TTL
+        with contextlib.suppress(*STORE_ERRORS):
+            await store.release_lease(SCHEDULER_LEASE, owner)
+            slog.info("gave up the scheduler lease")
+
+
+async def schedule_items(store: TaskStore, cfg: Config, now: float | None = None) -> list[dict[str, JSON]]:
+    """Each schedule as ``GET /api/schedules`` and ``schedules list`` show it."""
+    now = time.time() if now is None else now
+    states = await store.schedule_states(cfg.schedules)
+    last_ids = [str(st["last_task_id"]) for st in states.values() if st.get("last_task_id")]
+    statuses = await store.statuses(last_ids) if last_ids else {}
+    items = []
+    for name, sch in cfg.schedules.items():
+        state = states.get(name, {})
+        paused = bool(state.get("paused"))
+        last = state.get("last_slot")
+        start = float(last) if isinstance(last, int | float) else now
+        last_id = state.get("last_task_id")
+        items.append(
+            {
+                "name": name,
+                "type": sch.type,
+                "cron": sch.cron or None,
+                "every": sch.every,
+                "timezone": sch.timezone,
+                "queue": sch.queue or queue_of(cfg, REGISTRY[sch.type]) if sch.type in REGISTRY else sch.queue,
+                "paused": paused,
+                "next_run_at": None if paused else next_slot(sch, start),
+                "last_run_at": state.get("last_run_at"),
+                "last_task_id": last_id,
+                "last_status": statuses.get(str(last_id)) if last_id else None,
+            }
+        )
+    return items
+
+
+async def set_schedule_paused(store: TaskStore, name: str, paused: bool) -> None:
+    """Pause a schedule (nothing fires from the holder's next tick on), or resume a paused one from now on (the
+    slots of the pause are not caught up; resuming one not paused changes nothing)."""
+    if paused:
+        await store.save_schedule(name, {"paused": True}, None)
+    elif (await store.schedule_states([name])).get(name, {}).get("paused"):
+        await store.save_schedule(name, {"paused": False, "last_slot": time.time()}, None)
+
+
+async def run_schedule_now(broker: TaskQueue, store: TaskStore, cfg: Config, name: str) -> dict[str, JSON]:
+    """Fire one task of schedule ``name`` now, outside its slots; it becomes the schedule's last task."""
+    sub, _ = schedule_submission(cfg, cfg.schedules[name])
+    body = await submit_task(broker, store, cfg, sub, {"schedule": name})
+    await store.save_schedule(name, {"last_task_id": body["id"], "last_run_at": time.time()}, None)
+    return body
 
 
 async def discard_dead_letter(queue: TaskQueue, task_id: str) -> int:
@@ -4232,6 +4650,35 @@ async def api_dlq_discard(request: web.Request) -> web.Response:
     return _json_response({"discarded": count})
 
 
+async def api_schedules(request: web.Request) -> web.Response:
+    """``GET /api/schedules``: each schedule with its next and last run and its last task's status."""
+    state = request.app[STATE_KEY]
+    try:
+        return _json_response({"items": await schedule_items(state, request.app[CFG_KEY])})
+    except STORE_ERRORS:
+        return _json_error(503, f"{state.label} unavailable")
+
+
+async def api_schedule_action(request: web.Request) -> web.Response:
+    """``POST /api/schedules/<name>/pause|resume`` (durable, on every host) or ``/run`` (one task now)."""
+    cfg, state, name = request.app[CFG_KEY], request.app[STATE_KEY], request.match_info["name"]
+    if name not in cfg.schedules:
+        return _json_error(404, f"no schedule {name[:50]!r} (known: {', '.join(cfg.schedules) or 'none'})")
+    action = request.match_info["action"]
+    try:
+        if action == "run":
+            body = await run_schedule_now(request.app[BROKER_KEY], state, cfg, name)
+            log.getChild("api").info("schedule %r run now by %s: task %s", name, request.remote, body["id"])
+            return _json_response(body, status=202, headers={"Location": f"/api/tasks/{body['id']}"})
+        await set_schedule_paused(state, name, action == "pause")
+    except Refused as e:
+        return _json_error(503, str(e), **({"id": e.tid} if e.tid else {}))
+    except STORE_ERRORS:
+        return _json_error(503, f"{state.label} unavailable; nothing was changed")
+    log.getChild("api").info("schedule %r %s by %s", name, "paused" if action == "pause" else "resumed", request.remote)
+    return _json_response({"name": name, "paused": action == "pause"})
+
+
 async def api_workers(request: web.Request) -> web.Response:
     """``GET /api/workers``: the workers whose heartbeat is alive."""
     items = await request.app[STATE_KEY].workers()
@@ -4423,14 +4870,25 @@ async def _relay_ctx(app: web.Application) -> AsyncIterator[None]:
             await asyncio.wait({task}, timeout=0.5)
 
 
+async def _scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
+    """With schedules in config.toml, this API process competes for the scheduler lease (see run_scheduler)."""
+    cfg, stop = app[CFG_KEY], asyncio.Event()
+    owner = f"{socket.gethostname()}:{os.getpid()}:api:{uuid.uuid4().hex[:6]}"
+    task = asyncio.create_task(run_scheduler(app[BROKER_KEY], app[STATE_KEY], cfg, owner, stop))
+    yield
+    stop.set()
+    await asyncio.wait({task}, timeout=SHUTDOWN_STEP_TIMEOUT)
+
+
 async def _close_websockets(app: web.Application) -> None:
     for client in list(app[HUB_KEY].clients):
         await client.ws.close(code=1001, message=b"server shutdown")
 
 
 def make_app(cfg: Config) -> web.Application:
-    """The API application: routes, templates, the update relay and the task queue."""
+    """The API application: routes, templates, the update relay and the task queue (and the scheduler)."""
     load_handlers(cfg)
+    validate_schedules(cfg)
     _make_app_keys()
     middlewares = [web.middleware(_error_middleware), web.middleware(_guard_middleware)]
     app = web.Application(middlewares=middlewares, client_max_size=cfg.api.client_max_size)
@@ -4458,11 +4916,15 @@ def make_app(cfg: Config) -> web.Application:
     app.router.add_post("/api/dlq/requeue", api_dlq_requeue)
     app.router.add_post("/api/dlq/{id}/requeue", api_dlq_requeue)
     app.router.add_delete("/api/dlq/{id}", api_dlq_discard)
+    app.router.add_get("/api/schedules", api_schedules)
+    app.router.add_post("/api/schedules/{name}/{action:pause|resume|run}", api_schedule_action)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/ws", ws_updates)
     app.cleanup_ctx.append(_state_ctx)
     app.cleanup_ctx.append(_relay_ctx)
+    if cfg.schedules:
+        app.cleanup_ctx.append(_scheduler_ctx)
     app.on_shutdown.append(_close_websockets)
     app.on_response_prepare.append(_security_headers)
     return app
@@ -5024,6 +5486,9 @@ async def run_worker(cfg: Config, queues: Iterable[str] = ()) -> int:
         heartbeat = asyncio.create_task(worker.heartbeat_loop())
         control = asyncio.create_task(worker.control_loop())
         promoter = asyncio.create_task(worker.promote_loop())
+        scheduling = asyncio.Event()  # set: stop competing for the scheduler lease
+        owner = f"{worker.name}:worker:{uuid.uuid4().hex[:6]}"
+        scheduler = asyncio.create_task(run_scheduler(broker, state, cfg, owner, scheduling)) if cfg.schedules else None
         paused = [q for q in serve if q in worker.paused]
         wlog.info(
             "worker %s consuming %s from %s (prefetch %d each; types: %s)%s",
@@ -5043,6 +5508,9 @@ async def run_worker(cfg: Config, queues: Iterable[str] = ()) -> int:
         worker.stopping = True
         worker.wake_waiting()
         promoter.cancel()
+        scheduling.set()
+        if scheduler is not None:
+            await asyncio.wait({scheduler}, timeout=SHUTDOWN_STEP_TIMEOUT)
         await broker.stop_consuming()
         await worker.drain()  # a cancel still stops a task in hand meanwhile
         control.cancel()
@@ -5133,7 +5601,7 @@ def run_ctl(cfg: Config, args: argparse.Namespace) -> int:
 
 
 # ============================================================================
-# Commands: check, dlq, queues, cancel
+# Commands: check, dlq, queues, cancel, schedules
 # ============================================================================
 
 
@@ -5178,6 +5646,13 @@ async def run_check(cfg: Config, args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _failed(state: TaskStore, e: BaseException) -> int:
+    """A command's one-line report of the queue or store it could not use; its exit status (1)."""
+    away = isinstance(e, STORE_ERRORS)
+    print(f"asyncnode: {state.describe()} unavailable: {e}" if away else f"asyncnode: {e}", file=sys.stderr)
+    return 1
+
+
 async def run_dlq(cfg: Config, args: argparse.Namespace) -> int:
     """``dlq list``, ``dlq requeue [ID ...]`` (all when no id) or ``dlq purge``."""
     async with backend(cfg, "dlq") as (broker, state):
@@ -5202,12 +5677,8 @@ async def run_dlq(cfg: Config, args: argparse.Namespace) -> int:
                 print(f"requeued {count} task(s)")
             else:
                 print(f"purged {await broker.purge_dead_letters()} dead letter(s)")
-        except BrokerUnavailable as e:
-            print(f"asyncnode: {e}", file=sys.stderr)
-            return 1
-        except STORE_ERRORS as e:
-            print(f"asyncnode: {state.describe()} unavailable: {e}", file=sys.stderr)
-            return 1
+        except (BrokerUnavailable, *STORE_ERRORS) as e:
+            return _failed(state, e)
     return 0
 
 
@@ -5219,11 +5690,39 @@ async def run_cancel(cfg: Config, args: argparse.Namespace) -> int:
             try:
                 done, status = await cancel_task(state, cfg, tid, {"cancelled_by": "cli"})
             except STORE_ERRORS as e:
-                print(f"asyncnode: {state.describe()} unavailable: {e}", file=sys.stderr)
-                return 1
+                return _failed(state, e)
             print(f"{tid}: {'cancelled' if done else f'already {status}' if status else 'no such task'}")
             code = code if done else 1
     return code
+
+
+def _when(t: JSON) -> str:
+    """An epoch time as local ``YYYY-MM-DD HH:MM:SS``, or ``-``."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if isinstance(t, int | float) else "-"
+
+
+async def run_schedules(cfg: Config, args: argparse.Namespace) -> int:
+    """``schedules list``, or ``schedules pause|resume|run NAME``."""
+    if args.name is not None and args.name not in cfg.schedules:
+        raise ConfigError(f"no schedule {args.name!r} in {cfg.path} (known: {', '.join(cfg.schedules) or 'none'})")
+    async with backend(cfg, "schedules") as (broker, state):
+        try:
+            if args.action == "list":
+                for item in await schedule_items(state, cfg):
+                    when = f"cron {item['cron']!r}" if item["cron"] else f"every {item['every']:g} s"
+                    nxt = "paused" if item["paused"] else f"next {_when(item['next_run_at'])}"
+                    last = f"last {_when(item['last_run_at'])} {item['last_task_id'] or ''} {item['last_status'] or ''}"
+                    print(f"{item['name']}  {item['type']}  {when} {item['timezone']}  {nxt}  {last.rstrip()}")
+                if not cfg.schedules:
+                    print(f"no schedules in {cfg.path}")
+            elif args.action == "run":
+                print(f"{args.name}: {(await run_schedule_now(broker, state, cfg, args.name))['id']}")
+            else:
+                await set_schedule_paused(state, args.name, args.action == "pause")
+                print(f"{args.name}: {'paused' if args.action == 'pause' else 'resumed'}")
+        except (BrokerUnavailable, Refused, *STORE_ERRORS) as e:
+            return _failed(state, e)
+    return 0
 
 
 async def run_queues(cfg: Config, args: argparse.Namespace) -> int:
@@ -5283,6 +5782,7 @@ COMMANDS: Final[dict[str, Callable[[Config, argparse.Namespace], Any]]] = {
     "dlq": run_dlq,
     "queues": run_queues,
     "cancel": run_cancel,
+    "schedules": run_schedules,
 }
 
 
@@ -5314,6 +5814,7 @@ def _parser() -> argparse.ArgumentParser:
         "dlq": "list, requeue or purge dead letters",
         "queues": "list the queues, or pause or resume one on every host",
         "cancel": "cancel tasks, wherever they wait or run",
+        "schedules": "list the schedules, or pause, resume or run one now",
     }
     for command, helptext in commands.items():
         p = sub.add_parser(command, help=helptext, description=helptext)
@@ -5325,6 +5826,9 @@ def _parser() -> argparse.ArgumentParser:
         if command == "queues":
             p.add_argument("action", choices=("list", "pause", "resume"))
             p.add_argument("name", nargs="?", metavar="NAME", help="the queue to pause or resume")
+        if command == "schedules":
+            p.add_argument("action", choices=("list", "pause", "resume", "run"))
+            p.add_argument("name", nargs="?", metavar="NAME", help="the schedule to pause, resume or run")
         if command == "cancel":
             p.add_argument("ids", nargs="+", metavar="ID", help="ids of the tasks to cancel")
         p.add_argument("--config", metavar="PATH", help="config file (default: $ASYNCNODE_CONFIG or ./config.toml)")
@@ -5367,12 +5871,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"dlq {args.action} takes no task ids")
     if args.command == "cancel" and (bad := next((i for i in args.ids if not TASK_ID.fullmatch(i)), None)):
         parser.error(f"not a task id: {bad[:64]!r}")
+    if args.command == "schedules" and (args.name is None) != (args.action == "list"):
+        parser.error("schedules list takes no name" if args.action == "list" else f"schedules {args.action} NAME")
     if args.command == "queues" and (args.name is None) != (args.action == "list"):
         parser.error("queues list takes no name" if args.action == "list" else f"queues {args.action} NAME")
     try:
         cfg = Config.from_toml(config_path(args.config))
-        if args.command in (*ROLES, "check", "up"):  # up and check refuse what the roles would refuse
+        if args.command in (*ROLES, "check", "up", "schedules"):  # up and check refuse what the roles would refuse
             load_handlers(cfg)
+            validate_schedules(cfg)
         if args.command == "worker" and args.queues:
             cfg.check_queues(args.queues, "--queues")
     except ConfigError as e:

@@ -1154,14 +1154,23 @@ def latest_slot(sch: ScheduleConfig, at: float) -> float | None:
 
 def slots_to_fire(sch: ScheduleConfig, last: float, now: float) -> tuple[list[float], float]:
     """What the scheduler does at ``now`` for ``sch``, whose slots up to ``last`` are handled: the slots to fire,
-    and the new ``last``. The slots due since ``last``: one on time (less than MISSED_AFTER old) is fired; the
-    missed ones are covered by one task (``catch_up = "one"``: the latest due slot's) or by none."""
+    oldest first, and the new ``last``. Of the slots due since ``last``, each on time (at most MISSED_AFTER
+    old) is fired; the missed ones before them are covered by one task (``catch_up = "one"``: the latest
+    missed slot's) or by none."""
     first = next_slot(sch, last)
     if first > now:
         return [], last
-    latest = max(latest_slot(sch, now) or first, first)
-    on_time = now - latest <= MISSED_AFTER
-    return ([latest] if on_time or sch.catch_up == "one" else []), latest
+    on_time: list[float] = []
+    slot = next_slot(sch, max(last, now - MISSED_AFTER - 1e-6))
+    while slot <= now and len(on_time) < 1000:  # a tiny period: at most so many a tick
+        on_time.append(slot)
+        slot = next_slot(sch, slot)
+    if on_time and on_time[0] == first:
+        return on_time, on_time[-1]
+    half = sch.every / 2 if sch.every is not None else 1.0  # between two slots (a cron's are a minute apart)
+    missed = latest_slot(sch, on_time[0] - half) if on_time else latest_slot(sch, now)
+    cover = [max(missed or first, first)]
+    return (cover if sch.catch_up == "one" else []) + on_time, on_time[-1] if on_time else cover[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1234,6 +1243,9 @@ def blank_record(tid: str) -> dict[str, JSON]:
 #: "rejected": the API answered 503, yet RabbitMQ may hold the message after all (a confirm lost in time), and
 #: then it runs.
 RUNNABLE: Final = ("", "pending", "scheduled", "retrying", "started", "rejected")
+#: A guard that lets a change through only where the task has no record yet. ("" twice: a guard is sent to the
+#: update script comma-joined, and one "" alone would read as no guard at all.)
+NO_RECORD: Final = ("", "")
 #: Statuses a task can be cancelled in: it has not finished (a running one is stopped where it runs).
 CANCELLABLE: Final = ("pending", "scheduled", "retrying", "started")
 #: Fields of an update kept in a task's timeline.
@@ -3946,20 +3958,36 @@ def body_fingerprint(body: JSON) -> str:
 
 
 async def submit_task(
-    broker: TaskQueue, store: TaskStore, cfg: Config, sub: Submission, fields: Mapping[str, JSON] | None = None
+    broker: TaskQueue,
+    store: TaskStore,
+    cfg: Config,
+    sub: Submission,
+    fields: Mapping[str, JSON] | None = None,
+    tid: str | None = None,
 ) -> dict[str, JSON]:
     """Record a valid submission, then queue it durably (a confirmed publish), or hold it until its ``run_at``;
     return the 202's body. Raise Refused if it could not be (a task recorded first is then recorded rejected).
-    ``fields``: more of the record (a schedule's name and slot)."""
-    tid, ttype = new_task_id(), sub.type.name
+    ``fields``: more of the record (a schedule's name and slot). ``tid``: the task's id, made from what
+    identifies it (a schedule's slot): the record is made only if there is none, atomically, so one id makes
+    one task however often it is submitted; a task found still ``pending`` is published again (a submitter
+    may have died between its record and its publish; a second copy of a task run is acknowledged unrun)."""
+    ttype = sub.type.name
     record: dict[str, JSON] = {"payload": sub.payload, "queue": sub.queue, **(fields or {})}
     if sub.run_at is not None:
         record["run_at"] = sub.run_at
-    change = plan_change("submitted" if sub.run_at is None else "scheduled", tid, ttype, record, tasks=cfg.tasks)
+    event = "submitted" if sub.run_at is None else "scheduled"
+    change = plan_change(event, tid or new_task_id(), ttype, record, tasks=cfg.tasks)
+    status = change.status
+    if tid is not None:
+        change.guard = NO_RECORD
     try:
-        await store.apply(change)
+        if await store.apply(change) is None:
+            status = await store.status_of(change.tid) or status
+            if status != "pending":
+                return {"id": change.tid, "status": status, "queue": sub.queue}
     except STORE_ERRORS as e:
         raise Refused(f"{store.label} unavailable; nothing was queued, retry later") from e
+    tid = change.tid
     env = Envelope(tid, ttype, sub.payload, sub.timeout, change.at, sub.queue)
     try:
         if sub.run_at is None:
@@ -3970,7 +3998,7 @@ async def submit_task(
         with contextlib.suppress(*STORE_ERRORS):
             await store.apply(plan_change("rejected", tid, ttype, {"error": str(e)}, tasks=cfg.tasks))
         raise Refused(f"task not queued: {e}; retry later", tid) from e
-    body: dict[str, JSON] = {"id": tid, "status": change.status, "queue": sub.queue}
+    body: dict[str, JSON] = {"id": tid, "status": status, "queue": sub.queue}
     if sub.run_at is not None:
         body["run_at"] = sub.run_at
     return body
@@ -4048,19 +4076,29 @@ SCHEDULER_TICK: Final = 0.5
 SCHEDULE_SWEEP: Final = 30.0
 
 
-def schedule_submission(cfg: Config, sch: ScheduleConfig) -> tuple[Submission, str]:
-    """What a schedule submits, and the fingerprint of its request (its slots' Idempotency-Keys carry it)."""
+#: The namespace of the task ids made from a schedule's slot (UUID version 5).
+SLOT_IDS: Final = uuid.UUID("4d3b2a10-7c1e-5f6a-9b8c-0d1e2f3a4b5c")
+
+
+def schedule_submission(cfg: Config, sch: ScheduleConfig) -> Submission:
+    """What a schedule submits."""
     ttype = REGISTRY[sch.type]
     payload = validate_payload(ttype, sch.payload or {}, cfg)
-    sub = Submission(ttype, payload, None, sch.queue or queue_of(cfg, ttype))
-    return sub, body_fingerprint({"type": sch.type, "payload": payload, "queue": sub.queue})
+    return Submission(ttype, payload, None, sch.queue or queue_of(cfg, ttype))
+
+
+def slot_task_id(cfg: Config, name: str, slot: float) -> str:
+    """The id of the task of a schedule's slot: its idempotency key, ``schedule:<name>:<slot>`` of this
+    deployment, as a UUID (version 5), so that every holder that fires the slot names the same task."""
+    return str(uuid.uuid5(SLOT_IDS, f"{cfg.redis.key_prefix}|{cfg.database}|schedule:{name}:{slot!r}"))
 
 
 async def fire_due(broker: TaskQueue, store: TaskStore, cfg: Config, fence: int, now: float) -> int:
     """As the holder of the scheduler lease (its fencing value ``fence``), fire each schedule's slots due at
-    ``now`` (see slots_to_fire); return how many tasks were submitted. A slot's task is submitted under the
-    Idempotency-Key ``schedule:<name>:<slot>``, so a slot makes one task whichever holder fires it and however
-    often; the progress is written fenced, so a holder that lost its lease writes nothing. Raise LeaseLost then."""
+    ``now`` (see slots_to_fire); return how many tasks were submitted. A slot's task has the id its key
+    ``schedule:<name>:<slot>`` makes (slot_task_id), recorded only if absent, so a slot makes one task whichever
+    holder fires it and however often; the progress is written fenced, so a holder that lost its lease writes
+    nothing. Raise LeaseLost then."""
     states = await store.schedule_states(cfg.schedules)
     fired = 0
     for name, sch in cfg.schedules.items():
@@ -4077,12 +4115,8 @@ async def fire_due(broker: TaskQueue, store: TaskStore, cfg: Config, fence: int,
             continue
         fields: dict[str, JSON] = {"last_slot": handled}
         for slot in slots:
-            sub, fingerprint = schedule_submission(cfg, sch)
-            key = f"schedule:{name}:{slot!r}"
-            try:
-                _, body = await submit_once(broker, store, cfg, sub, key, fingerprint, {"schedule": name, "slot": slot})
-            except KeyConflict:  # its payload or queue changed since another holder fired the slot: it is fired
-                continue
+            sub, tid = schedule_submission(cfg, sch), slot_task_id(cfg, name, slot)
+            body = await submit_task(broker, store, cfg, sub, {"schedule": name, "slot": slot}, tid=tid)
             fields |= {"last_task_id": body["id"], "last_run_at": now}
             fired += 1
         if not await store.save_schedule(name, fields, fence):
@@ -4124,6 +4158,8 @@ async def run_scheduler(broker: TaskQueue, store: TaskStore, cfg: Config, owner:
             fence = None
         except (*STORE_ERRORS, BrokerUnavailable, Refused) as e:
             slog.warning("schedules not fired now: %s", e)
+        except Exception:  # a bug must not end this process's part in the lease silently
+            slog.exception("the scheduler failed; trying again")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), wait)
     if fence is not None:  # stopping cleanly: another process takes over at its next tick, not after the TTL
@@ -4174,8 +4210,7 @@ async def set_schedule_paused(store: TaskStore, name: str, paused: bool) -> None
 
 async def run_schedule_now(broker: TaskQueue, store: TaskStore, cfg: Config, name: str) -> dict[str, JSON]:
     """Fire one task of schedule ``name`` now, outside its slots; it becomes the schedule's last task."""
-    sub, _ = schedule_submission(cfg, cfg.schedules[name])
-    body = await submit_task(broker, store, cfg, sub, {"schedule": name})
+    body = await submit_task(broker, store, cfg, schedule_submission(cfg, cfg.schedules[name]), {"schedule": name})
     await store.save_schedule(name, {"last_task_id": body["id"], "last_run_at": time.time()}, None)
     return body
 
@@ -4871,8 +4906,15 @@ async def _relay_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
-    """With schedules in config.toml, this API process competes for the scheduler lease (see run_scheduler)."""
+    """With schedules in config.toml, this API process competes for the scheduler lease (see run_scheduler);
+    without, it drops the state of schedules taken out of it (no process runs a scheduler then)."""
     cfg, stop = app[CFG_KEY], asyncio.Event()
+    if not cfg.schedules:  # in the background: the store may be away, and the API serves meanwhile
+        sweep = asyncio.create_task(app[STATE_KEY].forget_schedules(()))
+        sweep.add_done_callback(lambda t: t.cancelled() or t.exception())
+        yield
+        sweep.cancel()
+        return
     owner = f"{socket.gethostname()}:{os.getpid()}:api:{uuid.uuid4().hex[:6]}"
     task = asyncio.create_task(run_scheduler(app[BROKER_KEY], app[STATE_KEY], cfg, owner, stop))
     yield
@@ -4923,8 +4965,7 @@ def make_app(cfg: Config) -> web.Application:
     app.router.add_get("/ws", ws_updates)
     app.cleanup_ctx.append(_state_ctx)
     app.cleanup_ctx.append(_relay_ctx)
-    if cfg.schedules:
-        app.cleanup_ctx.append(_scheduler_ctx)
+    app.cleanup_ctx.append(_scheduler_ctx)
     app.on_shutdown.append(_close_websockets)
     app.on_response_prepare.append(_security_headers)
     return app

@@ -204,3 +204,35 @@ async def test_a_role_refuses_a_schedule_of_an_unknown_type_at_start(tmp_path: P
     path.write_text('[schedules.nightly]\ntype = "nosuch"\nevery = 60\n')
     error = one_line_error(await run_cli(role, "--config", str(path)))
     assert error.startswith(f"asyncnode: {path}: [schedules.nightly] type: unknown task type 'nosuch'"), error
+
+
+async def test_a_slot_submitted_twice_makes_one_task_and_queues_it_again_while_pending(
+    nightly_config: Path,
+) -> None:
+    """A holder that died between a slot's record and its publish, or after: the next one submits the same slot
+    again under the same id; the store keeps one task, and queues it again only while it is still pending."""
+    cfg = asyncnode.Config.from_toml(nightly_config, env={})
+    asyncnode.load_handlers(cfg)
+    queue, store = asyncnode.open_backend(cfg, "api")
+    try:
+        sub = asyncnode.schedule_submission(cfg, cfg.schedules["ping"])
+        tid = asyncnode.slot_task_id(cfg, "ping", 86400.0)
+        assert asyncnode.slot_task_id(cfg, "ping", 86400.0) == tid != asyncnode.slot_task_id(cfg, "ping", 172800.0)
+        fields = {"schedule": "ping", "slot": 86400.0}
+        first = await asyncnode.submit_task(queue, store, cfg, sub, fields, tid=tid)
+        again = await asyncnode.submit_task(queue, store, cfg, sub, fields, tid=tid)
+        assert first == again == {"id": tid, "status": "pending", "queue": "default"}
+        record = await store.get(tid)
+        assert record is not None and [h["status"] for h in record["history"]] == ["pending"], record
+        assert (await queue.queue_figures())[0]["default"]["ready"] == 2  # queued again: it might not have been
+        finished = asyncnode.plan_change("completed", tid, "noop", {"result": None}, tasks=cfg.tasks)
+        assert await store.apply(finished) is not None
+        assert await asyncnode.submit_task(queue, store, cfg, sub, fields, tid=tid) == {
+            "id": tid,
+            "status": "completed",
+            "queue": "default",
+        }
+        assert (await queue.queue_figures())[0]["default"]["ready"] == 2  # a finished slot is not queued again
+    finally:
+        await queue.close()
+        await store.close()

@@ -196,18 +196,33 @@ def test_many_missed_slots_fire_nothing_with_catch_up_none() -> None:
     assert asyncnode.slots_to_fire(s, 100.0, 145.0) == ([], 140.0)
 
 
-@pytest.mark.parametrize("catch_up", ["one", "none"])
-def test_missed_slots_then_a_fresh_one_fire_only_the_fresh_one(catch_up: str) -> None:
-    # A holder took over at 140.5: 110, 120, 130 were missed, 140 is on time. Either way one task, for 140.
-    s = schedule(every=EVERY_10, catch_up=catch_up)
+def test_missed_slots_then_a_fresh_one_fire_one_task_for_the_missed_and_the_fresh_one_with_catch_up_one() -> None:
+    # A holder took over at 140.5: 110, 120, 130 were missed (one task, for 130), 140 is on time.
+    s = schedule(every=EVERY_10, catch_up="one")
+    assert asyncnode.slots_to_fire(s, 100.0, 140.5) == ([130.0, 140.0], 140.0)
+
+
+def test_missed_slots_then_a_fresh_one_fire_only_the_fresh_one_with_catch_up_none() -> None:
+    s = schedule(every=EVERY_10, catch_up="none")
     assert asyncnode.slots_to_fire(s, 100.0, 140.5) == ([140.0], 140.0)
 
 
 @pytest.mark.parametrize("catch_up", ["one", "none"])
-def test_every_second_after_a_gap_fires_the_current_second_once(catch_up: str) -> None:
+def test_every_slot_at_most_2_s_old_fires_on_its_own_after_a_late_tick(catch_up: str) -> None:
     s = schedule(every=1, catch_up=catch_up)
     assert asyncnode.slots_to_fire(s, 100.0, 101.2) == ([101.0], 101.0)
-    assert asyncnode.slots_to_fire(s, 100.0, 104.5) == ([104.0], 104.0)  # 101..103 missed: no task of their own
+    assert asyncnode.slots_to_fire(s, 357.0, 359.004) == ([358.0, 359.0], 359.0)  # a tick 1.7 s late loses none
+
+
+def test_every_second_after_a_gap_covers_the_missed_seconds_with_one_task_with_catch_up_one() -> None:
+    s = schedule(every=1, catch_up="one")
+    assert asyncnode.slots_to_fire(s, 100.0, 104.5) == ([102.0, 103.0, 104.0], 104.0)  # 102 covers 101..102
+    assert asyncnode.slots_to_fire(s, 100.0, 110.5) == ([108.0, 109.0, 110.0], 110.0)  # 108 covers 101..108
+
+
+def test_every_second_after_a_gap_skips_the_missed_seconds_with_catch_up_none() -> None:
+    s = schedule(every=1, catch_up="none")
+    assert asyncnode.slots_to_fire(s, 100.0, 110.5) == ([109.0, 110.0], 110.0)
 
 
 @pytest.mark.parametrize("catch_up", ["one", "none"])

@@ -38,9 +38,11 @@ test: install browser
 screenshot: install browser
 	ASYNCNODE_SCREENSHOT=docs/dashboard.png $(PY) -m pytest tests/e2e/test_browser.py -k test_screenshot_with_every_state
 
-# Fault injection at full size (1,000-task crash soak, RabbitMQ and Redis outages): the README's figures.
+# Fault injection at full size (1,000-task crash soak, RabbitMQ and Redis outages), then 10 minutes of schedules
+# with the scheduler lease's holder SIGKILLed twice on both backends: the README's figures.
 soak: install
 	$(PY) bench/reliability.py
+	$(PY) bench/schedules.py --parallel
 
 # Throughput of asyncnode side by side with Celery, Dramatiq, the raw aio-pika + Redis limit and a
 # minimal aiohttp API, in one alternated run (about 12 minutes), then WebSocket fan-out and RSS over

@@ -3734,10 +3734,10 @@ class SqliteStore:
 
     async def forget_schedules(self, keep: Iterable[str]) -> list[str]:
         """Delete the state rows of the schedules not kept."""
-        kept = set(keep)
-        gone = sorted({name for (name,) in await self.db.read(_rows, "SELECT name FROM schedules")} - kept)
-        for name in gone:
-            await self.db.write(_changed, "DELETE FROM schedules WHERE name = ?", name)
+        gone = sorted({name for (name,) in await self.db.read(_rows, "SELECT name FROM schedules")} - set(keep))
+        if gone:
+            drop = f"DELETE FROM schedules WHERE name IN ({','.join('?' * len(gone))})"
+            await self.db.write(_changed, drop, *gone)
         return gone
 
     async def _field(self, tid: str, name: str) -> Any:
@@ -4049,14 +4049,17 @@ async def submit_once(
     return True, body
 
 
-async def cancel_task(store: TaskStore, cfg: Config, tid: str, by: Mapping[str, JSON]) -> tuple[bool, str | None]:
+async def cancel_task(
+    store: TaskStore, cfg: Config, tid: str, by: Mapping[str, JSON], rec: Mapping[str, JSON] | None = None
+) -> tuple[bool, str | None]:
     """Cancel task ``tid`` wherever it is: (True, "cancelled") if this call did; else (False, its status), or
-    (False, None) for no such task. ``by``: who (``cancelled_by`` and the client's details), kept in its record.
+    (False, None) for no such task. ``by``: who (``cancelled_by`` and the client's details), kept in its record;
+    ``rec``: its record, if just read (it is read again only should it have changed meanwhile).
 
     The record says ``cancelled`` at once, durably: no worker starts it from then on (a delivery of it is
     acknowledged unrun), and the worker running it, on any host, stops it within a second (Worker.watch)."""
     for _ in range(3):  # it may change between the read and the guarded write (started, finished)
-        rec = await store.get(tid)
+        rec = rec or await store.get(tid)
         status = rec.get("status") if rec is not None else None
         if rec is None or not status:
             return False, None
@@ -4067,6 +4070,7 @@ async def cancel_task(store: TaskStore, cfg: Config, tid: str, by: Mapping[str, 
         if await store.apply(change) is not None:
             await store.promoted([tid])  # a held (delayed) task is dropped; the file drops a waiting message too
             return True, "cancelled"
+        rec = None
     return False, await store.status_of(tid)
 
 
@@ -4518,16 +4522,16 @@ async def api_cancel_many(request: web.Request) -> web.Response:
     try:
         if ids is None:
             recent = await state.recent(cfg.tasks.max_recent, body.get("queue"))
-            ids = [
-                str(t["id"])
+            matching: dict[str, dict[str, JSON] | None] = {
+                str(t["id"]): t
                 for t in recent
                 if t.get("status") in CANCELLABLE and all(t.get(k) == body[k] for k in ("status", "type") if k in body)
-            ]
+            }
             skipped = 0
         else:
             skipped = sum(1 for i in ids if not TASK_ID.fullmatch(i))
-            ids = [i for i in dict.fromkeys(ids) if TASK_ID.fullmatch(i)]
-        outcomes = await asyncio.gather(*(cancel_task(state, cfg, tid, by) for tid in ids))
+            matching = {i: None for i in ids if TASK_ID.fullmatch(i)}  # read one by one
+        outcomes = await asyncio.gather(*(cancel_task(state, cfg, tid, by, rec) for tid, rec in matching.items()))
     except STORE_ERRORS:
         return _json_error(503, f"{state.label} unavailable; some tasks may not have been cancelled")
     cancelled = sum(1 for done, _ in outcomes if done)

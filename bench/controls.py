@@ -39,7 +39,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -49,7 +48,7 @@ import traceback
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import redis.asyncio as aioredis
@@ -66,12 +65,10 @@ from throughput import (
     embedded_supported,
     http_session,
     lanes,
-    leaving_nothing,
     percentile,
     run_and_report,
     services_cpu,
     wait_for,
-    workdir,
 )
 
 import asyncnode  # importable now: throughput put the project's folder on sys.path
@@ -258,22 +255,9 @@ class CodeCluster(throughput.Cluster):
 async def cluster(
     backend: Any, scratch: Path, code: Code, overrides: dict[str, dict[str, Any]] | None = None
 ) -> AsyncIterator[CodeCluster]:
-    """A CodeCluster in a fresh folder under ``scratch``; its processes, queues, keys and files go afterwards."""
-    async with workdir(scratch) as path:
-        c = CodeCluster(backend, path, code, overrides)
-
-        async def cleanup() -> None:
-            try:
-                await c.close()
-            finally:
-                await backend.cleanup(c.cfg)
-
-        async with leaving_nothing(c.tag, cleanup):
-            try:
-                yield c
-            except Exception:
-                print(c.logs(), file=sys.stderr)
-                raise
+    """bench/throughput.py's cluster(), its processes running ``code``."""
+    async with throughput.cluster(backend, scratch, overrides, lambda b, path, o: CodeCluster(b, path, code, o)) as c:
+        yield cast(CodeCluster, c)
 
 
 # ============================================================================
@@ -611,10 +595,7 @@ async def one_trial(row: Row, codes: dict[str, Code], trial: Trial) -> Metrics:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every round runs every row once; within a workload the variants' order turns each round."""
-    main_task = asyncio.current_task()
-    assert main_task is not None
-    for sig in (signal.SIGINT, signal.SIGTERM):  # also when started in the background, where SIGINT is ignored
-        asyncio.get_running_loop().add_signal_handler(sig, main_task.cancel)
+    throughput.cancel_on_signals()
     info = await throughput.machine(args.backends, peers=False)
     info["aiohttp"] = throughput._version("aiohttp")
     info["aio-pika"] = throughput._version("aio-pika")
@@ -867,20 +848,6 @@ def report(out: dict[str, Any]) -> str:
     )
 
 
-def _csv(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in _csv(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers: {text!r}")
-    return values
-
-
 def cleanup() -> None:
     """Whatever an interrupted run left: its processes (by pid), queues, keys, and the worktree."""
     try:
@@ -895,16 +862,16 @@ PARTS = ("drain", "http", "e2e")
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--backend", "--backends", dest="backends", type=_csv, help="rabbitmq, embedded (default: both)"
+        "--backend", "--backends", dest="backends", type=throughput._csv, help="rabbitmq, embedded (default: both)"
     )
-    parser.add_argument("--parts", type=_csv, default=list(PARTS), help="drain, http, e2e (default: all)")
+    parser.add_argument("--parts", type=throughput._csv, default=list(PARTS), help="drain, http, e2e (default: all)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds, each running every case once (default 5)")
     parser.add_argument("--seconds", type=float, default=1.5, help="target length of a measurement (default 1.5)")
     parser.add_argument("--items", type=int, help="fixed N for every trial instead of sizing it by --seconds")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument(
         "--concurrency",
-        type=_ints,
+        type=throughput._ints,
         default=[1, 8],
         help="[worker] concurrency values of the drains (1,8); end to end: the highest",
     )

@@ -30,7 +30,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import signal
 import statistics
 import sys
 import tempfile
@@ -311,10 +310,7 @@ def rows_of(args: argparse.Namespace) -> list[Row]:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every round runs every row once; within a backend and concurrency the cases' order turns each round."""
-    main_task = asyncio.current_task()
-    assert main_task is not None
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, main_task.cancel)
+    throughput.cancel_on_signals()
     info = await throughput.machine(args.backends, peers=False)
     rows = rows_of(args)
     results: dict[str, list[Metrics]] = {row.key: [] for row in rows}
@@ -519,25 +515,15 @@ def report(out: dict[str, Any]) -> str:
     )
 
 
-def _csv(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in _csv(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers: {text!r}")
-    return values
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backends", type=_csv, help="rabbitmq, embedded (default: every one asyncnode has)")
-    parser.add_argument("--concurrency", type=_ints, default=[1, 8], help="[worker] concurrency values (1,8)")
-    parser.add_argument("--cases", type=_csv, default=[c.key for c in cases(1, "1/s")], help="default: all")
+    parser.add_argument(
+        "--backends", type=throughput._csv, help="rabbitmq, embedded (default: every one asyncnode has)"
+    )
+    parser.add_argument(
+        "--concurrency", type=throughput._ints, default=[1, 8], help="[worker] concurrency values (1,8)"
+    )
+    parser.add_argument("--cases", type=throughput._csv, default=[c.key for c in cases(1, "1/s")], help="default: all")
     parser.add_argument("--seconds", type=float, default=1.5, help="target length of a drain (default 1.5)")
     parser.add_argument("--tasks", type=int, help="fixed N for every trial instead of sizing it by --seconds")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, each running every case once (default 3)")

@@ -626,10 +626,7 @@ def violations(out: Metrics, params: Params) -> list[str]:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     """Each backend's soak, one after the other or (--parallel) at once."""
-    main_task = asyncio.current_task()
-    assert main_task is not None
-    for sig in (signal.SIGINT, signal.SIGTERM):  # also when started in the background, where SIGINT is ignored
-        asyncio.get_running_loop().add_signal_handler(sig, main_task.cancel)
+    throughput.cancel_on_signals()
     info = await throughput.machine(args.backends, peers=False)
     params = Params(args.minutes, args.kills, args.lease, args.catch_up, args.cron, args.workers, args.restart_delay)
     started = time.monotonic()
@@ -758,14 +755,10 @@ def report(out: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _csv(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--backends", "--backend", type=_csv, help="rabbitmq, embedded (default: every one asyncnode has)"
+        "--backends", "--backend", type=throughput._csv, help="rabbitmq, embedded (default: every one asyncnode has)"
     )
     parser.add_argument("--minutes", type=float, default=10.0, help="length of each backend's run (default 10)")
     parser.add_argument("--kills", type=int, default=2, help="SIGKILLs of the lease holder per run (default 2)")

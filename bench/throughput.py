@@ -616,11 +616,15 @@ async def own_queue(scratch: Path) -> AsyncIterator[tuple[Path, str]]:
 
 @contextlib.asynccontextmanager
 async def cluster(
-    backend: Backend, scratch: Path, overrides: dict[str, dict[str, Any]] | None = None
+    backend: Backend,
+    scratch: Path,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    make: Callable[[Backend, Path, dict[str, dict[str, Any]] | None], Cluster] | None = None,
 ) -> AsyncIterator[Cluster]:
-    """A Cluster in a fresh folder under ``scratch``; its processes, queues, keys and files go afterwards."""
+    """A Cluster (or what ``make`` makes of the same arguments) in a fresh folder under ``scratch``; its processes,
+    queues, keys and files go afterwards."""
     async with workdir(scratch) as path:
-        c = Cluster(backend, path, overrides)
+        c = (make or Cluster)(backend, path, overrides)
 
         async def cleanup() -> None:
             try:
@@ -1541,12 +1545,18 @@ def ratios_block(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-async def run(args: argparse.Namespace, systems: list[System]) -> dict[str, Any]:
-    """Every round runs every system once, in the same order."""
+def cancel_on_signals() -> None:
+    """SIGINT and SIGTERM cancel the running task (also when started in the background, where SIGINT is ignored),
+    so that its cleanup runs."""
     main_task = asyncio.current_task()
     assert main_task is not None
-    for sig in (signal.SIGINT, signal.SIGTERM):  # also when started in the background, where SIGINT is ignored
+    for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, main_task.cancel)
+
+
+async def run(args: argparse.Namespace, systems: list[System]) -> dict[str, Any]:
+    """Every round runs every system once, in the same order."""
+    cancel_on_signals()
     info = await machine(args.backends)
     results: dict[str, list[Metrics]] = {s.key: [] for s in systems}
     sizer = Sizer(args.tasks, args.seconds)
@@ -1716,6 +1726,16 @@ def run_and_report(
 
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers: {text!r}")
+    return values
 
 
 def _rates(text: str) -> list[float]:

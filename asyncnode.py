@@ -15,17 +15,18 @@ Sections, in dependency order (each uses only those above it; banners mark them)
     Handler API          Field, TaskType, task(), load_handlers, TaskContext, run_handler:
                          everything a handler author needs
     Pure core            validation (with a delay or run_at), envelopes, the status machine and plan_change() (the
-                         one home of what a change of state does), queue arguments, retry
+                         one home of what a change of state does, its metrics included), queue arguments, retry
                          schedule, a schedule's slots, access and cross-site rules, supervisord rendering
     Backend interface    TaskQueue and TaskStore, which the roles talk to
     Adapter: RabbitMQ    RabbitQueue
     Adapter: Redis       RedisStore: makes a planned Change in one Lua call; holds delayed tasks
                          and idempotency keys
     Adapter: SQLite      SqliteQueue and SqliteStore on one file; open_backend()
-    Services             backend(), stop_event(), retrying() (the one backoff policy),
+    Services             backend(), stop_event(); logs (text or JSON, with the task in hand) and traces
+                         (OpenTelemetry, only when configured); retrying() (the one backoff policy),
                          dead-letter requeue and discard; submit_task and submit_once (an
-                         Idempotency-Key), cancel_task; the scheduler (lease, fire_due) and schedules
-    Role: api            the aiohttp application, the WebSocket hub, run_api()
+                         Idempotency-Key), a bulk submit, cancel_task; the scheduler (lease, fire_due)
+    Role: api            the aiohttp application, the WebSocket hub, /metrics, run_api()
     Role: worker         Worker (pauses, cancels, admission under a queue's limit and rate, promotion
                          of delayed tasks as they fall due), run_worker()
     Role: up             supervisord for one host, and ctl
@@ -37,7 +38,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
+import collections
 import contextlib
+import contextvars
 import dataclasses
 import datetime
 import errno
@@ -47,6 +51,7 @@ import hmac
 import importlib
 import inspect
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -160,11 +165,30 @@ class ConfigError(AsyncnodeError):
 
 
 class ValidationError(AsyncnodeError):
-    """A task submission is invalid; ``field`` names the payload field at fault, if any."""
+    """A task submission is invalid (answered 400); ``field`` names the field at fault, if any, and ``index``
+    the item of a bulk submission."""
 
-    def __init__(self, message: str, field: str | None = None) -> None:
+    def __init__(self, message: str, field: str | None = None, index: int | None = None) -> None:
         super().__init__(message)
         self.field = field
+        self.index = index
+
+
+class Unavailable(AsyncnodeError):
+    """The queue or the task store could not be reached: nothing was done (answered 503); retry later."""
+
+
+class NotFound(AsyncnodeError):
+    """No such task, queue or schedule (answered 404)."""
+
+
+class Conflict(AsyncnodeError):
+    """The request clashes with the state it meets: a task already finished (``status``: its status), an
+    Idempotency-Key in use (answered 409 or 422)."""
+
+    def __init__(self, message: str, status: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class PermanentError(AsyncnodeError):
@@ -175,7 +199,7 @@ class EnvelopeError(AsyncnodeError):
     """A message on the queue is not a task envelope this program can read."""
 
 
-class Refused(AsyncnodeError):
+class Refused(Unavailable):
     """A submission that was not queued (answered 503): why, and the id of the task recorded ``rejected``
     (None: nothing was recorded)."""
 
@@ -188,11 +212,11 @@ class LeaseLost(AsyncnodeError):
     """The scheduler lease passed to another process: this one fires nothing more."""
 
 
-class KeyConflict(AsyncnodeError):
+class KeyConflict(Conflict):
     """An Idempotency-Key already used with another request body (answered 422)."""
 
 
-class KeyBusy(AsyncnodeError):
+class KeyBusy(Conflict):
     """An Idempotency-Key whose first request is still being made after the wait (answered 409)."""
 
 
@@ -229,6 +253,8 @@ RESERVED_QUEUES: Final = frozenset({"dlq", "retry", "delayed", "scheduled", "all
 #: ``[queues.*] rate``: "N/s", "N/m" or "N/h".
 RATE: Final = re.compile(r"([0-9]+) */ *([smh])")
 RATE_WINDOWS: Final = {"s": 1.0, "m": 60.0, "h": 3600.0}
+#: Log levels a process may be told to log at (``--log-level``, ``[logging] level``).
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def _opt(default: Any, doc: str, **rules: Any) -> Any:
@@ -297,6 +323,18 @@ class ApiConfig:
     insecure: bool = _opt(False, "serve a non-loopback address with no token (anyone who reaches it may act)")
     allowed_origins: tuple[str, ...] = _opt((), "origins besides the page's own that may open /ws and act")
     idempotency_ttl: int = _opt(86400, "seconds an Idempotency-Key keeps answering with the task it made", min=1)
+    metrics_token: str = _opt("", "token that may read /metrics only ($ASYNCNODE_METRICS_TOKEN)")
+    max_batch: int = _opt(500, "most submissions in one POST /api/tasks array", min=1, max=10000)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    """``[logging]``: how every process writes its log (to stderr)."""
+
+    format: str = _opt("text", "text, or json: one JSON object per line (--log-format)", choices=("text", "json"))
+    level: str = _opt(
+        "", "DEBUG, INFO, WARNING or ERROR ('' = INFO for api and worker, else WARNING)", choices=(*LOG_LEVELS, "")
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -406,6 +444,7 @@ class Config:
     handlers: HandlersConfig = HandlersConfig()
     worker: WorkerConfig = WorkerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    logging: LoggingConfig = LoggingConfig()
     instances: Mapping[str, InstanceConfig] = dataclasses.field(
         default_factory=lambda: {DEFAULT_INSTANCE: InstanceConfig(host=DEFAULT_INSTANCE)}
     )
@@ -426,6 +465,7 @@ class Config:
         "handlers": HandlersConfig,
         "worker": WorkerConfig,
         "scheduler": SchedulerConfig,
+        "logging": LoggingConfig,
     }
     #: Environment variables that override a key: deployments change these per host.
     ENV: ClassVar[dict[str, tuple[str, str]]] = {
@@ -435,6 +475,7 @@ class Config:
         "ASYNCNODE_API_PORT": ("api", "port"),
         "ASYNCNODE_TOKEN": ("api", "token"),
         "ASYNCNODE_READ_TOKEN": ("api", "read_token"),
+        "ASYNCNODE_METRICS_TOKEN": ("api", "metrics_token"),
     }
     #: Keys that moved, and where to (a config written for an earlier release gets a clear error).
     MOVED: ClassVar[dict[tuple[str, str], str]] = {
@@ -939,6 +980,8 @@ async def run_handler(ttype: TaskType, payload: dict[str, Any], ctx: TaskContext
 DLQ_SUFFIX: Final = ".dlq"
 #: What a task id looks like (a UUID); anything else is not a task, whatever Redis holds under it.
 TASK_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+#: A W3C ``traceparent`` of version 00: version, trace id, parent span id, flags (neither id all zeros).
+TRACEPARENT: Final = re.compile(r"00-(?!0{32})([0-9a-f]{32})-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 #: Most ids or types one WebSocket client may subscribe to.
 MAX_SUBSCRIBED: Final = 1000
 #: Fields of a task sent to a WebSocket client that (re)connects, so it can catch up.
@@ -1183,6 +1226,8 @@ class Envelope:
     timeout: float | None = None
     created_at: float | None = None  #: when the task was submitted (None: unknown, queued by an earlier release)
     queue: str = DEFAULT_QUEUE  #: the queue it belongs to: retries go back to it, a requeued dead letter too
+    run_at: float | None = None  #: when it was to start, if submitted with a delay (its wait is counted from then)
+    traceparent: str | None = None  #: the W3C trace context it was submitted in, if any
 
     def encode(self) -> bytes:
         """The message body as published to the work queue."""
@@ -1193,6 +1238,10 @@ class Envelope:
             body["created_at"] = self.created_at
         if self.queue != DEFAULT_QUEUE:
             body["queue"] = self.queue
+        if self.run_at is not None:
+            body["run_at"] = self.run_at
+        if self.traceparent is not None:
+            body["traceparent"] = self.traceparent
         return dumps(body).encode()
 
     @classmethod
@@ -1210,19 +1259,28 @@ class Envelope:
         timeout, created = data.get("timeout"), data.get("created_at")
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
             raise EnvelopeError("message body has a timeout that is not a positive number")
-        if not isinstance(created, int | float) or isinstance(created, bool) or not math.isfinite(created):
-            created = None  # unknown, or not a time: the task is restored without it, never refused for it
+        created, run_at = _time_or_none(created), _time_or_none(data.get("run_at"))  # never refused for these
         queue = data.get("queue", DEFAULT_QUEUE)
         if not isinstance(queue, str) or not QUEUE_NAME.fullmatch(queue):
             raise EnvelopeError("message body has a queue that is not a queue name")
+        trace = data.get("traceparent")
         return cls(
             tid,
             ttype,
             payload,
             None if timeout is None else float(timeout),
-            None if created is None else float(created),
+            created,
             queue,
+            run_at,
+            trace if isinstance(trace, str) and TRACEPARENT.fullmatch(trace) else None,
         )
+
+
+def _time_or_none(value: Any) -> float | None:
+    """A time read from an envelope, or None when absent or not a time (unknown: queued by an earlier release)."""
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def new_task_id() -> str:
@@ -1319,6 +1377,8 @@ class Change:
     index_at: float | None = None
     index_keep: int = 0  #: the size the recent-tasks index is trimmed to
     tally: str = ""  #: the per-queue counter of a final ``status`` (``<status>@<queue>``) bumped with it ('' = none)
+    metrics: tuple[str, ...] = ()  #: the deployment's metrics it adds to: name, amount, name, amount... (metric_ops)
+    metrics_first: bool = False  #: add them only if ``counter`` is now 1 (a first start: its wait is counted once)
 
     def message(self, seq: int, count: int) -> str:
         """The update as published, with the new value of ``counter`` and the sequence number (Redis's
@@ -1337,11 +1397,15 @@ def plan_change(
     now: float | None = None,
     restore: Mapping[str, JSON] | None = None,
     queue: str = "",
+    tally: bool = False,
+    waited: float | None = None,
+    ran: float | None = None,
 ) -> Change:
     """The change ``event`` (a key of TRANSITIONS) makes to task ``tid``, given the fields it reports.
 
-    ``queue``: the task's queue, whose count of tasks finishing with the new status is bumped too ('' = none: a
-    deployment with one queue counts only the totals).
+    ``queue``: the task's queue, labelling what the change adds to the metrics (metric_ops; '' = nothing);
+    ``tally``: bump its count of tasks finishing with the new status too (a deployment with one queue counts only
+    the totals). ``waited``: of a start, the seconds since the task was due; ``ran``: of a completion, its run time.
 
     ``restore``: fields written only if the record has no status, i.e. was lost (a Redis restart
     without persistence, an eviction, a flush) while its message waited: the worker knows them from
@@ -1379,8 +1443,49 @@ def plan_change(
         persist=t.reset,
         index_at=index_at,
         index_keep=tasks.max_recent,
-        tally=f"{t.status}@{queue}" if queue and t.final else "",
+        tally=f"{t.status}@{queue}" if tally and t.final else "",
+        metrics=metric_ops(event, ttype, queue, waited=waited, ran=ran) if queue else (),
+        metrics_first=event == "started",
     )
+
+
+#: Upper bounds, in seconds, of the buckets of the run and wait time histograms (then +Inf).
+METRIC_BUCKETS: Final = (
+    *(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
+    *(1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0),
+)
+#: What joins a metric's kind and its label values in the store (a character no type or queue name holds).
+METRIC_SEP: Final = "\x1f"
+#: Statuses counted in ``asyncnode_tasks_total``.
+COUNTED: Final = frozenset({"completed", "failed", "cancelled", "retrying"})
+
+
+def metric_ops(
+    event: str, ttype: str, queue: str, *, waited: float | None = None, ran: float | None = None
+) -> tuple[str, ...]:
+    """What a change adds to the deployment's metrics, as (name, amount) pairs flattened: ``S`` submitted,
+    ``T`` reached a COUNTED status, ``D``/``Ds`` a run time's bucket and sum, ``W``/``Ws`` a wait's; each
+    name followed by its labels (type, queue, status or bucket index), joined by METRIC_SEP. Counts are whole
+    numbers, sums fixed-point text: the stores add the first as integers and the second as floats."""
+    t, sep = TRANSITIONS[event], METRIC_SEP
+    ops: list[str] = []
+    if t.new or t.reset:
+        ops += [f"S{sep}{ttype}{sep}{queue}", "1"]
+    if t.status in COUNTED:
+        ops += [f"T{sep}{ttype}{sep}{queue}{sep}{t.status}", "1"]
+    if ran is not None:
+        ran = max(ran, 0.0)
+        ops += [f"D{sep}{ttype}{sep}{queue}{sep}{bisect.bisect_left(METRIC_BUCKETS, ran)}", "1"]
+        ops += [f"Ds{sep}{ttype}{sep}{queue}", f"{ran:.6f}"]
+    if waited is not None:
+        waited = max(waited, 0.0)
+        ops += [
+            f"W{sep}{queue}{sep}{bisect.bisect_left(METRIC_BUCKETS, waited)}",
+            "1",
+            f"Ws{sep}{queue}",
+            f"{waited:.6f}",
+        ]
+    return tuple(ops)
 
 
 def origin_allowed(origin: str, host: str | None, allowed: Iterable[str]) -> bool:
@@ -1834,6 +1939,9 @@ class TaskStore(Protocol):
     async def counters(self) -> dict[str, int]:
         """How many tasks ever reached each status."""
 
+    async def metric_values(self) -> dict[str, float]:
+        """The deployment's metrics (counts and sums) by the names metric_ops gives them; they only grow."""
+
     def follow(self) -> AsyncGenerator[str | None, None]:
         """Every update from now on, as published; None first and after each resubscription (a gap is possible)."""
 
@@ -2280,6 +2388,8 @@ class RabbitQueue:
 
 #: Suffix, after ``[redis] key_prefix``, of the hash counting how many tasks reached each status.
 STATS_SUFFIX: Final = "~stats"
+#: Suffix, after ``[redis] key_prefix``, of the hash of the deployment's metrics (metric_ops).
+METRICS_SUFFIX: Final = "~metrics"
 #: Suffix, after a task's key, of the list of its changes of status (its timeline).
 HISTORY_SUFFIX: Final = "~history"
 #: Suffix, after ``[redis] key_prefix``, of the sorted set of live workers and of each worker's heartbeat key.
@@ -2319,23 +2429,26 @@ INT_FIELDS: Final = frozenset({"attempts", "seq", "attempt", "retries"})
 
 # The one script behind every change of a task's state: it makes a Change (see plan_change) atomically
 # and publishes it, in one round trip.
-#   KEYS[1] the task's hash, KEYS[2] its history list, KEYS[3] the stats hash, KEYS[4] the recent-tasks index
+#   KEYS[1] the task's hash, KEYS[2] its history list, KEYS[3] the stats hash, KEYS[4] the recent-tasks index,
+#   KEYS[5] the metrics hash
 #   ARGV[1] channel; ARGV[2] Change.head; ARGV[3] guard, comma separated ('' = any; an empty item = no
 #   status yet); ARGV[4] expire seconds (0 = no change); ARGV[5] counter field ('' = none); ARGV[6] status;
 #   ARGV[7] history entry ('' = none); ARGV[8] score in the index ('' = none); ARGV[9] the size the index is
 #   trimmed to; ARGV[10] the task's id; ARGV[11] '1' to drop any expiry; ARGV[12] the per-queue tally field
 #   of the stats hash ('' = none); ARGV[13] n, how many fields to clear; ARGV[14] m, how many strings of
-#   restore pairs; then the n fields, the m strings, and the field, value pairs.
+#   restore pairs; ARGV[15] k, how many strings of metric pairs; ARGV[16] '1' to add those only if the counter
+#   is now 1; then the n fields, the m strings, the k strings (a name, then an amount: a whole number, or one
+#   with a point, added as a float), and the field, value pairs.
 # The published message is Change.message(seq, count), spliced here exactly as there.
 _UPDATE_LUA: Final = """
 local cur = redis.call('HGET', KEYS[1], 'status') or ''
 if ARGV[3] ~= '' and not string.find(',' .. ARGV[3] .. ',', ',' .. cur .. ',', 1, true) then
   return false
 end
-local n, m = tonumber(ARGV[13]), tonumber(ARGV[14])
-if n > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, 15, 14 + n)) end
+local n, m, k = tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
+if n > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, 17, 16 + n)) end
 if cur == '' then
-  if m > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 15 + n, 14 + n + m)) end
+  if m > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 17 + n, 16 + n + m)) end
   if ARGV[8] ~= '' then
     redis.call('ZADD', KEYS[4], ARGV[8], ARGV[10])
     redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -tonumber(ARGV[9]) - 1)
@@ -2348,7 +2461,13 @@ if ARGV[5] ~= '' then
   extra = ',"' .. ARGV[5] .. '":' .. count
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-if #ARGV > 14 + n + m then redis.call('HSET', KEYS[1], unpack(ARGV, 15 + n + m)) end
+if k > 0 and (ARGV[16] == '' or count == 1) then
+  for i = 17 + n + m, 16 + n + m + k, 2 do
+    if string.find(ARGV[i + 1], '.', 1, true) then redis.call('HINCRBYFLOAT', KEYS[5], ARGV[i], ARGV[i + 1])
+    else redis.call('HINCRBY', KEYS[5], ARGV[i], ARGV[i + 1]) end
+  end
+end
+if #ARGV > 16 + n + m + k then redis.call('HSET', KEYS[1], unpack(ARGV, 17 + n + m + k)) end
 if ARGV[7] ~= '' then
   redis.call('RPUSH', KEYS[2], ARGV[7])
   redis.call('HINCRBY', KEYS[3], ARGV[6], 1)
@@ -2547,6 +2666,7 @@ class RedisStore:
         self._idle: list[aioredis.Connection] = []  # the pipelines' connections between two of them
         self.recent_key = cfg.key_prefix + RECENT_SUFFIX
         self.stats_key = cfg.key_prefix + STATS_SUFFIX
+        self.metrics_key = cfg.key_prefix + METRICS_SUFFIX
         self.workers_key = cfg.key_prefix + WORKERS_SUFFIX
 
     def key(self, tid: str) -> str:
@@ -2557,7 +2677,7 @@ class RedisStore:
         """Make ``change`` and publish it in one script call, in a pipeline shared with the changes queued in
         the same turn of the loop; awaited, it gives (seq, counter), or None if its guard kept it out."""
         key = self.cfg.key_prefix + change.tid
-        keys = [key, key + HISTORY_SUFFIX, self.stats_key, self.recent_key]
+        keys = [key, key + HISTORY_SUFFIX, self.stats_key, self.recent_key, self.metrics_key]
         args: list[str | int | float] = [
             self.cfg.channel,
             change.head,
@@ -2572,8 +2692,9 @@ class RedisStore:
             "1" if change.persist else "",
             change.tally,
         ]
-        restore = encode_fields(change.restore)
-        args += [len(change.clear), len(restore), *change.clear, *restore, *encode_fields(change.fields)]
+        restore, metrics = encode_fields(change.restore), change.metrics
+        args += [len(change.clear), len(restore), len(metrics), "1" if change.metrics_first else ""]
+        args += [*change.clear, *restore, *metrics, *encode_fields(change.fields)]
         return self._enqueue(keys, args)
 
     def _enqueue(self, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
@@ -2675,6 +2796,11 @@ class RedisStore:
         """How many tasks ever reached each status (for the dashboard's throughput)."""
         raw = cast(dict[str, str], await self.client.hgetall(self.stats_key))
         return {k: int(v) for k, v in raw.items()}
+
+    async def metric_values(self) -> dict[str, float]:
+        """The deployment's metrics as metric_ops names them."""
+        raw = cast(dict[str, str], await self.client.hgetall(self.metrics_key))
+        return {k: float(v) for k, v in raw.items()}
 
     async def attempts_of(self, tid: str) -> int:
         """How many runs of task ``tid`` have started."""
@@ -2964,6 +3090,7 @@ _SCHEMA: Final = (
     "CREATE INDEX IF NOT EXISTS tasks_expires ON tasks (expires_at) WHERE expires_at IS NOT NULL",
     "CREATE TABLE IF NOT EXISTS updates (seq INTEGER PRIMARY KEY AUTOINCREMENT, message TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS stats (status TEXT PRIMARY KEY, n INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS metrics (name TEXT PRIMARY KEY, value REAL NOT NULL)",
     "CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, info TEXT NOT NULL, expires_at REAL NOT NULL)",
     "CREATE TABLE IF NOT EXISTS paused (queue TEXT PRIMARY KEY, since REAL NOT NULL)",
     "CREATE TABLE IF NOT EXISTS slots (token TEXT PRIMARY KEY, queue TEXT NOT NULL, expires_at REAL NOT NULL)",
@@ -3520,6 +3647,12 @@ class SqliteStore:
             history.append(loads(change.entry))
             for counted in (change.status, change.tally) if change.tally else (change.status,):
                 conn.execute("INSERT INTO stats VALUES (?, 1) ON CONFLICT (status) DO UPDATE SET n = n + 1", (counted,))
+        if change.metrics and (not change.metrics_first or count == 1):
+            ops = change.metrics
+            conn.executemany(
+                "INSERT INTO metrics VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+                [(ops[i], float(ops[i + 1])) for i in range(0, len(ops), 2)],
+            )
         if change.persist:
             expires = None
         if change.expire > 0:
@@ -3756,6 +3889,10 @@ class SqliteStore:
         """How many tasks ever reached each status."""
         return dict(await self.db.read(_rows, "SELECT status, n FROM stats"))
 
+    async def metric_values(self) -> dict[str, float]:
+        """The deployment's metrics as metric_ops names them."""
+        return dict(await self.db.read(_rows, "SELECT name, value FROM metrics"))
+
     async def follow(self) -> AsyncGenerator[str | None, None]:
         """Tail the ``updates`` log from its end; None first, and again if the log was pruned past us."""
         [(last,)] = await self.db.read(_rows, "SELECT COALESCE(MAX(seq), 0) FROM updates")
@@ -3874,6 +4011,126 @@ async def backend(cfg: Config, role: str) -> AsyncIterator[tuple[TaskQueue, Task
         await store.close()
 
 
+# --- Logs and traces ---
+
+#: The task the lines being logged concern, while a worker handles it: task_id, type, queue, attempt, trace_id.
+TASK_LOG: Final[contextvars.ContextVar[Mapping[str, JSON] | None]] = contextvars.ContextVar("task_log", default=None)
+#: The keys of a line in the JSON format, renamed from the LogRecord's attributes (then ts, and a task's fields).
+JSON_LOG_KEYS: Final = {"levelname": "level", "name": "logger", "process": "pid", "message": "msg"}
+
+
+class _TaskFields(logging.Filter):
+    """Gives each line the fields of the task in hand (TASK_LOG), which the JSON format writes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fields = TASK_LOG.get()
+        if fields:
+            for key, value in fields.items():
+                if key not in record.__dict__:
+                    setattr(record, key, value)
+        return True
+
+
+def configure_logging(fmt: str, level: str) -> None:
+    """Log to stderr at ``level``, as text or as one JSON object per line (python-json-logger)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        names = " ".join(f"%({k})s" for k in JSON_LOG_KEYS)
+        handler.setFormatter(JsonFormatter(names, rename_fields=dict(JSON_LOG_KEYS), timestamp="ts"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"))
+    handler.addFilter(_TaskFields())
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+def trace_id_of(traceparent: str | None) -> str | None:
+    """The trace id of a W3C ``traceparent``, or None."""
+    found = TRACEPARENT.fullmatch(traceparent) if traceparent else None
+    return found.group(1) if found else None
+
+
+#: Variables of which one, set, turns OpenTelemetry's traces on (with the package installed: the ``otel`` extra).
+OTEL_VARS: Final = ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+
+
+class Tracer:
+    """OpenTelemetry as asyncnode uses it: spans whose context travels as a ``traceparent`` string (in the task's
+    record and message). Made by setup_tracing only when traces are on; else nothing of OpenTelemetry is imported."""
+
+    def __init__(self) -> None:
+        from opentelemetry import trace
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        self.trace = trace
+        self.propagator = TraceContextTextMapPropagator()
+        self.tracer = trace.get_tracer("asyncnode", __version__)
+        self.kinds = {"producer": trace.SpanKind.PRODUCER, "consumer": trace.SpanKind.CONSUMER}
+
+    def start(self, name: str, parent: str | None, kind: str, **attributes: Any) -> tuple[Any, str | None]:
+        """Start span ``name``, a child of the span ``parent`` names (a ``traceparent``; None: a new trace);
+        return it with its own ``traceparent``."""
+        context = self.propagator.extract({"traceparent": parent}) if parent else None
+        span = self.tracer.start_span(name, context=context, kind=self.kinds[kind], attributes=attributes)
+        carrier: dict[str, str] = {}
+        self.propagator.inject(carrier, context=self.trace.set_span_in_context(span))
+        return span, carrier.get("traceparent")
+
+    def current(self, span: Any) -> contextlib.AbstractContextManager[Any]:
+        """Make ``span`` the current one (a handler's own spans are its children), not ending it."""
+        return cast(contextlib.AbstractContextManager[Any], self.trace.use_span(span, end_on_exit=False))
+
+    def end(self, span: Any, error: str | None = None, **attributes: Any) -> None:
+        """End ``span`` with more attributes, failed if ``error``."""
+        span.set_attributes(attributes)
+        if error is not None:
+            span.set_status(self.trace.Status(self.trace.StatusCode.ERROR, error))
+        span.end()
+
+
+#: The tracer, while traces are on in this process (setup_tracing).
+TRACER: Tracer | None = None
+
+
+def setup_tracing(role: str, env: Mapping[str, str] | None = None) -> None:
+    """Turn traces on if OpenTelemetry is installed and one of OTEL_VARS is set (OTEL_SDK_DISABLED not true): with
+    an SDK provider exporting as OTEL_TRACES_EXPORTER says (otlp, the default, console or none), unless one was set
+    already (by a handler module, loaded before this), which is then kept."""
+    global TRACER
+    env = os.environ if env is None else env
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true" or not any(env.get(v) for v in OTEL_VARS):
+        return
+    try:
+        from opentelemetry import trace
+    except ImportError:
+        log.warning(
+            "%s is set, but OpenTelemetry is not installed (pip install 'asyncnode[otel]'): no traces", OTEL_VARS[0]
+        )
+        return
+    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+        provider = TracerProvider(resource=Resource.create({"service.name": f"asyncnode-{role}"}))
+        for name in (n.strip() for n in env.get("OTEL_TRACES_EXPORTER", "otlp").split(",")):
+            exporter: SpanExporter
+            if name == "otlp":
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+                exporter = OTLPSpanExporter()
+            elif name == "console":
+                exporter = ConsoleSpanExporter()
+            elif name == "none":
+                continue
+            else:
+                raise ConfigError(f"OTEL_TRACES_EXPORTER: {name!r} is not one of otlp, console, none")
+            provider.add_span_processor(BatchSpanProcessor(exporter))
+        trace.set_tracer_provider(provider)
+    TRACER = Tracer()
+
+
 class _StopWhenSet(tenacity.stop.stop_base):
     """Stop retrying once an asyncio event is set."""
 
@@ -3938,7 +4195,7 @@ async def requeue_dead_letters(queue: TaskQueue, store: TaskStore, cfg: Config, 
         home = env.queue if env.queue in cfg.queues else DEFAULT_QUEUE
         restore = {"created_at": env.created_at}  # should its record have expired meanwhile
         fields = {"payload": env.payload, "queue": home}
-        change = plan_change("requeued", env.id, env.type, fields, tasks=cfg.tasks, restore=restore)
+        change = plan_change("requeued", env.id, env.type, fields, tasks=cfg.tasks, restore=restore, queue=env.queue)
         await store.apply(change)
         await queue.publish(dataclasses.replace(env, created_at=env.created_at or change.at, queue=home))
 
@@ -3964,19 +4221,45 @@ async def submit_task(
     sub: Submission,
     fields: Mapping[str, JSON] | None = None,
     tid: str | None = None,
+    traceparent: str | None = None,
 ) -> dict[str, JSON]:
     """Record a valid submission, then queue it durably (a confirmed publish), or hold it until its ``run_at``;
     return the 202's body. Raise Refused if it could not be (a task recorded first is then recorded rejected).
     ``fields``: more of the record (a schedule's name and slot). ``tid``: the task's id, made from what
     identifies it (a schedule's slot): the record is made only if there is none, atomically, so one id makes
     one task however often it is submitted; a task found still ``pending`` is published again (a submitter
-    may have died between its record and its publish; a second copy of a task run is acknowledged unrun)."""
+    may have died between its record and its publish; a second copy of a task run is acknowledged unrun).
+    ``traceparent``: the W3C trace context it is submitted in, kept in its record and message (with traces on,
+    that of a ``submit`` span, its child)."""
+    if TRACER is None:
+        return await _submit_task(broker, store, cfg, sub, fields, tid, traceparent)
+    span, traceparent = TRACER.start("submit", traceparent, "producer", **{"asyncnode.task.type": sub.type.name})
+    try:
+        body = await _submit_task(broker, store, cfg, sub, fields, tid, traceparent)
+    except AsyncnodeError as e:
+        TRACER.end(span, str(e))
+        raise
+    TRACER.end(span, **{"asyncnode.task.id": body["id"], "asyncnode.queue": sub.queue})
+    return body
+
+
+async def _submit_task(
+    broker: TaskQueue,
+    store: TaskStore,
+    cfg: Config,
+    sub: Submission,
+    fields: Mapping[str, JSON] | None,
+    tid: str | None,
+    traceparent: str | None,
+) -> dict[str, JSON]:
     ttype = sub.type.name
     record: dict[str, JSON] = {"payload": sub.payload, "queue": sub.queue, **(fields or {})}
     if sub.run_at is not None:
         record["run_at"] = sub.run_at
+    if traceparent is not None:
+        record["traceparent"] = traceparent
     event = "submitted" if sub.run_at is None else "scheduled"
-    change = plan_change(event, tid or new_task_id(), ttype, record, tasks=cfg.tasks)
+    change = plan_change(event, tid or new_task_id(), ttype, record, tasks=cfg.tasks, queue=sub.queue)
     status = change.status
     if tid is not None:
         change.guard = NO_RECORD
@@ -3988,7 +4271,7 @@ async def submit_task(
     except STORE_ERRORS as e:
         raise Refused(f"{store.label} unavailable; nothing was queued, retry later") from e
     tid = change.tid
-    env = Envelope(tid, ttype, sub.payload, sub.timeout, change.at, sub.queue)
+    env = Envelope(tid, ttype, sub.payload, sub.timeout, change.at, sub.queue, sub.run_at, traceparent)
     try:
         if sub.run_at is None:
             await broker.publish(env)
@@ -4012,6 +4295,7 @@ async def submit_once(
     key: str,
     fingerprint: str,
     fields: Mapping[str, JSON] | None = None,
+    traceparent: str | None = None,
 ) -> tuple[bool, dict[str, JSON]]:
     """Submit under an idempotency key: (True, the 202's body) for its first request, (False, that same body)
     for each later one within ``[api] idempotency_ttl``; KeyConflict for another body, KeyBusy if the first is
@@ -4037,7 +4321,7 @@ async def submit_once(
             raise KeyBusy(f"the first request with Idempotency-Key {key!r} is still being made; retry later")
         await asyncio.sleep(KEY_POLL)
     try:
-        body = await submit_task(broker, store, cfg, sub, fields)
+        body = await submit_task(broker, store, cfg, sub, fields, traceparent=traceparent)
     except BaseException:
         with contextlib.suppress(*STORE_ERRORS):
             await store.release_key(key)
@@ -4047,6 +4331,65 @@ async def submit_once(
     except STORE_ERRORS as e:  # the claim still answers "in flight" until it expires; then the key is free
         log.warning("Idempotency-Key %r of task %s not kept: %s", key, body["id"], e)
     return True, body
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchItem:
+    """One valid submission of a bulk submit, with its Idempotency-Key (if any) and what identifies its body."""
+
+    sub: Submission
+    key: str | None = None
+    fingerprint: str = ""
+
+
+def validate_batch(items: JSON, cfg: Config, now: float | None = None) -> list[BatchItem]:
+    """Check every submission of a bulk submit (a ``POST /api/tasks`` array) before any is made: ValidationError
+    naming the ``index`` (and the field) of the first invalid one."""
+    if not isinstance(items, list) or not items:
+        raise ValidationError("a bulk submit is a non-empty JSON array of submissions")
+    if len(items) > cfg.api.max_batch:
+        raise ValidationError(f"at most {cfg.api.max_batch} submissions in one request ([api] max_batch)")
+    now = time.time() if now is None else now
+    valid = []
+    for i, item in enumerate(items):
+        try:
+            if not isinstance(item, dict):
+                raise ValidationError("each submission must be a JSON object")
+            body = {k: v for k, v in item.items() if k != "idempotency_key"}
+            key = item.get("idempotency_key")
+            if key is not None and (not isinstance(key, str) or not IDEMPOTENCY_KEY.fullmatch(key)):
+                raise ValidationError(
+                    "'idempotency_key' must be 1 to 200 printable ASCII characters", "idempotency_key"
+                )
+            sub = validate_submission(body, cfg, now)
+        except ValidationError as e:
+            raise ValidationError(f"submission {i}: {e}", e.field, i) from None
+        valid.append(BatchItem(sub, key, body_fingerprint(body) if key is not None else ""))
+    return valid
+
+
+async def submit_batch(
+    broker: TaskQueue, store: TaskStore, cfg: Config, items: Iterable[BatchItem], traceparent: str | None = None
+) -> list[dict[str, JSON]]:
+    """Submit valid submissions together (their store writes pipelined, their publishes confirmed together); return
+    each one's answer in order: as submit_task's or submit_once's, or ``{"status": "rejected", "error"}`` (and its
+    ``id``, if it was recorded) for one not queued, or ``{"status": "conflict", "error", "key"}`` for a key already
+    used with another body or still being used. Never raises for one item: the others are made regardless."""
+
+    async def one(item: BatchItem) -> dict[str, JSON]:
+        try:
+            if item.key is None:
+                return await submit_task(broker, store, cfg, item.sub, traceparent=traceparent)
+            _, body = await submit_once(
+                broker, store, cfg, item.sub, item.key, item.fingerprint, traceparent=traceparent
+            )
+            return body
+        except Refused as e:
+            return {"status": "rejected", "error": str(e), **({"id": e.tid} if e.tid else {})}
+        except Conflict as e:
+            return {"status": "conflict", "error": str(e), "key": item.key}
+
+    return list(await asyncio.gather(*map(one, items)))
 
 
 async def cancel_task(
@@ -4065,8 +4408,8 @@ async def cancel_task(
             return False, None
         if status not in CANCELLABLE:
             return False, str(status)
-        queue = str(rec.get("queue") or DEFAULT_QUEUE) if len(cfg.queues) > 1 else ""
-        change = plan_change("cancelled", tid, str(rec.get("type")), by, tasks=cfg.tasks, queue=queue)
+        queue, tally = str(rec.get("queue") or DEFAULT_QUEUE), len(cfg.queues) > 1
+        change = plan_change("cancelled", tid, str(rec.get("type")), by, tasks=cfg.tasks, queue=queue, tally=tally)
         if await store.apply(change) is not None:
             await store.promoted([tid])  # a held (delayed) task is dropped; the file drops a waiting message too
             return True, "cancelled"
@@ -4372,6 +4715,10 @@ async def _error_middleware(request: web.Request, handler: _Handler) -> web.Stre
         return _json_error(500, "internal error")
 
 
+#: The API's document for people: a page without data (it reads the document with the token it is given).
+DOCS_PAGE: Final = "/api/docs"
+
+
 async def _guard_middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
     """Refuse a state-changing request from another site's page (403, whatever its token), then, with
     ``[api] token`` set, require a token on /api/* and /ws (a Bearer header, or ?token= for the WebSocket):
@@ -4384,7 +4731,7 @@ async def _guard_middleware(request: web.Request, handler: _Handler) -> web.Stre
         )
         if why is not None:
             return _json_error(403, f"cross-site request refused ({why}); nothing was changed")
-    if api.token and (request.path.startswith("/api/") or request.path == "/ws"):
+    if api.token and ((request.path.startswith("/api/") and request.path != DOCS_PAGE) or request.path == "/ws"):
         query_token = request.query.get("token") if request.path == "/ws" else None
         found = access_of(api, request.headers.get("Authorization"), query_token)
         if found is None:
@@ -4429,8 +4776,34 @@ async def api_task_types(request: web.Request) -> web.Response:
     return _json_response({"items": [t.describe(max_text) for t in sorted(REGISTRY.values(), key=lambda t: t.name)]})
 
 
+def _traceparent(request: web.Request) -> str | None:
+    """The request's W3C ``traceparent``; one that is not valid is ignored (the trace context spec: a new trace)."""
+    value = request.headers.get("traceparent", "").strip().lower()
+    return value if TRACEPARENT.fullmatch(value) else None
+
+
+async def _submit_many(request: web.Request, body: list[JSON]) -> web.Response:
+    """``POST /api/tasks`` with an array: all validated first (400 naming the index: nothing made), then made
+    together; 202 with each one's answer in order, or 503 if any was not queued (its item says ``rejected``)."""
+    cfg, app = request.app[CFG_KEY], request.app
+    if "Idempotency-Key" in request.headers:
+        return _json_error(400, "a bulk submit takes an idempotency_key per submission, not the Idempotency-Key header")
+    try:
+        items = validate_batch(body, cfg)
+    except ValidationError as e:
+        extra: dict[str, JSON] = {"field": e.field} if e.field else {}
+        return _json_error(400, str(e), **extra, **({"index": e.index} if e.index is not None else {}))
+    answers = await submit_batch(app[BROKER_KEY], app[STATE_KEY], cfg, items, _traceparent(request))
+    refused = sum(1 for a in answers if a.get("status") == "rejected")
+    if refused:
+        log.getChild("api").warning("refusing %d of %d submissions: %s", refused, len(answers), answers[0].get("error"))
+        return _json_error(503, f"{refused} of {len(answers)} submissions not queued; retry them later", items=answers)
+    return _json_response({"items": answers}, status=202)
+
+
 async def api_submit(request: web.Request) -> web.Response:
-    """``POST /api/tasks``: validate, record the task, queue it durably (a confirmed publish), answer 202."""
+    """``POST /api/tasks``: validate, record the task, queue it durably (a confirmed publish), answer 202; an array
+    of submissions is a bulk submit (_submit_many)."""
     cfg = request.app[CFG_KEY]
     if request.content_type != "application/json":
         return _json_error(415, "Content-Type must be application/json")
@@ -4441,6 +4814,8 @@ async def api_submit(request: web.Request) -> web.Response:
         return _json_error(400, "body is not valid JSON")
     except RecursionError:
         return _json_error(400, "body is nested too deeply")
+    if isinstance(body, list):
+        return await _submit_many(request, body)
     try:
         sub = validate_submission(body, cfg)
     except ValidationError as e:
@@ -4449,13 +4824,15 @@ async def api_submit(request: web.Request) -> web.Response:
     key = request.headers.get("Idempotency-Key")
     if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
         return _json_error(400, "Idempotency-Key must be 1 to 200 printable ASCII characters")
-    app = request.app
+    app, trace = request.app, _traceparent(request)
     try:
         if key is None:
-            created, answer = True, await submit_task(app[BROKER_KEY], app[STATE_KEY], cfg, sub)
+            created, answer = True, await submit_task(app[BROKER_KEY], app[STATE_KEY], cfg, sub, traceparent=trace)
         else:
             fingerprint = body_fingerprint(body)
-            created, answer = await submit_once(app[BROKER_KEY], app[STATE_KEY], cfg, sub, key, fingerprint)
+            created, answer = await submit_once(
+                app[BROKER_KEY], app[STATE_KEY], cfg, sub, key, fingerprint, traceparent=trace
+            )
     except Refused as e:
         log.getChild("api").warning("refusing a task: %s", e)
         return _json_error(503, str(e), **({"id": e.tid} if e.tid else {}))
@@ -4725,6 +5102,96 @@ async def api_workers(request: web.Request) -> web.Response:
     return _json_response({"items": items})
 
 
+def metrics_text(
+    values: Mapping[str, float],
+    queues: Iterable[Mapping[str, JSON]],
+    dead: tuple[str, int] | None,
+    workers: Iterable[Mapping[str, JSON]],
+    schedules: Iterable[Mapping[str, JSON]],
+) -> bytes:
+    """The Prometheus exposition of the deployment's metrics (the store's, as metric_ops names them), its queues
+    (queue_items), its dead letters (the dead-letter queue's name and depth), live workers and schedules."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+    tasks = CounterMetricFamily(
+        "asyncnode_tasks", "Tasks that reached each final status, and retries", labels=("type", "queue", "status")
+    )
+    submitted = CounterMetricFamily("asyncnode_tasks_submitted", "Tasks submitted", labels=("type", "queue"))
+    runs: dict[tuple[str, ...], list[float]] = {}  # (type, queue) -> counts by bucket, then the sum
+    waits: dict[tuple[str, ...], list[float]] = {}  # (queue,) -> the same
+    for name, value in sorted(values.items()):
+        kind, *labels = name.split(METRIC_SEP)
+        if kind == "S":
+            submitted.add_metric(labels, value)
+        elif kind == "T":
+            tasks.add_metric(labels, value)
+        elif kind in ("D", "W") and labels[-1].isdigit() and int(labels[-1]) <= len(METRIC_BUCKETS):
+            table = runs if kind == "D" else waits
+            table.setdefault(tuple(labels[:-1]), [0.0] * (len(METRIC_BUCKETS) + 2))[int(labels[-1])] += value
+        elif kind in ("Ds", "Ws"):
+            (runs if kind == "Ds" else waits).setdefault(tuple(labels), [0.0] * (len(METRIC_BUCKETS) + 2))[-1] = value
+    duration = HistogramMetricFamily(
+        "asyncnode_task_duration_seconds", "Run time of completed tasks", labels=("type", "queue")
+    )
+    wait = HistogramMetricFamily("asyncnode_task_wait_seconds", "Time from due to first start", labels=("queue",))
+    for family, table in ((duration, runs), (wait, waits)):
+        for key, counts in table.items():
+            bounds = [*(f"{b:g}" for b in METRIC_BUCKETS), "+Inf"]
+            cumulative = list(itertools.accumulate(counts[:-1]))
+            family.add_metric(list(key), list(zip(bounds, cumulative, strict=True)), counts[-1])
+    depth = GaugeMetricFamily("asyncnode_queue_tasks", "Tasks in each queue by state", labels=("queue", "state"))
+    paused = GaugeMetricFamily("asyncnode_queue_paused", "1 while a queue is paused", labels=("queue",))
+    for q in queues:
+        for state in ("ready", "running", "scheduled"):
+            if isinstance(n := q.get(state), int):
+                depth.add_metric([str(q["name"]), state], n)
+        paused.add_metric([str(q["name"])], 1 if q.get("paused") else 0)
+    if dead is not None:
+        depth.add_metric([dead[0], "dead"], dead[1])
+    live = GaugeMetricFamily("asyncnode_workers", "Live worker processes", labels=("host", "instance"))
+    for (host, instance), n in collections.Counter(
+        (str(w.get("host")), str(w.get("instance"))) for w in workers
+    ).items():
+        live.add_metric([host, instance], n)
+    last = GaugeMetricFamily(
+        "asyncnode_schedule_last_run_timestamp_seconds", "When each schedule last fired", labels=("schedule",)
+    )
+    for sch in schedules:
+        if isinstance(at := sch.get("last_run_at"), int | float):
+            last.add_metric([str(sch["name"])], at)
+    families: list[Metric] = [tasks, submitted, duration, wait, depth, paused, live, last]
+
+    class Snapshot:
+        def collect(self) -> list[Metric]:
+            return families
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Snapshot())
+    return generate_latest(registry)
+
+
+async def metrics_page(request: web.Request) -> web.Response:
+    """``GET /metrics``: Prometheus's text format, deployment-wide whichever API process answers. With a token set,
+    the operator's, the read token or ``[api] metrics_token`` (a Bearer header)."""
+    cfg, state = request.app[CFG_KEY], request.app[STATE_KEY]
+    accepted = [t for t in (cfg.api.token, cfg.api.read_token, cfg.api.metrics_token) if t]
+    authorization = request.headers.get("Authorization")
+    if accepted and not any([token_matches(t, authorization, None) for t in accepted]):  # a list: each compared
+        response = _json_error(401, "missing or wrong token (Authorization: Bearer <token>)")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+    try:
+        values, workers = await state.metric_values(), await state.workers()
+        queues, dlq = await queue_items(request.app, workers)
+        schedules = await schedule_items(state, cfg) if cfg.schedules else []
+    except STORE_ERRORS:
+        return _json_error(503, f"{state.label} unavailable")
+    dead = None if dlq is None else (cfg.broker.queue + DLQ_SUFFIX, dlq)  # one for every queue
+    text = metrics_text(values, queues, dead, workers, schedules)
+    return web.Response(body=text, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
 async def healthz(request: web.Request) -> web.Response:
     """``GET /healthz``: 200 while this process runs."""
     return _json_response({"status": "ok"})
@@ -4964,6 +5431,7 @@ def make_app(cfg: Config) -> web.Application:
     app.router.add_delete("/api/dlq/{id}", api_dlq_discard)
     app.router.add_get("/api/schedules", api_schedules)
     app.router.add_post("/api/schedules/{name}/{action:pause|resume|run}", api_schedule_action)
+    app.router.add_get("/metrics", metrics_page)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/ws", ws_updates)
@@ -5238,11 +5706,24 @@ class Worker:
         fields: Mapping[str, JSON],
         restore: Mapping[str, JSON] | None = None,
         now: float | None = None,
+        **timing: float | None,
     ) -> Any:
         """Record a change of state of ``env``'s task (an event of TRANSITIONS), durably; ``now``: when it
-        happened (the time its queue admitted it to start), if not now."""
-        tasks, queue = self.cfg.tasks, env.queue if len(self.cfg.queues) > 1 else ""
-        change = plan_change(event, env.id, env.type, fields, tasks=tasks, restore=restore, now=now, queue=queue)
+        happened (the time its queue admitted it to start), if not now; ``timing``: its ``waited`` or ``ran``
+        (see plan_change)."""
+        tasks, tally = self.cfg.tasks, len(self.cfg.queues) > 1
+        change = plan_change(
+            event,
+            env.id,
+            env.type,
+            fields,
+            tasks=tasks,
+            restore=restore,
+            now=now,
+            queue=env.queue,
+            tally=tally,
+            **timing,
+        )
         return await self._durably(lambda: self.state.apply(change))
 
     async def handle(self, message: Delivery) -> None:
@@ -5368,28 +5849,68 @@ class Worker:
                 failure = Failure(f"worker died {deliveries} times running this task (delivery limit)", "", True)
                 await self.give_up(env, failure, retries, headers)
                 return
+        about: dict[str, JSON] = {"task_id": env.id, "type": env.type, "queue": env.queue}
+        if env.traceparent is not None:
+            about["trace_id"] = trace_id_of(env.traceparent)
+        TASK_LOG.set(about)  # this task's own context: each delivery is handled in a task of its own
         # Should the record be gone (a Redis restart without persistence, an eviction), the envelope restores it.
         restore: dict[str, JSON] = {"id": env.id, "type": env.type, "queue": env.queue, "payload": env.payload}
         restore["created_at"] = env.created_at
-        recorded = await self._record(env, "started", {"worker": self.name}, restore=restore, now=admitted_at)
+        started = admitted_at or time.time()
+        due = env.run_at or env.created_at
+        waited = None if due is None else started - due
+        recorded = await self._record(
+            env, "started", {"worker": self.name}, restore=restore, now=started, waited=waited
+        )
         if recorded is None:
             self.log.info("task %s is already finished or cancelled; acknowledging it without running it", env.id)
             return
         attempt = int(recorded[1])
+        TASK_LOG.set(about | {"attempt": attempt})
+        span = None
+        if TRACER is not None:
+            attributes = {"asyncnode.task.id": env.id, "asyncnode.task.type": env.type, "asyncnode.queue": env.queue}
+            span, _ = TRACER.start(f"run {env.type}", env.traceparent, "consumer", **attributes)
         self.in_hand[env.id] = time.time()
+        status, outcome = "returned", None  # returned to the queue, should recording the outcome fail
         try:
-            outcome = await self.run(env, attempt)
+            if span is None:
+                outcome = await self.run(env, attempt)
+            else:
+                with cast(Tracer, TRACER).current(span):
+                    outcome = await self.run(env, attempt)
+            self.in_hand.pop(env.id, None)  # a cancel coming now finds it no longer running
+            status = await self._conclude(env, outcome, retries, headers, attempt, started)
         finally:
             self.in_hand.pop(env.id, None)
+            self.log.debug("task %s %s (attempt %d, %.3f s)", env.id, status, attempt, time.time() - started)
+            if span is not None:
+                error = outcome.error if status != "completed" and isinstance(outcome, Failure) else None
+                cast(Tracer, TRACER).end(
+                    span, error, **{"asyncnode.task.attempt": attempt, "asyncnode.task.status": status}
+                )
+
+    async def _conclude(
+        self,
+        env: Envelope,
+        outcome: JSON | Failure | Cancelled,
+        retries: int,
+        headers: Mapping[str, Any],
+        attempt: int,
+        started: float,
+    ) -> str:
+        """Record and route a run's outcome; return the status it leaves the task in."""
         if isinstance(outcome, Cancelled):
-            return  # recorded by the cancel itself: not retried, not dead-lettered
+            return "cancelled"  # recorded by the cancel itself: not retried, not dead-lettered
         if isinstance(outcome, Failure):
             if outcome.permanent or retries >= self.cfg.broker.max_retries:
                 await self.give_up(env, outcome, retries, headers)
-            else:
-                await self.retry_later(env, outcome, retries, headers, attempt)
-            return
-        await self._record(env, "completed", {"result": outcome})
+                return "failed"
+            await self.retry_later(env, outcome, retries, headers, attempt)
+            return "retrying"
+        finished = time.time()
+        await self._record(env, "completed", {"result": outcome}, now=finished, ran=finished - started)
+        return "completed"
 
     async def run(self, env: Envelope, attempt: int) -> JSON | Failure | Cancelled:
         """Run the handler; return its result, a Failure, or Cancelled (it was cancelled meanwhile)."""
@@ -5646,7 +6167,423 @@ def run_ctl(cfg: Config, args: argparse.Namespace) -> int:
 
 
 # ============================================================================
-# Commands: check, dlq, queues, cancel, schedules
+# Client
+# ============================================================================
+
+#: Statuses after which nothing more happens to a task.
+FINAL_STATUSES: Final = frozenset({"completed", "failed", "cancelled", "rejected"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A task as the clients give it: the answer to its submission, or its whole record (``record``)."""
+
+    id: str
+    status: str | None
+    queue: str | None = None
+    type: str | None = None
+    result: JSON = None
+    error: str | None = None
+    run_at: float | None = None
+    record: Mapping[str, JSON] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, JSON]) -> Task:
+        """A task from an answer or a record (a bulk submit's rejected item may have no id: "")."""
+        error, run_at = data.get("error"), data.get("run_at")
+        return cls(
+            str(data.get("id") or ""),
+            cast(str | None, data.get("status")),
+            cast(str | None, data.get("queue")),
+            cast(str | None, data.get("type")),
+            data.get("result"),
+            None if error is None else str(error),
+            float(run_at) if isinstance(run_at, int | float) else None,
+            dict(data),
+        )
+
+    @property
+    def finished(self) -> bool:
+        """Whether nothing more happens to it (completed, failed, cancelled or rejected)."""
+        return self.status in FINAL_STATUSES
+
+
+class _Transport(Protocol):
+    """How a Client reaches the deployment: over HTTP, or straight to the backend. Each raises asyncnode's errors."""
+
+    async def submit(self, body: dict[str, JSON], key: str | None, traceparent: str | None) -> dict[str, JSON]: ...
+    async def submit_many(self, items: list[dict[str, JSON]], traceparent: str | None) -> list[dict[str, JSON]]: ...
+    async def get(self, tid: str) -> dict[str, JSON]: ...
+    async def cancel(self, tid: str) -> dict[str, JSON]: ...
+    async def task_types(self) -> list[dict[str, JSON]]: ...
+    def updates(self, subscription: JSON) -> AsyncGenerator[dict[str, JSON] | None, None]: ...
+    async def close(self) -> None: ...
+
+
+class _HttpTransport:
+    """The API over HTTP (aiohttp), the token as a Bearer header; the WebSocket for updates."""
+
+    def __init__(self, url: str, token: str | None, timeout: float) -> None:
+        self.url, self.timeout = url.rstrip("/"), timeout
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._session: Any = None
+
+    def session(self) -> Any:
+        if self._session is None:
+            import aiohttp
+
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        return self._session
+
+    async def request(
+        self, method: str, path: str, body: JSON = None, headers: Mapping[str, str] | None = None
+    ) -> tuple[int, Any]:
+        """Send one request; return (status, JSON body) for a 2xx or a 503 with items, else raise its error."""
+        import aiohttp
+
+        try:
+            async with self.session().request(
+                method, self.url + path, json=body, headers={**self.headers, **(headers or {})}
+            ) as response:
+                status = response.status
+                data = await response.json(content_type=None) if response.content_length != 0 else None
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as e:
+            raise Unavailable(f"{self.url}: {e or type(e).__name__}") from e
+        if status < 400 or (status == 503 and isinstance(data, dict) and "items" in data):
+            return status, data
+        raise _http_error(status, data if isinstance(data, dict) else {})
+
+    async def submit(self, body: dict[str, JSON], key: str | None, traceparent: str | None) -> dict[str, JSON]:
+        headers = {**({"Idempotency-Key": key} if key else {}), **({"traceparent": traceparent} if traceparent else {})}
+        return cast(dict[str, JSON], (await self.request("POST", "/api/tasks", body, headers))[1])
+
+    async def submit_many(self, items: list[dict[str, JSON]], traceparent: str | None) -> list[dict[str, JSON]]:
+        headers = {"traceparent": traceparent} if traceparent else {}
+        return cast(list[dict[str, JSON]], (await self.request("POST", "/api/tasks", items, headers))[1]["items"])
+
+    async def get(self, tid: str) -> dict[str, JSON]:
+        return cast(dict[str, JSON], (await self.request("GET", f"/api/tasks/{tid}"))[1])
+
+    async def cancel(self, tid: str) -> dict[str, JSON]:
+        return cast(dict[str, JSON], (await self.request("POST", f"/api/tasks/{tid}/cancel"))[1])
+
+    async def task_types(self) -> list[dict[str, JSON]]:
+        return cast(list[dict[str, JSON]], (await self.request("GET", "/api/task-types"))[1]["items"])
+
+    async def updates(self, subscription: JSON) -> AsyncGenerator[dict[str, JSON] | None, None]:
+        import aiohttp
+
+        ws_url = "ws" + self.url.removeprefix("http") + "/ws"
+        try:
+            ws = await self.session().ws_connect(ws_url, headers=self.headers, heartbeat=WS_HEARTBEAT)
+        except aiohttp.WSServerHandshakeError as e:
+            raise _http_error(e.status, {"error": f"WebSocket refused: {e.message}"}) from e
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            raise Unavailable(f"{ws_url}: {e or type(e).__name__}") from e
+        async with ws:  # subscribed once connected: the API joins it to its updates before the handshake ends
+            await ws.send_str(dumps({"subscribe": subscription}))
+            yield None
+            async for msg in ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    break
+                frame = loads(msg.data)
+                for update in frame if isinstance(frame, list) else [frame]:
+                    yield update
+        raise Unavailable(f"{ws_url}: the WebSocket closed")
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _http_error(status: int, data: Mapping[str, JSON]) -> AsyncnodeError:
+    """The error an API answer stands for."""
+    message = str(data.get("error") or f"HTTP {status}")
+    if status == 400:
+        field, index = data.get("field"), data.get("index")
+        return ValidationError(message, str(field) if field else None, index if isinstance(index, int) else None)
+    if status == 404:
+        return NotFound(message)
+    if status in (409, 422):
+        found = data.get("status")
+        return Conflict(message, str(found) if found else None)
+    if status == 503:
+        return Unavailable(message)
+    return AsyncnodeError(message)
+
+
+class _DirectTransport:
+    """The backend itself, with the API's semantics: validation, the store write, the confirmed publish."""
+
+    def __init__(self, cfg: Config, by: str) -> None:
+        self.cfg, self.by = cfg, by
+        self._backend: tuple[TaskQueue, TaskStore] | None = None
+
+    def backend(self) -> tuple[TaskQueue, TaskStore]:
+        if self._backend is None:
+            self._backend = open_backend(self.cfg, "client")
+        return self._backend
+
+    @contextlib.contextmanager
+    def _reaching(self) -> Iterator[None]:
+        """Store and broker errors as Unavailable (the services raise Refused, an Unavailable, for the rest)."""
+        try:
+            yield
+        except (*STORE_ERRORS, BrokerUnavailable) as e:
+            raise Unavailable(f"{self.backend()[1].label} unavailable: {e}") from e
+
+    async def submit(self, body: dict[str, JSON], key: str | None, traceparent: str | None) -> dict[str, JSON]:
+        sub = validate_submission(body, self.cfg)
+        if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
+            raise ValidationError("Idempotency-Key must be 1 to 200 printable ASCII characters")
+        broker, store = self.backend()
+        with self._reaching():
+            if key is None:
+                return await submit_task(broker, store, self.cfg, sub, traceparent=traceparent)
+            fingerprint = body_fingerprint(body)
+            return (await submit_once(broker, store, self.cfg, sub, key, fingerprint, traceparent=traceparent))[1]
+
+    async def submit_many(self, items: list[dict[str, JSON]], traceparent: str | None) -> list[dict[str, JSON]]:
+        batch = validate_batch(cast(JSON, items), self.cfg)
+        broker, store = self.backend()
+        with self._reaching():
+            return await submit_batch(broker, store, self.cfg, batch, traceparent)
+
+    async def get(self, tid: str) -> dict[str, JSON]:
+        with self._reaching():
+            rec = await self.backend()[1].get(tid) if TASK_ID.fullmatch(tid) else None
+        if rec is None:
+            raise NotFound(f"no task {tid[:64]!r}")
+        return rec
+
+    async def cancel(self, tid: str) -> dict[str, JSON]:
+        with self._reaching():
+            done, status = await cancel_task(self.backend()[1], self.cfg, tid, {"cancelled_by": self.by})
+        if status is None:
+            raise NotFound(f"no task {tid[:64]!r}")
+        if not done:
+            raise Conflict(f"task {tid} is already {status}", status)
+        return {"id": tid, "status": "cancelled"}
+
+    async def task_types(self) -> list[dict[str, JSON]]:
+        return [t.describe(self.cfg.api.max_text) for t in sorted(REGISTRY.values(), key=lambda t: t.name)]
+
+    async def updates(self, subscription: JSON) -> AsyncGenerator[dict[str, JSON] | None, None]:
+        with self._reaching():
+            async with contextlib.aclosing(self.backend()[1].follow()) as updates:
+                async for message in updates:
+                    yield None if message is None else loads(message)
+
+    async def close(self) -> None:
+        if self._backend is not None:
+            broker, store = self._backend
+            self._backend = None
+            await broker.close()
+            await store.close()
+
+
+class Client:
+    """Submit, follow and cancel tasks from Python, with asyncio: over HTTP (``Client(url, token=...)``), or straight
+    to the configured backend (``Client.from_config(path)``: no HTTP hop, the API's exact semantics). Errors are
+    ValidationError, NotFound, Conflict and Unavailable (and AsyncnodeError for a refused token)."""
+
+    def __init__(self, url: str, token: str | None = None, *, timeout: float = 10.0) -> None:
+        self._transport: _Transport = _HttpTransport(url, token, timeout)
+
+    @classmethod
+    def from_config(
+        cls, path: str | os.PathLike[str] | Config | None = None, *, cancelled_by: str = "client"
+    ) -> Client:
+        """A client on the backend ``path`` (default: $ASYNCNODE_CONFIG, else ./config.toml) names; its task types
+        loaded, and traces on as in the API when OpenTelemetry is configured. ``cancelled_by``: what its cancels
+        record."""
+        cfg = path if isinstance(path, Config) else Config.from_toml(config_path(None if path is None else str(path)))
+        load_handlers(cfg)
+        setup_tracing("client")
+        client = cls.__new__(cls)
+        client._transport = _DirectTransport(cfg, cancelled_by)
+        return client
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close its connections."""
+        await self._transport.close()
+
+    async def submit(
+        self,
+        type: str,
+        payload: Mapping[str, JSON] | None = None,
+        *,
+        queue: str | None = None,
+        delay: float | None = None,
+        run_at: float | str | None = None,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+        traceparent: str | None = None,
+    ) -> Task:
+        """Submit one task; its ``id``, ``status`` (``pending``, or ``scheduled`` with a delay) and ``queue``."""
+        body = _submission(type, payload, queue=queue, delay=delay, run_at=run_at, timeout=timeout)
+        return Task.from_json(await self._transport.submit(body, idempotency_key, traceparent))
+
+    async def submit_many(self, items: Iterable[Mapping[str, JSON]], *, traceparent: str | None = None) -> list[Task]:
+        """Submit several tasks at once (dicts as a submission's body, each with an optional ``idempotency_key``),
+        all validated first; a Task each, in order: one not queued says ``rejected`` (with its ``error``), one whose
+        key was used with another body ``conflict``."""
+        answers = await self._transport.submit_many([dict(item) for item in items], traceparent)
+        return [Task.from_json(answer) for answer in answers]
+
+    async def get(self, id: str) -> Task:
+        """The task's whole record (``record``: its history too); NotFound if there is none."""
+        return Task.from_json(await self._transport.get(id))
+
+    async def cancel(self, id: str) -> Task:
+        """Cancel it wherever it waits or runs; NotFound, or Conflict (with its ``status``) if already finished."""
+        return Task.from_json(await self._transport.cancel(id))
+
+    async def task_types(self) -> list[dict[str, JSON]]:
+        """The task types and their payload fields, as ``GET /api/task-types`` gives them."""
+        return await self._transport.task_types()
+
+    async def wait(self, id: str, timeout: float | None = None) -> Task:
+        """The task once finished (TimeoutError after ``timeout`` seconds): told by the updates, not polled."""
+        async with asyncio.timeout(timeout), contextlib.aclosing(self._transport.updates({"ids": [id]})) as updates:
+            async for update in updates:
+                # Subscribed (or subscribed again after a gap): its record now, then its updates.
+                if update is None or (update.get("id") == id and update.get("status") in FINAL_STATUSES):
+                    task = await self.get(id)
+                    if task.finished:
+                        return task
+        raise Unavailable("the updates ended")  # pragma: no cover - updates end only by raising
+
+    async def stream(
+        self, *, types: Iterable[str] = (), ids: Iterable[str] = (), queue: str | None = None
+    ) -> AsyncIterator[dict[str, JSON]]:
+        """Every update from now on (of these types, ids and queue only, if given), as the WebSocket sends them."""
+        types, ids = frozenset(types), frozenset(ids)
+        subscription: JSON = {"ids": sorted(ids), "types": sorted(types)} if types or ids else "*"
+        queues: dict[str, str | None] = {}  # id -> queue: most updates do not name it
+        async with contextlib.aclosing(self._transport.updates(subscription)) as updates:
+            async for update in updates:
+                if update is None or "id" not in update:
+                    continue
+                tid = str(update["id"])
+                if (types and update.get("type") not in types and tid not in ids) or (
+                    ids and not types and tid not in ids
+                ):
+                    continue
+                if queue is not None:
+                    if tid not in queues:
+                        if len(queues) > MAX_SUBSCRIBED * 10:
+                            queues.clear()
+                        if "queue" in update:
+                            queues[tid] = cast(str, update["queue"])
+                        else:
+                            with contextlib.suppress(NotFound):
+                                queues[tid] = (await self.get(tid)).queue
+                    if queues.get(tid) != queue:
+                        continue
+                yield update
+
+
+def _submission(
+    type: str,
+    payload: Mapping[str, JSON] | None,
+    *,
+    queue: str | None,
+    delay: float | None,
+    run_at: float | str | None,
+    timeout: float | None,
+) -> dict[str, JSON]:
+    """A submission's body from a client's arguments."""
+    body: dict[str, JSON] = {"type": type, "payload": dict(payload or {})}
+    for key, value in (("queue", queue), ("delay", delay), ("run_at", run_at), ("timeout", timeout)):
+        if value is not None:
+            body[key] = value
+    return body
+
+
+class SyncClient:
+    """Client's methods, blocking, for WSGI apps, scripts and threads: the client runs on an event loop of its own,
+    in a daemon thread, and any thread may call it."""
+
+    def __init__(self, url: str, token: str | None = None, *, timeout: float = 10.0) -> None:
+        self._start(lambda: Client(url, token, timeout=timeout))
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str] | Config | None = None) -> SyncClient:
+        """See Client.from_config."""
+        client = cls.__new__(cls)
+        client._start(lambda: Client.from_config(path))
+        return client
+
+    def _start(self, make: Callable[[], Client]) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="asyncnode-client", daemon=True)
+        self._thread.start()
+        self._client = make()
+
+    def _run(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def submit(self, type: str, payload: Mapping[str, JSON] | None = None, **options: Any) -> Task:
+        """See Client.submit."""
+        return cast(Task, self._run(self._client.submit(type, payload, **options)))
+
+    def submit_many(self, items: Iterable[Mapping[str, JSON]], **options: Any) -> list[Task]:
+        """See Client.submit_many."""
+        return cast(list[Task], self._run(self._client.submit_many(list(items), **options)))
+
+    def get(self, id: str) -> Task:
+        """See Client.get."""
+        return cast(Task, self._run(self._client.get(id)))
+
+    def cancel(self, id: str) -> Task:
+        """See Client.cancel."""
+        return cast(Task, self._run(self._client.cancel(id)))
+
+    def wait(self, id: str, timeout: float | None = None) -> Task:
+        """See Client.wait."""
+        return cast(Task, self._run(self._client.wait(id, timeout)))
+
+    def task_types(self) -> list[dict[str, JSON]]:
+        """See Client.task_types."""
+        return cast(list[dict[str, JSON]], self._run(self._client.task_types()))
+
+    def stream(self, **filters: Any) -> Iterator[dict[str, JSON]]:
+        """See Client.stream: a plain iterator (close it, or leave the loop, to stop following)."""
+        updates = cast(AsyncGenerator[dict[str, JSON], None], self._client.stream(**filters))
+
+        async def step() -> dict[str, JSON] | None:
+            return await anext(updates, None)
+
+        try:
+            while (update := self._run(step())) is not None:
+                yield cast(dict[str, JSON], update)
+        finally:
+            self._run(updates.aclose())
+
+    def close(self) -> None:
+        """Close its connections and stop its thread."""
+        if self._thread.is_alive():
+            self._run(self._client.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(SHUTDOWN_STEP_TIMEOUT)
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ============================================================================
+# Commands: check, dlq, queues, schedules; submit, status, watch, cancel (through a Client)
 # ============================================================================
 
 
@@ -5727,23 +6664,144 @@ async def run_dlq(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-async def run_cancel(cfg: Config, args: argparse.Namespace) -> int:
-    """``cancel ID...``: cancel each task (see cancel_task); 0 if every one is cancelled by this, 1 if not."""
-    code = 0
-    async with backend(cfg, "cancel") as (_, state):
-        for tid in args.ids:
-            try:
-                done, status = await cancel_task(state, cfg, tid, {"cancelled_by": "cli"})
-            except STORE_ERRORS as e:
-                return _failed(state, e)
-            print(f"{tid}: {'cancelled' if done else f'already {status}' if status else 'no such task'}")
-            code = code if done else 1
-    return code
-
-
 def _when(t: JSON) -> str:
     """An epoch time as local ``YYYY-MM-DD HH:MM:SS``, or ``-``."""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if isinstance(t, int | float) else "-"
+
+
+def _client(cfg: Config, args: argparse.Namespace) -> Client:
+    """The client a command uses: the remote API of ``--url`` (its token from $ASYNCNODE_TOKEN), else the backend."""
+    if args.url:
+        return Client(args.url, os.environ.get("ASYNCNODE_TOKEN") or None)
+    return Client.from_config(cfg, cancelled_by="cli")
+
+
+def coerce_fields(pairs: Iterable[str], fields: Iterable[Mapping[str, JSON]]) -> dict[str, JSON]:
+    """``FIELD=VALUE`` arguments as payload values of the fields' declared types (task_types' ``fields``); a field
+    not declared stays text (the submission's validation names it). ValidationError naming the field at fault."""
+    types = {str(f["name"]): str(f.get("type")) for f in fields}
+    payload: dict[str, JSON] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name:
+            raise ValidationError(f"{pair[:64]!r}: expected FIELD=VALUE")
+        kind = types.get(name, "string")
+        try:
+            if kind == "integer":
+                payload[name] = int(text)
+            elif kind == "number":
+                payload[name] = float(text)
+            elif kind == "boolean":
+                payload[name] = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}[
+                    text.strip().lower()
+                ]
+            else:
+                payload[name] = text
+        except (ValueError, KeyError):
+            raise ValidationError(
+                f"{name}: {text[:64]!r} is not a{'n' if kind == 'integer' else ''} {kind}", name
+            ) from None
+    return payload
+
+
+async def run_submit(cfg: Config, args: argparse.Namespace) -> int:
+    """``submit TYPE [FIELD=VALUE ...]``: print the new task's id; with ``--wait`` its result as JSON (exit 0), or
+    its record if it failed or was cancelled (1), or 3 on timeout; 2 for bad input, nothing submitted."""
+    async with _client(cfg, args) as client:
+        try:
+            payload: JSON = {} if args.payload is None else loads(args.payload)
+            if not isinstance(payload, dict):
+                raise ValidationError("--payload must be a JSON object")
+            types = {str(t["name"]): t for t in await client.task_types()}
+            fields = cast(list[Mapping[str, JSON]], types.get(args.type, {}).get("fields") or [])
+            payload |= coerce_fields(args.fields, fields)
+            options = {"queue": args.queue, "delay": args.delay, "run_at": args.run_at, "idempotency_key": args.key}
+            task = await client.submit(args.type, payload, **options)
+        except (ValueError, ValidationError) as e:
+            print(f"asyncnode: {'--payload is not JSON' if not isinstance(e, ValidationError) else e}", file=sys.stderr)
+            return 2
+        except AsyncnodeError as e:
+            print(f"asyncnode: {e}", file=sys.stderr)
+            return 1
+        print(task.id, flush=True)
+        if not args.wait:
+            return 0
+        try:
+            task = await client.wait(task.id, args.timeout)
+        except TimeoutError:
+            print(f"asyncnode: task {task.id} not finished after {args.timeout:g} s", file=sys.stderr)
+            return 3
+        except AsyncnodeError as e:
+            print(f"asyncnode: {e}", file=sys.stderr)
+            return 1
+    print(dumps(task.result if task.status == "completed" else dict(task.record)))
+    return 0 if task.status == "completed" else 1
+
+
+async def run_status(cfg: Config, args: argparse.Namespace) -> int:
+    """``status ID``: the task's record, a line per field (``--json``: as JSON); 1 if there is no such task."""
+    async with _client(cfg, args) as client:
+        try:
+            task = await client.get(args.id)
+        except AsyncnodeError as e:
+            print(f"asyncnode: {e}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(dumps(dict(task.record)))
+        return 0
+    for key, value in task.record.items():
+        if key != "history" and value is not None:
+            print(
+                f"{key}: {_when(value) if key.endswith('_at') else value if isinstance(value, str) else dumps(value)}"
+            )
+    for entry in cast(list[dict[str, JSON]], task.record.get("history") or []):
+        print(f"  {_when(entry.get('ts'))} {entry.get('status')}")
+    return 0
+
+
+async def run_watch(cfg: Config, args: argparse.Namespace) -> int:
+    """``watch``: a line per update (of ``--type`` and ``--queue`` only, if given) until SIGINT or SIGTERM (exit 0)."""
+    stop = stop_event()
+    async with _client(cfg, args) as client:
+
+        async def follow() -> None:
+            async for u in client.stream(types=[args.type] if args.type else (), queue=args.queue):
+                extra = " ".join(f"{k}={dumps(u[k])}" for k in ("result", "error", "progress") if u.get(k) is not None)
+                print(
+                    f"{_when(u.get('ts'))} {u.get('id')} {u.get('type')} {u.get('status')} {extra}".rstrip(), flush=True
+                )
+
+        watching = asyncio.ensure_future(follow())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({watching, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (watching, stopping):
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
+        if watching.done() and not watching.cancelled() and (e := watching.exception()) is not None:
+            print(f"asyncnode: {e}", file=sys.stderr)
+            return 1
+    return 0
+
+
+async def run_cancel(cfg: Config, args: argparse.Namespace) -> int:
+    """``cancel ID...``: cancel each task (see cancel_task); 0 if every one is cancelled by this, 1 if not."""
+    code = 0
+    async with _client(cfg, args) as client:
+        for tid in args.ids:
+            try:
+                await client.cancel(tid)
+                line = "cancelled"
+            except NotFound:
+                line = "no such task"
+            except Conflict as e:
+                line = f"already {e.status}"
+            except AsyncnodeError as e:
+                print(f"asyncnode: {e}", file=sys.stderr)
+                return 1
+            print(f"{tid}: {line}")
+            code = code if line == "cancelled" else 1
+    return code
 
 
 async def run_schedules(cfg: Config, args: argparse.Namespace) -> int:
@@ -5828,6 +6886,9 @@ COMMANDS: Final[dict[str, Callable[[Config, argparse.Namespace], Any]]] = {
     "queues": run_queues,
     "cancel": run_cancel,
     "schedules": run_schedules,
+    "submit": run_submit,
+    "status": run_status,
+    "watch": run_watch,
 }
 
 
@@ -5860,6 +6921,9 @@ def _parser() -> argparse.ArgumentParser:
         "queues": "list the queues, or pause or resume one on every host",
         "cancel": "cancel tasks, wherever they wait or run",
         "schedules": "list the schedules, or pause, resume or run one now",
+        "submit": "submit a task (and with --wait, wait for its result)",
+        "status": "show a task's record",
+        "watch": "print every update as it happens, until Ctrl-C",
     }
     for command, helptext in commands.items():
         p = sub.add_parser(command, help=helptext, description=helptext)
@@ -5876,12 +6940,40 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("name", nargs="?", metavar="NAME", help="the schedule to pause, resume or run")
         if command == "cancel":
             p.add_argument("ids", nargs="+", metavar="ID", help="ids of the tasks to cancel")
+        if command == "submit":
+            p.add_argument("type", metavar="TYPE", help="the task type")
+            p.add_argument("fields", nargs="*", metavar="FIELD=VALUE", help="payload fields, read as their types")
+            p.add_argument("--payload", metavar="JSON", help="the payload as a JSON object (FIELD=VALUE wins)")
+            p.add_argument("--queue", metavar="NAME", help="the queue (default: the type's route)")
+            when = p.add_mutually_exclusive_group()
+            when.add_argument("--delay", type=float, metavar="S", help="start it this many seconds from now")
+            when.add_argument("--run-at", metavar="WHEN", help="start it then (RFC 3339 with a zone, or epoch s)")
+            p.add_argument("--key", metavar="KEY", help="Idempotency-Key: the same key and body make one task")
+            p.add_argument(
+                "--wait", action="store_true", help="wait for the result: exit 0 completed, 1 not, 3 timeout"
+            )
+            p.add_argument("--timeout", type=float, default=60.0, metavar="S", help="longest --wait (default 60)")
+        if command == "status":
+            p.add_argument("id", metavar="ID", help="the task's id")
+            p.add_argument("--json", action="store_true", help="the record as JSON")
+        if command == "watch":
+            p.add_argument("--type", metavar="TYPE", help="only tasks of this type")
+            p.add_argument("--queue", metavar="NAME", help="only tasks of this queue")
+        if command in ("submit", "status", "watch", "cancel"):
+            p.add_argument(
+                "--url", metavar="URL", help="a remote API (its token from $ASYNCNODE_TOKEN); default: the backend"
+            )
         p.add_argument("--config", metavar="PATH", help="config file (default: $ASYNCNODE_CONFIG or ./config.toml)")
         p.add_argument(
             "--log-level",
-            default=os.environ.get("ASYNCNODE_LOG_LEVEL", "INFO" if command in ("api", "worker") else "WARNING"),
-            choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-            help="log level (default INFO for api and worker, WARNING otherwise; or $ASYNCNODE_LOG_LEVEL)",
+            default=os.environ.get("ASYNCNODE_LOG_LEVEL"),
+            choices=LOG_LEVELS,
+            help="log level ($ASYNCNODE_LOG_LEVEL, else [logging] level; else INFO for api and worker, WARNING)",
+        )
+        p.add_argument(
+            "--log-format",
+            choices=("text", "json"),
+            help="text, or one JSON object per line (default: [logging] format)",
         )
         if command in ("up", "ctl", "check"):
             p.add_argument("--instance", metavar="NAME", help="instance in config.toml (default: see README)")
@@ -5930,11 +7022,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"asyncnode: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s", stream=sys.stderr
-    )
+    level = args.log_level or cfg.logging.level or ("INFO" if args.command in ROLES else "WARNING")
+    configure_logging(args.log_format or cfg.logging.format, level)
     try:
         if args.command in ROLES:
+            setup_tracing(args.command)
             return run_loop(ROLES[args.command](cfg, args))
         result = COMMANDS[args.command](cfg, args)
         return int(asyncio.run(result) if inspect.iscoroutine(result) else result)

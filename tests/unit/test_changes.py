@@ -144,8 +144,38 @@ def test_a_submission_publishes_its_queue() -> None:
     assert change.fields["queue"] == "mail"
 
 
-def test_only_a_final_change_bumps_its_queues_count_and_only_when_a_queue_is_named() -> None:
-    assert plan("completed", {"result": 1}, queue="mail").tally == "completed@mail"
-    assert plan("failed", {"error": "x"}, queue="mail").tally == "failed@mail"
-    assert plan("started", {"worker": "h:1"}, queue="mail").tally == ""
-    assert plan("completed", {"result": 1}).tally == ""  # one queue: the totals are its figures
+def test_only_a_final_change_bumps_its_queues_count_and_only_when_tallied() -> None:
+    assert plan("completed", {"result": 1}, queue="mail", tally=True).tally == "completed@mail"
+    assert plan("failed", {"error": "x"}, queue="mail", tally=True).tally == "failed@mail"
+    assert plan("started", {"worker": "h:1"}, queue="mail", tally=True).tally == ""
+    assert plan("completed", {"result": 1}, queue="mail").tally == ""  # one queue: the totals are its figures
+
+
+def metrics(change: asyncnode.Change) -> dict[str, str]:
+    ops = change.metrics
+    return {ops[i].replace(asyncnode.METRIC_SEP, "|"): ops[i + 1] for i in range(0, len(ops), 2)}
+
+
+def test_a_submission_counts_as_submitted_by_type_and_queue() -> None:
+    assert metrics(plan("submitted", {"payload": {}}, queue="mail")) == {"S|reverse|mail": "1"}
+    assert metrics(plan("scheduled", {"payload": {}, "run_at": 5.0}, queue="mail")) == {"S|reverse|mail": "1"}
+    assert metrics(plan("requeued", {}, queue="mail")) == {"S|reverse|mail": "1"}
+
+
+def test_each_counted_status_counts_once_and_a_progress_report_counts_nothing() -> None:
+    for event in ("completed", "failed", "cancelled", "retrying"):
+        assert metrics(plan(event, {}, queue="q")) == {f"T|reverse|q|{event}": "1"}
+    assert metrics(plan("progress", {"progress": 0.5}, queue="q")) == {}
+    assert metrics(plan("rejected", {"error": "x"}, queue="q")) == {}
+    assert plan("completed", {}).metrics == ()  # no queue: nothing counted
+
+
+def test_a_run_time_and_a_wait_go_to_the_bucket_at_or_above_them() -> None:
+    done = metrics(plan("completed", {}, queue="q", ran=0.3))
+    assert done == {"T|reverse|q|completed": "1", "D|reverse|q|6": "1", "Ds|reverse|q": "0.300000"}  # le 0.5
+    assert asyncnode.METRIC_BUCKETS[6] == 0.5
+    assert metrics(plan("completed", {}, queue="q", ran=0.5))["D|reverse|q|6"] == "1"  # le is inclusive
+    assert "D|reverse|q|16" in metrics(plan("completed", {}, queue="q", ran=7200.0))  # +Inf
+    started = plan("started", {"worker": "h:1"}, queue="q", waited=-0.01)  # clocks apart: never negative
+    assert metrics(started) == {"W|q|0": "1", "Ws|q": "0.000000"}
+    assert started.metrics_first  # a retry's or redelivery's start is not counted again

@@ -4763,6 +4763,17 @@ async def page_index(request: web.Request) -> web.Response:
     return aiohttp_jinja2.render_template("index.html", request, context)
 
 
+async def api_openapi(request: web.Request) -> web.Response:
+    """``GET /api/openapi.json``: the OpenAPI 3.1 document of every endpoint, the task types' payloads included."""
+    return _json_response(openapi_document(request.app[CFG_KEY]))
+
+
+async def page_docs(request: web.Request) -> web.Response:
+    """``GET /api/docs``: the API's document for people (the page asks for a token to read it, as the dashboard)."""
+    context = {"title": "asyncnode API", "version": __version__}
+    return aiohttp_jinja2.render_template("docs.html", request, context)
+
+
 async def api_access(request: web.Request) -> web.Response:
     """``GET /api/access``: what this request's token may do (``operator``, ``read``, or ``open``: no token set),
     so the page shows its actions only to those who may use them."""
@@ -5398,6 +5409,326 @@ async def _close_websockets(app: web.Application) -> None:
         await client.ws.close(code=1001, message=b"server shutdown")
 
 
+def _field_schema(f: Field, max_text: int) -> dict[str, JSON]:
+    """A payload field's JSON Schema, as validate_payload checks it."""
+    schema: dict[str, JSON] = {"type": f.type, "description": f.description}
+    if f.type == "string":
+        schema["maxLength"] = min(f.max_length or max_text, max_text)
+        if f.format:
+            schema["format"] = f.format
+    if f.min is not None:
+        schema["minimum"] = f.min
+    if f.max is not None:
+        schema["maximum"] = f.max
+    if f.default is not None:
+        schema["default"] = f.default
+    return schema
+
+
+def _obj(required: Iterable[str] = (), **properties: JSON) -> dict[str, JSON]:
+    """An object schema (more properties allowed: answers grow)."""
+    return {"type": "object", "required": list(required), "properties": properties}
+
+
+def _ref(name: str) -> dict[str, JSON]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+#: Answers every /api route may give: a wrong or missing token, a cross-site or read-token change, the store away.
+_API_ERRORS: Final = {
+    "401": "missing or wrong token (with [api] token set)",
+    "403": "a change from another site's page, or by the read-only token",
+}
+
+
+def openapi_document(cfg: Config) -> dict[str, JSON]:
+    """The OpenAPI 3.1 document of every route, each task type's payload schema generated from its fields."""
+    types = sorted(REGISTRY.values(), key=lambda t: t.name)
+    schemas: dict[str, JSON] = {
+        "Error": _obj(
+            ["error"],
+            error={"type": "string"},
+            field={"type": "string"},
+            index={"type": "integer"},
+            id={"type": ["string", "null"]},
+            status={"type": ["string", "null"]},
+            key={"type": "string"},
+        ),
+        "Accepted": _obj(
+            ["id", "status", "queue"],
+            id={"type": "string"},
+            status={"type": "string"},
+            queue={"type": "string"},
+            run_at={"type": "number"},
+        ),
+        "Task": _obj(
+            ["id", "status"],
+            id={"type": "string"},
+            type={"type": ["string", "null"]},
+            queue={"type": ["string", "null"]},
+            status={"type": ["string", "null"]},
+            payload={},
+            result={},
+            error={"type": ["string", "null"]},
+            attempts={"type": "integer"},
+            created_at={"type": ["number", "null"]},
+            started_at={"type": ["number", "null"]},
+            finished_at={"type": ["number", "null"]},
+            run_at={"type": ["number", "null"]},
+            traceparent={"type": "string"},
+            history={"type": "array", "items": {"type": "object"}},
+        ),
+        "Items": _obj(["items"], items={"type": "array", "items": {"type": "object"}}),
+    }
+    variants = []
+    for t in types:
+        fields = {f.name: _field_schema(f, cfg.api.max_text) for f in t.fields}
+        required = [f.name for f in t.fields if f.required]
+        payload = {"type": "object", "properties": fields, "required": required, "additionalProperties": False}
+        name = "Submission_" + re.sub(r"[^A-Za-z0-9_.-]", "_", t.name)
+        schemas[name] = {
+            "type": "object",
+            "description": t.description,
+            "required": ["type"],
+            "additionalProperties": False,
+            "properties": {
+                "type": {"const": t.name},
+                "payload": payload,
+                "queue": {"type": "string", "enum": list(cfg.queues)},
+                "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": cfg.broker.task_timeout},
+                "delay": {"type": "number", "minimum": 0, "maximum": cfg.broker.max_delay},
+                "run_at": {"oneOf": [{"type": "string", "format": "date-time"}, {"type": "number"}]},
+                "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 200, "description": "bulk only"},
+            },
+        }
+        variants.append(name)
+    mapping = {t.name: f"#/components/schemas/{v}" for t, v in zip(types, variants, strict=True)}
+    schemas["Submission"] = {
+        "oneOf": [_ref(v) for v in variants],
+        "discriminator": {"propertyName": "type", "mapping": mapping},
+    }
+
+    def op(
+        summary: str,
+        answers: Mapping[str, Any],
+        *,
+        body: JSON = None,
+        params: Iterable[JSON] = (),
+        secure: bool = True,
+        kind: str = "application/json",
+    ) -> dict[str, JSON]:
+        responses: dict[str, JSON] = {}
+        for code, answer in {**answers, **(_API_ERRORS if secure else {})}.items():
+            text, schema = (answer, _ref("Error")) if isinstance(answer, str) else answer
+            media = kind if code.startswith("2") else "application/json"
+            responses[code] = {"description": text, "content": {media: {"schema": schema}}}
+        operation: dict[str, JSON] = {"summary": summary, "responses": responses}
+        if params:
+            operation["parameters"] = list(params)
+        if body is not None:
+            operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+        if not secure:
+            operation["security"] = []
+        return operation
+
+    def path_param(name: str, known: Iterable[str] = ()) -> JSON:
+        schema: dict[str, JSON] = {"type": "string"}
+        if known := list(known):
+            schema["examples"] = known  # the declared names: the fuzzer reaches them
+        return {"name": name, "in": "path", "required": True, "schema": schema}
+
+    def query(name: str, schema: JSON, text: str) -> JSON:
+        return {"name": name, "in": "query", "required": False, "schema": schema, "description": text}
+
+    limit = query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT}, "most items to list")
+    queue_q = query("queue", {"type": "string"}, "one declared queue only (400 if not declared)")
+    tid = path_param("id")
+    items = ("a list", _ref("Items"))
+    away = {"503": "the store or the queue is unavailable: nothing was done"}
+    html = ("an HTML page", {"type": "string"})
+    bulk = {"type": "array", "minItems": 1, "maxItems": cfg.api.max_batch, "items": _ref("Submission")}
+    submit_headers = [
+        {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 200}},
+        {"name": "traceparent", "in": "header", "required": False, "schema": {"type": "string"}},
+    ]
+    named = {"name": {"type": "string"}, "paused": {"type": "boolean"}}
+    paths: dict[str, JSON] = {
+        "/": {"get": op("the dashboard", {"200": html}, secure=False, kind="text/html")},
+        DOCS_PAGE: {"get": op("this document for people", {"200": html}, secure=False, kind="text/html")},
+        "/api/openapi.json": {"get": op("this document", {"200": ("the OpenAPI document", {"type": "object"})})},
+        "/api/access": {
+            "get": op(
+                "what the token may do",
+                {"200": ("its access", _obj(["access"], access={"enum": ["operator", "read", "open"]}))},
+            )
+        },
+        "/api/task-types": {"get": op("the task types and their fields", {"200": items})},
+        "/api/tasks": {
+            "post": op(
+                "submit a task, or an array of them (a bulk submit, all validated first)",
+                {
+                    "202": ("accepted", {"oneOf": [_ref("Accepted"), _ref("Items")]}),
+                    "200": ("an Idempotency-Key's earlier answer", _ref("Accepted")),
+                    "400": "invalid: the field (and, in a bulk submit, the index) at fault; nothing was made",
+                    "409": "the first request with this Idempotency-Key is still being made",
+                    "413": "body too large",
+                    "415": "not application/json",
+                    "422": "this Idempotency-Key was used with another body",
+                    **away,
+                },
+                body={"oneOf": [_ref("Submission"), bulk]},
+                params=submit_headers,
+            ),
+            "get": op(
+                "the most recent tasks",
+                {"200": items, "400": "a bad limit, or a queue not declared", **away},
+                params=[limit, queue_q],
+            ),
+        },
+        "/api/tasks/{id}": {
+            "get": op(
+                "one task, with its history",
+                {"200": ("the task", _ref("Task")), "404": "no such task", **away},
+                params=[tid],
+            )
+        },
+        "/api/tasks/cancel": {
+            "post": op(
+                "cancel tasks by id, or the recent ones a filter matches",
+                {
+                    "200": (
+                        "counts",
+                        _obj(["cancelled", "skipped"], cancelled={"type": "integer"}, skipped={"type": "integer"}),
+                    ),
+                    "400": "invalid",
+                    "413": "body too large",
+                    "415": "not application/json",
+                    **away,
+                },
+                body={
+                    "type": "object",
+                    "properties": {
+                        "ids": {"type": "array", "items": {"type": "string"}},
+                        "status": {"type": "string"},
+                        "type": {"type": "string"},
+                        "queue": {"type": "string"},
+                    },
+                },
+            )
+        },
+        "/api/tasks/{id}/cancel": {
+            "post": op(
+                "cancel one task",
+                {
+                    "200": ("cancelled", _obj(["id", "status"])),
+                    "404": "no such task",
+                    "409": "already finished",
+                    **away,
+                },
+                params=[tid],
+            )
+        },
+        "/api/workers": {"get": op("the live workers", {"200": items, **away})},
+        "/api/queues": {"get": op("every declared queue and its figures", {"200": items, **away})},
+        "/api/dlq": {
+            "get": op(
+                "the dead letters",
+                {
+                    "200": (
+                        "dead letters",
+                        _obj(["items", "total"], items={"type": "array"}, total={"type": "integer"}),
+                    ),
+                    "400": "a bad limit",
+                    **away,
+                },
+                params=[limit],
+            )
+        },
+        "/api/dlq/requeue": {
+            "post": op(
+                "requeue every dead letter",
+                {"200": ("how many", _obj(["requeued"], requeued={"type": "integer"})), **away},
+            )
+        },
+        "/api/dlq/{id}/requeue": {
+            "post": op(
+                "requeue one dead letter",
+                {"200": ("how many", _obj(["requeued"])), "404": "no such dead letter", **away},
+                params=[tid],
+            )
+        },
+        "/api/dlq/{id}": {
+            "delete": op(
+                "discard one dead letter",
+                {"200": ("how many", _obj(["discarded"])), "404": "no such dead letter", **away},
+                params=[tid],
+            )
+        },
+        "/api/schedules": {"get": op("the schedules", {"200": items, **away})},
+        "/metrics": {
+            "get": op(
+                "Prometheus metrics of the whole deployment (the operator, read or metrics token)",
+                {"200": ("Prometheus text", {"type": "string"}), **away},
+                kind="text/plain; version=0.0.4; charset=utf-8",
+            )
+        },
+        "/healthz": {"get": op("200 while the process runs", {"200": ("ok", {"type": "object"})}, secure=False)},
+        "/readyz": {
+            "get": op(
+                "200 when the queue and the store answer",
+                {"200": ("ready", {"type": "object"}), "503": "not ready"},
+                secure=False,
+            )
+        },
+        "/ws": {
+            "get": op(
+                "the WebSocket of updates (a GET with Upgrade: websocket)",
+                {"101": ("switching protocols", {"type": "string"}), "400": "not a WebSocket request"},
+            )
+        },
+    }
+    for action in ("pause", "resume"):
+        paths[f"/api/queues/{{name}}/{action}"] = {
+            "post": op(
+                f"{action} a queue on every host",
+                {"200": ("its state", _obj(["name", "paused"], **named)), "404": "no such queue", **away},
+                params=[path_param("name", cfg.queues)],
+            )
+        }
+    for action in ("pause", "resume", "run"):
+        answer = (
+            ("the task made", _ref("Accepted")) if action == "run" else ("its state", _obj(["name", "paused"], **named))
+        )
+        paths[f"/api/schedules/{{name}}/{action}"] = {
+            "post": op(
+                f"{action} a schedule" + (" now" if action == "run" else ""),
+                {"202" if action == "run" else "200": answer, "404": "no such schedule", **away},
+                params=[path_param("name", cfg.schedules)],
+            )
+        }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "asyncnode",
+            "version": __version__,
+            "description": "Background task processing across hosts.",
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "[api] token (everything), read_token (the GETs), metrics_token (/metrics)",
+                }
+            },
+        },
+    }
+
+
 def make_app(cfg: Config) -> web.Application:
     """The API application: routes, templates, the update relay and the task queue (and the scheduler)."""
     load_handlers(cfg)
@@ -5432,6 +5763,8 @@ def make_app(cfg: Config) -> web.Application:
     app.router.add_get("/api/schedules", api_schedules)
     app.router.add_post("/api/schedules/{name}/{action:pause|resume|run}", api_schedule_action)
     app.router.add_get("/metrics", metrics_page)
+    app.router.add_get("/api/openapi.json", api_openapi)
+    app.router.add_get(DOCS_PAGE, page_docs)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/ws", ws_updates)

@@ -100,7 +100,8 @@ async def test_each_task_type_has_its_declared_fields_under_a_discriminator(app_
         assert payload["additionalProperties"] is False
         for f in ttype.fields:
             if f.type == "string":
-                assert payload["properties"][f.name]["maxLength"] == min(f.max_length or cfg.api.max_text, cfg.api.max_text)
+                longest = min(f.max_length or cfg.api.max_text, cfg.api.max_text)
+                assert payload["properties"][f.name]["maxLength"] == longest
     bulk = doc["paths"]["/api/tasks"]["post"]["requestBody"]["content"]["application/json"]["schema"]["oneOf"][1]
     assert bulk["type"] == "array" and bulk["maxItems"] == cfg.api.max_batch
 

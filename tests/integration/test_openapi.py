@@ -125,5 +125,3 @@ async def test_schemathesis_finds_no_answer_that_breaks_the_document(backend: st
     finally:
         api.stop()
         await cleanup(tag)
-
-

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -81,3 +82,9 @@ async def fail_first(payload: dict[str, Any], ctx: TaskContext) -> str:
         raise RuntimeError("the first attempt fails on purpose")
     _write_time(Path(payload["marker"]))
     return "ran again"
+
+
+@task("has_module", description="Whether a module is imported in the worker", fields=[Field("name")])
+async def has_module(payload: dict[str, Any], ctx: TaskContext) -> bool:
+    """``payload["name"] in sys.modules``, in the worker process that runs it."""
+    return payload["name"] in sys.modules

@@ -6907,6 +6907,8 @@ class SyncClient:
             self._run(self._client.close())
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(SHUTDOWN_STEP_TIMEOUT)
+            if not self._thread.is_alive():
+                self._loop.close()
 
     def __enter__(self) -> SyncClient:
         return self

@@ -49,7 +49,9 @@ soak: install
 # 100,000 tasks (about 10 minutes more), then what a queue's limit and rate cost per task on both
 # backends (bench/limits.py, about 4 minutes more), then what the task controls cost: unused, the release
 # before them against this tree, and used, an Idempotency-Key and a delay (bench/controls.py, about 5 minutes
-# more; it checks the release before out into a temporary git worktree): the README's figures. The [bench]
+# more; it checks the release before out into a temporary git worktree), the same against the release before the
+# metrics, logs and traces (--commit 6c958ff), then a bulk submit against single POSTs (bench/bulk.py, about 3
+# minutes): the README's figures. The [bench]
 # extras are for comparisons only; asyncnode never needs them. wrk (Debian's) drives the API-alone
 # load; without it the harness falls back to an aiohttp client. Extra flags: make bench BENCH_ARGS='--systems raw,celery'
 bench: install
@@ -64,6 +66,8 @@ bench: install
 	$(PY) bench/memory.py --backend rabbitmq,embedded
 	$(PY) bench/limits.py --backends rabbitmq,embedded
 	$(PY) bench/controls.py --backend rabbitmq,embedded
+	$(PY) bench/controls.py --backend rabbitmq,embedded --commit 6c958ff
+	$(PY) bench/bulk.py --backends rabbitmq,embedded
 
 lint: install
 	$(VENV)/bin/ruff check .

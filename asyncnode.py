@@ -26,11 +26,13 @@ Sections, in dependency order (each uses only those above it; banners mark them)
                          (OpenTelemetry, only when configured); retrying() (the one backoff policy),
                          dead-letter requeue and discard; submit_task and submit_once (an
                          Idempotency-Key), a bulk submit, cancel_task; the scheduler (lease, fire_due)
-    Role: api            the aiohttp application, the WebSocket hub, /metrics, run_api()
+    Role: api            the aiohttp application, the WebSocket hub, run_api()
+    API surface          metrics_text (Prometheus, from the store's figures), openapi_document
     Role: worker         Worker (pauses, cancels, admission under a queue's limit and rate, promotion
                          of delayed tasks as they fall due), run_worker()
     Role: up             supervisord for one host, and ctl
-    Commands             check, dlq, queues, cancel, schedules
+    Client               Client (over HTTP, or straight to the backend: from_config), SyncClient, Task
+    Commands             check, dlq, queues, schedules; submit, status, watch, cancel (through a Client)
     Command line         main()
 """
 
@@ -5113,75 +5115,6 @@ async def api_workers(request: web.Request) -> web.Response:
     return _json_response({"items": items})
 
 
-def metrics_text(
-    values: Mapping[str, float],
-    queues: Iterable[Mapping[str, JSON]],
-    dead: tuple[str, int] | None,
-    workers: Iterable[Mapping[str, JSON]],
-    schedules: Iterable[Mapping[str, JSON]],
-) -> bytes:
-    """The Prometheus exposition of the deployment's metrics (the store's, as metric_ops names them), its queues
-    (queue_items), its dead letters (the dead-letter queue's name and depth), live workers and schedules."""
-    from prometheus_client import CollectorRegistry, generate_latest
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-
-    tasks = CounterMetricFamily(
-        "asyncnode_tasks", "Tasks that reached each final status, and retries", labels=("type", "queue", "status")
-    )
-    submitted = CounterMetricFamily("asyncnode_tasks_submitted", "Tasks submitted", labels=("type", "queue"))
-    runs: dict[tuple[str, ...], list[float]] = {}  # (type, queue) -> counts by bucket, then the sum
-    waits: dict[tuple[str, ...], list[float]] = {}  # (queue,) -> the same
-    for name, value in sorted(values.items()):
-        kind, *labels = name.split(METRIC_SEP)
-        if kind == "S":
-            submitted.add_metric(labels, value)
-        elif kind == "T":
-            tasks.add_metric(labels, value)
-        elif kind in ("D", "W") and labels[-1].isdigit() and int(labels[-1]) <= len(METRIC_BUCKETS):
-            table = runs if kind == "D" else waits
-            table.setdefault(tuple(labels[:-1]), [0.0] * (len(METRIC_BUCKETS) + 2))[int(labels[-1])] += value
-        elif kind in ("Ds", "Ws"):
-            (runs if kind == "Ds" else waits).setdefault(tuple(labels), [0.0] * (len(METRIC_BUCKETS) + 2))[-1] = value
-    duration = HistogramMetricFamily(
-        "asyncnode_task_duration_seconds", "Run time of completed tasks", labels=("type", "queue")
-    )
-    wait = HistogramMetricFamily("asyncnode_task_wait_seconds", "Time from due to first start", labels=("queue",))
-    for family, table in ((duration, runs), (wait, waits)):
-        for key, counts in table.items():
-            bounds = [*(f"{b:g}" for b in METRIC_BUCKETS), "+Inf"]
-            cumulative = list(itertools.accumulate(counts[:-1]))
-            family.add_metric(list(key), list(zip(bounds, cumulative, strict=True)), counts[-1])
-    depth = GaugeMetricFamily("asyncnode_queue_tasks", "Tasks in each queue by state", labels=("queue", "state"))
-    paused = GaugeMetricFamily("asyncnode_queue_paused", "1 while a queue is paused", labels=("queue",))
-    for q in queues:
-        for state in ("ready", "running", "scheduled"):
-            if isinstance(n := q.get(state), int):
-                depth.add_metric([str(q["name"]), state], n)
-        paused.add_metric([str(q["name"])], 1 if q.get("paused") else 0)
-    if dead is not None:
-        depth.add_metric([dead[0], "dead"], dead[1])
-    live = GaugeMetricFamily("asyncnode_workers", "Live worker processes", labels=("host", "instance"))
-    for (host, instance), n in collections.Counter(
-        (str(w.get("host")), str(w.get("instance"))) for w in workers
-    ).items():
-        live.add_metric([host, instance], n)
-    last = GaugeMetricFamily(
-        "asyncnode_schedule_last_run_timestamp_seconds", "When each schedule last fired", labels=("schedule",)
-    )
-    for sch in schedules:
-        if isinstance(at := sch.get("last_run_at"), int | float):
-            last.add_metric([str(sch["name"])], at)
-    families: list[Metric] = [tasks, submitted, duration, wait, depth, paused, live, last]
-
-    class Snapshot:
-        def collect(self) -> list[Metric]:
-            return families
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(Snapshot())
-    return generate_latest(registry)
-
-
 async def metrics_page(request: web.Request) -> web.Response:
     """``GET /metrics``: Prometheus's text format, deployment-wide whichever API process answers. With a token set,
     the operator's, the read token or ``[api] metrics_token`` (a Bearer header)."""
@@ -5407,6 +5340,162 @@ async def _scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _close_websockets(app: web.Application) -> None:
     for client in list(app[HUB_KEY].clients):
         await client.ws.close(code=1001, message=b"server shutdown")
+
+
+def make_app(cfg: Config) -> web.Application:
+    """The API application: routes, templates, the update relay and the task queue (and the scheduler)."""
+    load_handlers(cfg)
+    validate_schedules(cfg)
+    _make_app_keys()
+    middlewares = [web.middleware(_error_middleware), web.middleware(_guard_middleware)]
+    app = web.Application(middlewares=middlewares, client_max_size=cfg.api.client_max_size)
+    app[CFG_KEY] = cfg
+    app[HUB_KEY] = UpdateHub()
+    app[RATES_KEY] = QueueRates()
+    aiohttp_jinja2.setup(
+        app,
+        loader=jinja2.FileSystemLoader(HERE / "web" / "templates"),
+        autoescape=jinja2.select_autoescape(default=True),
+    )
+    app.router.add_get("/", page_index)
+    app.router.add_static("/static/", HERE / "web" / "static")
+    app.router.add_get("/api/access", api_access)
+    app.router.add_get("/api/task-types", api_task_types)
+    app.router.add_post("/api/tasks", api_submit)
+    app.router.add_get("/api/tasks", api_list_tasks)
+    app.router.add_get("/api/tasks/{id}", api_get_task)
+    app.router.add_post("/api/tasks/cancel", api_cancel_many)
+    app.router.add_post("/api/tasks/{id}/cancel", api_cancel)
+    app.router.add_get("/api/workers", api_workers)
+    app.router.add_get("/api/queues", api_queues)
+    app.router.add_post("/api/queues/{name}/{action:pause|resume}", api_queue_pause)
+    app.router.add_get("/api/dlq", api_dlq_list)
+    app.router.add_post("/api/dlq/requeue", api_dlq_requeue)
+    app.router.add_post("/api/dlq/{id}/requeue", api_dlq_requeue)
+    app.router.add_delete("/api/dlq/{id}", api_dlq_discard)
+    app.router.add_get("/api/schedules", api_schedules)
+    app.router.add_post("/api/schedules/{name}/{action:pause|resume|run}", api_schedule_action)
+    app.router.add_get("/metrics", metrics_page)
+    app.router.add_get("/api/openapi.json", api_openapi)
+    app.router.add_get(DOCS_PAGE, page_docs)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/ws", ws_updates)
+    app.cleanup_ctx.append(_state_ctx)
+    app.cleanup_ctx.append(_relay_ctx)
+    app.cleanup_ctx.append(_scheduler_ctx)
+    app.on_shutdown.append(_close_websockets)
+    app.on_response_prepare.append(_security_headers)
+    return app
+
+
+async def run_api(cfg: Config) -> int:
+    """Serve the API until SIGTERM/SIGINT, then close WebSockets and connections."""
+    alog = log.getChild("api")
+    problem = exposure_error(cfg)
+    if problem is not None:
+        raise ConfigError(problem)
+    stop = stop_event()
+    runner = web.AppRunner(make_app(cfg), handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, cfg.api.host, cfg.api.port).start()
+    except OSError as e:
+        await runner.cleanup()
+        alog.error("cannot listen on %s:%d: %s", cfg.api.host, cfg.api.port, e.strerror or e)
+        return 1
+    if not cfg.smtp.allow and not is_loopback(cfg.api.host):
+        alog.warning(
+            "[smtp] allow is empty and the API listens on %s: anyone who can reach it may send e-mail to any "
+            "address through %s:%d; set [smtp] allow (addresses or *@domain)",
+            cfg.api.host,
+            cfg.smtp.host,
+            cfg.smtp.port,
+        )
+    backend = (
+        "SQLite " + str(cfg.database)
+        if cfg.embedded_mode
+        else f"RabbitMQ {redact_url(cfg.broker.url)}, Redis {redact_url(cfg.redis.url)}"
+    )
+    alog.info("listening on http://%s:%d (%s)", cfg.api.host, cfg.api.port, backend)
+    await stop.wait()
+    alog.info("shutting down")
+    await runner.cleanup()
+    return 0
+
+
+# ============================================================================
+# API surface: the metrics exposition and the OpenAPI document (pure: what the API answers them with)
+# ============================================================================
+
+
+def metrics_text(
+    values: Mapping[str, float],
+    queues: Iterable[Mapping[str, JSON]],
+    dead: tuple[str, int] | None,
+    workers: Iterable[Mapping[str, JSON]],
+    schedules: Iterable[Mapping[str, JSON]],
+) -> bytes:
+    """The Prometheus exposition of the deployment's metrics (the store's, as metric_ops names them), its queues
+    (queue_items), its dead letters (the dead-letter queue's name and depth), live workers and schedules."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+    tasks = CounterMetricFamily(
+        "asyncnode_tasks", "Tasks that reached each final status, and retries", labels=("type", "queue", "status")
+    )
+    submitted = CounterMetricFamily("asyncnode_tasks_submitted", "Tasks submitted", labels=("type", "queue"))
+    runs: dict[tuple[str, ...], list[float]] = {}  # (type, queue) -> counts by bucket, then the sum
+    waits: dict[tuple[str, ...], list[float]] = {}  # (queue,) -> the same
+    for name, value in sorted(values.items()):
+        kind, *labels = name.split(METRIC_SEP)
+        if kind == "S":
+            submitted.add_metric(labels, value)
+        elif kind == "T":
+            tasks.add_metric(labels, value)
+        elif kind in ("D", "W") and labels[-1].isdigit() and int(labels[-1]) <= len(METRIC_BUCKETS):
+            table = runs if kind == "D" else waits
+            table.setdefault(tuple(labels[:-1]), [0.0] * (len(METRIC_BUCKETS) + 2))[int(labels[-1])] += value
+        elif kind in ("Ds", "Ws"):
+            (runs if kind == "Ds" else waits).setdefault(tuple(labels), [0.0] * (len(METRIC_BUCKETS) + 2))[-1] = value
+    duration = HistogramMetricFamily(
+        "asyncnode_task_duration_seconds", "Run time of completed tasks", labels=("type", "queue")
+    )
+    wait = HistogramMetricFamily("asyncnode_task_wait_seconds", "Time from due to first start", labels=("queue",))
+    for family, table in ((duration, runs), (wait, waits)):
+        for key, counts in table.items():
+            bounds = [*(f"{b:g}" for b in METRIC_BUCKETS), "+Inf"]
+            cumulative = list(itertools.accumulate(counts[:-1]))
+            family.add_metric(list(key), list(zip(bounds, cumulative, strict=True)), counts[-1])
+    depth = GaugeMetricFamily("asyncnode_queue_tasks", "Tasks in each queue by state", labels=("queue", "state"))
+    paused = GaugeMetricFamily("asyncnode_queue_paused", "1 while a queue is paused", labels=("queue",))
+    for q in queues:
+        for state in ("ready", "running", "scheduled"):
+            if isinstance(n := q.get(state), int):
+                depth.add_metric([str(q["name"]), state], n)
+        paused.add_metric([str(q["name"])], 1 if q.get("paused") else 0)
+    if dead is not None:
+        depth.add_metric([dead[0], "dead"], dead[1])
+    live = GaugeMetricFamily("asyncnode_workers", "Live worker processes", labels=("host", "instance"))
+    for (host, instance), n in collections.Counter(
+        (str(w.get("host")), str(w.get("instance"))) for w in workers
+    ).items():
+        live.add_metric([host, instance], n)
+    last = GaugeMetricFamily(
+        "asyncnode_schedule_last_run_timestamp_seconds", "When each schedule last fired", labels=("schedule",)
+    )
+    for sch in schedules:
+        if isinstance(at := sch.get("last_run_at"), int | float):
+            last.add_metric([str(sch["name"])], at)
+    families: list[Metric] = [tasks, submitted, duration, wait, depth, paused, live, last]
+
+    class Snapshot:
+        def collect(self) -> list[Metric]:
+            return families
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Snapshot())
+    return generate_latest(registry)
 
 
 def _field_schema(f: Field, max_text: int) -> dict[str, JSON]:
@@ -5727,88 +5816,6 @@ def openapi_document(cfg: Config) -> dict[str, JSON]:
             },
         },
     }
-
-
-def make_app(cfg: Config) -> web.Application:
-    """The API application: routes, templates, the update relay and the task queue (and the scheduler)."""
-    load_handlers(cfg)
-    validate_schedules(cfg)
-    _make_app_keys()
-    middlewares = [web.middleware(_error_middleware), web.middleware(_guard_middleware)]
-    app = web.Application(middlewares=middlewares, client_max_size=cfg.api.client_max_size)
-    app[CFG_KEY] = cfg
-    app[HUB_KEY] = UpdateHub()
-    app[RATES_KEY] = QueueRates()
-    aiohttp_jinja2.setup(
-        app,
-        loader=jinja2.FileSystemLoader(HERE / "web" / "templates"),
-        autoescape=jinja2.select_autoescape(default=True),
-    )
-    app.router.add_get("/", page_index)
-    app.router.add_static("/static/", HERE / "web" / "static")
-    app.router.add_get("/api/access", api_access)
-    app.router.add_get("/api/task-types", api_task_types)
-    app.router.add_post("/api/tasks", api_submit)
-    app.router.add_get("/api/tasks", api_list_tasks)
-    app.router.add_get("/api/tasks/{id}", api_get_task)
-    app.router.add_post("/api/tasks/cancel", api_cancel_many)
-    app.router.add_post("/api/tasks/{id}/cancel", api_cancel)
-    app.router.add_get("/api/workers", api_workers)
-    app.router.add_get("/api/queues", api_queues)
-    app.router.add_post("/api/queues/{name}/{action:pause|resume}", api_queue_pause)
-    app.router.add_get("/api/dlq", api_dlq_list)
-    app.router.add_post("/api/dlq/requeue", api_dlq_requeue)
-    app.router.add_post("/api/dlq/{id}/requeue", api_dlq_requeue)
-    app.router.add_delete("/api/dlq/{id}", api_dlq_discard)
-    app.router.add_get("/api/schedules", api_schedules)
-    app.router.add_post("/api/schedules/{name}/{action:pause|resume|run}", api_schedule_action)
-    app.router.add_get("/metrics", metrics_page)
-    app.router.add_get("/api/openapi.json", api_openapi)
-    app.router.add_get(DOCS_PAGE, page_docs)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/ws", ws_updates)
-    app.cleanup_ctx.append(_state_ctx)
-    app.cleanup_ctx.append(_relay_ctx)
-    app.cleanup_ctx.append(_scheduler_ctx)
-    app.on_shutdown.append(_close_websockets)
-    app.on_response_prepare.append(_security_headers)
-    return app
-
-
-async def run_api(cfg: Config) -> int:
-    """Serve the API until SIGTERM/SIGINT, then close WebSockets and connections."""
-    alog = log.getChild("api")
-    problem = exposure_error(cfg)
-    if problem is not None:
-        raise ConfigError(problem)
-    stop = stop_event()
-    runner = web.AppRunner(make_app(cfg), handle_signals=False, access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, cfg.api.host, cfg.api.port).start()
-    except OSError as e:
-        await runner.cleanup()
-        alog.error("cannot listen on %s:%d: %s", cfg.api.host, cfg.api.port, e.strerror or e)
-        return 1
-    if not cfg.smtp.allow and not is_loopback(cfg.api.host):
-        alog.warning(
-            "[smtp] allow is empty and the API listens on %s: anyone who can reach it may send e-mail to any "
-            "address through %s:%d; set [smtp] allow (addresses or *@domain)",
-            cfg.api.host,
-            cfg.smtp.host,
-            cfg.smtp.port,
-        )
-    backend = (
-        "SQLite " + str(cfg.database)
-        if cfg.embedded_mode
-        else f"RabbitMQ {redact_url(cfg.broker.url)}, Redis {redact_url(cfg.redis.url)}"
-    )
-    alog.info("listening on http://%s:%d (%s)", cfg.api.host, cfg.api.port, backend)
-    await stop.wait()
-    alog.info("shutting down")
-    await runner.cleanup()
-    return 0
 
 
 # ============================================================================

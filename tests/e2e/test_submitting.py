@@ -114,6 +114,20 @@ async def test_submit_many_makes_500_tasks_in_order_and_a_bad_item_none(deployme
 
 
 @pytest.mark.parametrize("how", ["http", "direct"])
+async def test_each_bulk_item_may_carry_its_own_idempotency_key(deployment: Deployment, how: str) -> None:
+    async with deployment.client(how) as client:
+        items = [
+            {"type": "reverse", "payload": {"text": f"k{i}"}, "idempotency_key": f"{how}-bulk-{i}"} for i in range(3)
+        ]
+        first = await client.submit_many(items)
+        again = await client.submit_many([*items, {"type": "reverse", "payload": {"text": "plain"}}])
+        assert [t.id for t in again[:3]] == [t.id for t in first] and again[3].id not in {t.id for t in first}
+        clash = await client.submit_many([{**items[0], "payload": {"text": "another body"}}])
+        assert clash[0].status == "conflict" and clash[0].id == ""
+        assert len({r["id"] for r in await deployment.records()} & {t.id for t in [*first, *again]}) == 4
+
+
+@pytest.mark.parametrize("how", ["http", "direct"])
 async def test_a_sync_client_works_from_a_plain_thread(deployment: Deployment, how: str) -> None:
     out: dict[str, Any] = {}
 

@@ -270,6 +270,22 @@ def _dead_letter_supervisor_alive() -> Iterator[None]:
         print("\nconftest: the shared RabbitMQ's dead-letter supervisor died during the run; restarted it")
 
 
+@pytest.fixture(autouse=True)
+def _task_types_restored() -> Iterator[None]:
+    """The tests' own task types (tests/*_handlers.py) that a test registers in this process (a direct Client
+    loads its config's handler modules) are gone after it, and so are their modules (a later load imports them
+    again): other tests see the built-in types only, as a process would with the shipped config."""
+    before = set(asyncnode.REGISTRY)
+    yield
+    ours = {
+        t for t in set(asyncnode.REGISTRY) - before if asyncnode.REGISTRY[t].handler.__module__.startswith("tests.")
+    }
+    for name in {asyncnode.REGISTRY[t].handler.__module__ for t in ours}:
+        sys.modules.pop(name, None)
+    for t in ours:
+        del asyncnode.REGISTRY[t]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _nothing_left_on_the_shared_services() -> Iterator[None]:
     """Fail the run if, after the final sweep (torn down before this), anything of this session's

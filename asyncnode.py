@@ -26,8 +26,8 @@ Sections, in dependency order (each uses only those above it; banners mark them)
                          (OpenTelemetry, only when configured); retrying() (the one backoff policy),
                          dead-letter requeue and discard; submit_task and submit_once (an
                          Idempotency-Key), a bulk submit, cancel_task; the scheduler (lease, fire_due)
-    Role: api            the aiohttp application, the WebSocket hub, run_api()
     API surface          metrics_text (Prometheus, from the store's figures), openapi_document
+    Role: api            the aiohttp application, the WebSocket hub, run_api()
     Role: worker         Worker (pauses, cancels, admission under a queue's limit and rate, promotion
                          of delayed tasks as they fall due), run_worker()
     Role: up             supervisord for one host, and ctl
@@ -4574,8 +4574,408 @@ async def discard_dead_letter(queue: TaskQueue, task_id: str) -> int:
 
 
 # ============================================================================
+# API surface: the metrics exposition and the OpenAPI document (pure: what the API answers them with)
+# ============================================================================
+
+
+#: The API's document for people: a page without data (it reads the document with the token it is given).
+DOCS_PAGE: Final = "/api/docs"
+
+
+def metrics_text(
+    values: Mapping[str, float],
+    queues: Iterable[Mapping[str, JSON]],
+    dead: tuple[str, int] | None,
+    workers: Iterable[Mapping[str, JSON]],
+    schedules: Iterable[Mapping[str, JSON]],
+) -> bytes:
+    """The Prometheus exposition of the deployment's metrics (the store's, as metric_ops names them), its queues
+    (queue_items), its dead letters (the dead-letter queue's name and depth), live workers and schedules."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+    tasks = CounterMetricFamily(
+        "asyncnode_tasks", "Tasks that reached each final status, and retries", labels=("type", "queue", "status")
+    )
+    submitted = CounterMetricFamily("asyncnode_tasks_submitted", "Tasks submitted", labels=("type", "queue"))
+    runs: dict[tuple[str, ...], list[float]] = {}  # (type, queue) -> counts by bucket, then the sum
+    waits: dict[tuple[str, ...], list[float]] = {}  # (queue,) -> the same
+    for name, value in sorted(values.items()):
+        kind, *labels = name.split(METRIC_SEP)
+        if kind == "S":
+            submitted.add_metric(labels, value)
+        elif kind == "T":
+            tasks.add_metric(labels, value)
+        elif kind in ("D", "W") and labels[-1].isdigit() and int(labels[-1]) <= len(METRIC_BUCKETS):
+            table = runs if kind == "D" else waits
+            table.setdefault(tuple(labels[:-1]), [0.0] * (len(METRIC_BUCKETS) + 2))[int(labels[-1])] += value
+        elif kind in ("Ds", "Ws"):
+            (runs if kind == "Ds" else waits).setdefault(tuple(labels), [0.0] * (len(METRIC_BUCKETS) + 2))[-1] = value
+    duration = HistogramMetricFamily(
+        "asyncnode_task_duration_seconds", "Run time of completed tasks", labels=("type", "queue")
+    )
+    wait = HistogramMetricFamily("asyncnode_task_wait_seconds", "Time from due to first start", labels=("queue",))
+    for family, table in ((duration, runs), (wait, waits)):
+        for key, counts in table.items():
+            bounds = [*(f"{b:g}" for b in METRIC_BUCKETS), "+Inf"]
+            cumulative = list(itertools.accumulate(counts[:-1]))
+            family.add_metric(list(key), list(zip(bounds, cumulative, strict=True)), counts[-1])
+    depth = GaugeMetricFamily("asyncnode_queue_tasks", "Tasks in each queue by state", labels=("queue", "state"))
+    paused = GaugeMetricFamily("asyncnode_queue_paused", "1 while a queue is paused", labels=("queue",))
+    for q in queues:
+        for state in ("ready", "running", "scheduled"):
+            if isinstance(n := q.get(state), int):
+                depth.add_metric([str(q["name"]), state], n)
+        paused.add_metric([str(q["name"])], 1 if q.get("paused") else 0)
+    if dead is not None:
+        depth.add_metric([dead[0], "dead"], dead[1])
+    live = GaugeMetricFamily("asyncnode_workers", "Live worker processes", labels=("host", "instance"))
+    for (host, instance), n in collections.Counter(
+        (str(w.get("host")), str(w.get("instance"))) for w in workers
+    ).items():
+        live.add_metric([host, instance], n)
+    last = GaugeMetricFamily(
+        "asyncnode_schedule_last_run_timestamp_seconds", "When each schedule last fired", labels=("schedule",)
+    )
+    for sch in schedules:
+        if isinstance(at := sch.get("last_run_at"), int | float):
+            last.add_metric([str(sch["name"])], at)
+    families: list[Metric] = [tasks, submitted, duration, wait, depth, paused, live, last]
+
+    class Snapshot:
+        def collect(self) -> list[Metric]:
+            return families
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Snapshot())
+    return generate_latest(registry)
+
+
+def _field_schema(f: Field, max_text: int) -> dict[str, JSON]:
+    """A payload field's JSON Schema, as validate_payload checks it."""
+    schema: dict[str, JSON] = {"type": f.type, "description": f.description}
+    if f.type == "string":
+        schema["maxLength"] = min(f.max_length or max_text, max_text)
+        if f.format:
+            schema["format"] = f.format
+    if f.min is not None:
+        schema["minimum"] = f.min
+    if f.max is not None:
+        schema["maximum"] = f.max
+    if f.default is not None:
+        schema["default"] = f.default
+    return schema
+
+
+def _obj(required: Iterable[str] = (), **properties: JSON) -> dict[str, JSON]:
+    """An object schema (more properties allowed: answers grow)."""
+    return {"type": "object", "required": list(required), "properties": properties}
+
+
+def _ref(name: str) -> dict[str, JSON]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+#: Answers every /api route may give: a wrong or missing token, a cross-site or read-token change, the store away.
+_API_ERRORS: Final = {
+    "401": "missing or wrong token (with [api] token set)",
+    "403": "a change from another site's page, or by the read-only token",
+}
+
+
+def openapi_document(cfg: Config) -> dict[str, JSON]:
+    """The OpenAPI 3.1 document of every route, each task type's payload schema generated from its fields."""
+    types = sorted(REGISTRY.values(), key=lambda t: t.name)
+    schemas: dict[str, JSON] = {
+        "Error": _obj(
+            ["error"],
+            error={"type": "string"},
+            field={"type": "string"},
+            index={"type": "integer"},
+            id={"type": ["string", "null"]},
+            status={"type": ["string", "null"]},
+            key={"type": "string"},
+        ),
+        "Accepted": _obj(
+            ["id", "status", "queue"],
+            id={"type": "string"},
+            status={"type": "string"},
+            queue={"type": "string"},
+            run_at={"type": "number"},
+        ),
+        "Task": _obj(
+            ["id", "status"],
+            id={"type": "string"},
+            type={"type": ["string", "null"]},
+            queue={"type": ["string", "null"]},
+            status={"type": ["string", "null"]},
+            payload={},
+            result={},
+            error={"type": ["string", "null"]},
+            attempts={"type": "integer"},
+            created_at={"type": ["number", "null"]},
+            started_at={"type": ["number", "null"]},
+            finished_at={"type": ["number", "null"]},
+            run_at={"type": ["number", "null"]},
+            traceparent={"type": "string"},
+            history={"type": "array", "items": {"type": "object"}},
+        ),
+        "Items": _obj(["items"], items={"type": "array", "items": {"type": "object"}}),
+    }
+    variants = []
+    for t in types:
+        fields = {f.name: _field_schema(f, cfg.api.max_text) for f in t.fields}
+        required = [f.name for f in t.fields if f.required]
+        payload = {"type": "object", "properties": fields, "required": required, "additionalProperties": False}
+        name = "Submission_" + re.sub(r"[^A-Za-z0-9_.-]", "_", t.name)
+        schemas[name] = {
+            "type": "object",
+            "description": t.description,
+            "required": ["type"],
+            "additionalProperties": False,
+            "properties": {
+                "type": {"const": t.name},
+                "payload": payload,
+                "queue": {"type": "string", "enum": list(cfg.queues)},
+                "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": cfg.broker.task_timeout},
+                "delay": {"type": "number", "minimum": 0, "maximum": cfg.broker.max_delay},
+                "run_at": {"oneOf": [{"type": "string", "format": "date-time"}, {"type": "number"}]},
+                "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 200, "description": "bulk only"},
+            },
+        }
+        variants.append(name)
+    mapping = {t.name: f"#/components/schemas/{v}" for t, v in zip(types, variants, strict=True)}
+    schemas["Submission"] = {
+        "oneOf": [_ref(v) for v in variants],
+        "discriminator": {"propertyName": "type", "mapping": mapping},
+    }
+
+    def op(
+        summary: str,
+        answers: Mapping[str, Any],
+        *,
+        body: JSON = None,
+        params: Iterable[JSON] = (),
+        secure: bool = True,
+        kind: str = "application/json",
+    ) -> dict[str, JSON]:
+        responses: dict[str, JSON] = {}
+        for code, answer in {**answers, **(_API_ERRORS if secure else {})}.items():
+            text, schema = (answer, _ref("Error")) if isinstance(answer, str) else answer
+            media = kind if code.startswith("2") else "application/json"
+            responses[code] = {"description": text, "content": {media: {"schema": schema}}}
+        operation: dict[str, JSON] = {"summary": summary, "responses": responses}
+        if params:
+            operation["parameters"] = list(params)
+        if body is not None:
+            operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+        if not secure:
+            operation["security"] = []
+        return operation
+
+    def path_param(name: str, known: Iterable[str] = ()) -> JSON:
+        schema: dict[str, JSON] = {"type": "string"}
+        if known := list(known):
+            schema["examples"] = known  # the declared names: the fuzzer reaches them
+        return {"name": name, "in": "path", "required": True, "schema": schema}
+
+    def query(name: str, schema: JSON, text: str) -> JSON:
+        return {"name": name, "in": "query", "required": False, "schema": schema, "description": text}
+
+    limit = query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT}, "most items to list")
+    queue_q = query("queue", {"type": "string"}, "one declared queue only (400 if not declared)")
+    tid = path_param("id")
+    items = ("a list", _ref("Items"))
+    away = {"503": "the store or the queue is unavailable: nothing was done"}
+    html = ("an HTML page", {"type": "string"})
+    bulk = {"type": "array", "minItems": 1, "maxItems": cfg.api.max_batch, "items": _ref("Submission")}
+    submit_headers = [
+        {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 200}},
+        {"name": "traceparent", "in": "header", "required": False, "schema": {"type": "string"}},
+    ]
+    named = {"name": {"type": "string"}, "paused": {"type": "boolean"}}
+    paths: dict[str, JSON] = {
+        "/": {"get": op("the dashboard", {"200": html}, secure=False, kind="text/html")},
+        DOCS_PAGE: {"get": op("this document for people", {"200": html}, secure=False, kind="text/html")},
+        "/api/openapi.json": {"get": op("this document", {"200": ("the OpenAPI document", {"type": "object"})})},
+        "/api/access": {
+            "get": op(
+                "what the token may do",
+                {"200": ("its access", _obj(["access"], access={"enum": ["operator", "read", "open"]}))},
+            )
+        },
+        "/api/task-types": {"get": op("the task types and their fields", {"200": items})},
+        "/api/tasks": {
+            "post": op(
+                "submit a task, or an array of them (a bulk submit, all validated first)",
+                {
+                    "202": ("accepted", {"oneOf": [_ref("Accepted"), _ref("Items")]}),
+                    "200": ("an Idempotency-Key's earlier answer", _ref("Accepted")),
+                    "400": "invalid: the field (and, in a bulk submit, the index) at fault; nothing was made",
+                    "409": "the first request with this Idempotency-Key is still being made",
+                    "413": "body too large",
+                    "415": "not application/json",
+                    "422": "this Idempotency-Key was used with another body",
+                    **away,
+                },
+                body={"oneOf": [_ref("Submission"), bulk]},
+                params=submit_headers,
+            ),
+            "get": op(
+                "the most recent tasks",
+                {"200": items, "400": "a bad limit, or a queue not declared", **away},
+                params=[limit, queue_q],
+            ),
+        },
+        "/api/tasks/{id}": {
+            "get": op(
+                "one task, with its history",
+                {"200": ("the task", _ref("Task")), "404": "no such task", **away},
+                params=[tid],
+            )
+        },
+        "/api/tasks/cancel": {
+            "post": op(
+                "cancel tasks by id, or the recent ones a filter matches",
+                {
+                    "200": (
+                        "counts",
+                        _obj(["cancelled", "skipped"], cancelled={"type": "integer"}, skipped={"type": "integer"}),
+                    ),
+                    "400": "invalid",
+                    "413": "body too large",
+                    "415": "not application/json",
+                    **away,
+                },
+                body={
+                    "type": "object",
+                    "properties": {
+                        "ids": {"type": "array", "items": {"type": "string"}},
+                        "status": {"type": "string"},
+                        "type": {"type": "string"},
+                        "queue": {"type": "string"},
+                    },
+                },
+            )
+        },
+        "/api/tasks/{id}/cancel": {
+            "post": op(
+                "cancel one task",
+                {
+                    "200": ("cancelled", _obj(["id", "status"])),
+                    "404": "no such task",
+                    "409": "already finished",
+                    **away,
+                },
+                params=[tid],
+            )
+        },
+        "/api/workers": {"get": op("the live workers", {"200": items, **away})},
+        "/api/queues": {"get": op("every declared queue and its figures", {"200": items, **away})},
+        "/api/dlq": {
+            "get": op(
+                "the dead letters",
+                {
+                    "200": (
+                        "dead letters",
+                        _obj(["items", "total"], items={"type": "array"}, total={"type": "integer"}),
+                    ),
+                    "400": "a bad limit",
+                    **away,
+                },
+                params=[limit],
+            )
+        },
+        "/api/dlq/requeue": {
+            "post": op(
+                "requeue every dead letter",
+                {"200": ("how many", _obj(["requeued"], requeued={"type": "integer"})), **away},
+            )
+        },
+        "/api/dlq/{id}/requeue": {
+            "post": op(
+                "requeue one dead letter",
+                {"200": ("how many", _obj(["requeued"])), "404": "no such dead letter", **away},
+                params=[tid],
+            )
+        },
+        "/api/dlq/{id}": {
+            "delete": op(
+                "discard one dead letter",
+                {"200": ("how many", _obj(["discarded"])), "404": "no such dead letter", **away},
+                params=[tid],
+            )
+        },
+        "/api/schedules": {"get": op("the schedules", {"200": items, **away})},
+        "/metrics": {
+            "get": op(
+                "Prometheus metrics of the whole deployment (the operator, read or metrics token)",
+                {"200": ("Prometheus text", {"type": "string"}), **away},
+                kind="text/plain; version=0.0.4; charset=utf-8",
+            )
+        },
+        "/healthz": {"get": op("200 while the process runs", {"200": ("ok", {"type": "object"})}, secure=False)},
+        "/readyz": {
+            "get": op(
+                "200 when the queue and the store answer",
+                {"200": ("ready", {"type": "object"}), "503": "not ready"},
+                secure=False,
+            )
+        },
+        "/ws": {
+            "get": op(
+                "the WebSocket of updates (a GET with Upgrade: websocket)",
+                {"101": ("switching protocols", {"type": "string"}), "400": "not a WebSocket request"},
+            )
+        },
+    }
+    for action in ("pause", "resume"):
+        paths[f"/api/queues/{{name}}/{action}"] = {
+            "post": op(
+                f"{action} a queue on every host",
+                {"200": ("its state", _obj(["name", "paused"], **named)), "404": "no such queue", **away},
+                params=[path_param("name", cfg.queues)],
+            )
+        }
+    for action in ("pause", "resume", "run"):
+        answer = (
+            ("the task made", _ref("Accepted")) if action == "run" else ("its state", _obj(["name", "paused"], **named))
+        )
+        paths[f"/api/schedules/{{name}}/{action}"] = {
+            "post": op(
+                f"{action} a schedule" + (" now" if action == "run" else ""),
+                {"202" if action == "run" else "200": answer, "404": "no such schedule", **away},
+                params=[path_param("name", cfg.schedules)],
+            )
+        }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "asyncnode",
+            "version": __version__,
+            "description": "Background task processing across hosts.",
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "[api] token (everything), read_token (the GETs), metrics_token (/metrics)",
+                }
+            },
+        },
+    }
+
+
+# ============================================================================
 # Role: api
 # ============================================================================
+# Past 800 lines for a reason: every route's handler, the middlewares that guard them, and the WebSocket hub
+# with its relay are one surface, each rule of which (a token, an origin, a 4xx) has its home here.
 
 #: Seconds between the ``stats`` messages the API sends its WebSocket clients.
 STATS_INTERVAL: Final = 1.0
@@ -4715,10 +5115,6 @@ async def _error_middleware(request: web.Request, handler: _Handler) -> web.Stre
             return _json_error(404, "not found")
         log.getChild("api").exception("unhandled error on %s %s", request.method, request.path)
         return _json_error(500, "internal error")
-
-
-#: The API's document for people: a page without data (it reads the document with the token it is given).
-DOCS_PAGE: Final = "/api/docs"
 
 
 async def _guard_middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
@@ -5422,400 +5818,6 @@ async def run_api(cfg: Config) -> int:
     alog.info("shutting down")
     await runner.cleanup()
     return 0
-
-
-# ============================================================================
-# API surface: the metrics exposition and the OpenAPI document (pure: what the API answers them with)
-# ============================================================================
-
-
-def metrics_text(
-    values: Mapping[str, float],
-    queues: Iterable[Mapping[str, JSON]],
-    dead: tuple[str, int] | None,
-    workers: Iterable[Mapping[str, JSON]],
-    schedules: Iterable[Mapping[str, JSON]],
-) -> bytes:
-    """The Prometheus exposition of the deployment's metrics (the store's, as metric_ops names them), its queues
-    (queue_items), its dead letters (the dead-letter queue's name and depth), live workers and schedules."""
-    from prometheus_client import CollectorRegistry, generate_latest
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-
-    tasks = CounterMetricFamily(
-        "asyncnode_tasks", "Tasks that reached each final status, and retries", labels=("type", "queue", "status")
-    )
-    submitted = CounterMetricFamily("asyncnode_tasks_submitted", "Tasks submitted", labels=("type", "queue"))
-    runs: dict[tuple[str, ...], list[float]] = {}  # (type, queue) -> counts by bucket, then the sum
-    waits: dict[tuple[str, ...], list[float]] = {}  # (queue,) -> the same
-    for name, value in sorted(values.items()):
-        kind, *labels = name.split(METRIC_SEP)
-        if kind == "S":
-            submitted.add_metric(labels, value)
-        elif kind == "T":
-            tasks.add_metric(labels, value)
-        elif kind in ("D", "W") and labels[-1].isdigit() and int(labels[-1]) <= len(METRIC_BUCKETS):
-            table = runs if kind == "D" else waits
-            table.setdefault(tuple(labels[:-1]), [0.0] * (len(METRIC_BUCKETS) + 2))[int(labels[-1])] += value
-        elif kind in ("Ds", "Ws"):
-            (runs if kind == "Ds" else waits).setdefault(tuple(labels), [0.0] * (len(METRIC_BUCKETS) + 2))[-1] = value
-    duration = HistogramMetricFamily(
-        "asyncnode_task_duration_seconds", "Run time of completed tasks", labels=("type", "queue")
-    )
-    wait = HistogramMetricFamily("asyncnode_task_wait_seconds", "Time from due to first start", labels=("queue",))
-    for family, table in ((duration, runs), (wait, waits)):
-        for key, counts in table.items():
-            bounds = [*(f"{b:g}" for b in METRIC_BUCKETS), "+Inf"]
-            cumulative = list(itertools.accumulate(counts[:-1]))
-            family.add_metric(list(key), list(zip(bounds, cumulative, strict=True)), counts[-1])
-    depth = GaugeMetricFamily("asyncnode_queue_tasks", "Tasks in each queue by state", labels=("queue", "state"))
-    paused = GaugeMetricFamily("asyncnode_queue_paused", "1 while a queue is paused", labels=("queue",))
-    for q in queues:
-        for state in ("ready", "running", "scheduled"):
-            if isinstance(n := q.get(state), int):
-                depth.add_metric([str(q["name"]), state], n)
-        paused.add_metric([str(q["name"])], 1 if q.get("paused") else 0)
-    if dead is not None:
-        depth.add_metric([dead[0], "dead"], dead[1])
-    live = GaugeMetricFamily("asyncnode_workers", "Live worker processes", labels=("host", "instance"))
-    for (host, instance), n in collections.Counter(
-        (str(w.get("host")), str(w.get("instance"))) for w in workers
-    ).items():
-        live.add_metric([host, instance], n)
-    last = GaugeMetricFamily(
-        "asyncnode_schedule_last_run_timestamp_seconds", "When each schedule last fired", labels=("schedule",)
-    )
-    for sch in schedules:
-        if isinstance(at := sch.get("last_run_at"), int | float):
-            last.add_metric([str(sch["name"])], at)
-    families: list[Metric] = [tasks, submitted, duration, wait, depth, paused, live, last]
-
-    class Snapshot:
-        def collect(self) -> list[Metric]:
-            return families
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(Snapshot())
-    return generate_latest(registry)
-
-
-def _field_schema(f: Field, max_text: int) -> dict[str, JSON]:
-    """A payload field's JSON Schema, as validate_payload checks it."""
-    schema: dict[str, JSON] = {"type": f.type, "description": f.description}
-    if f.type == "string":
-        schema["maxLength"] = min(f.max_length or max_text, max_text)
-        if f.format:
-            schema["format"] = f.format
-    if f.min is not None:
-        schema["minimum"] = f.min
-    if f.max is not None:
-        schema["maximum"] = f.max
-    if f.default is not None:
-        schema["default"] = f.default
-    return schema
-
-
-def _obj(required: Iterable[str] = (), **properties: JSON) -> dict[str, JSON]:
-    """An object schema (more properties allowed: answers grow)."""
-    return {"type": "object", "required": list(required), "properties": properties}
-
-
-def _ref(name: str) -> dict[str, JSON]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-#: Answers every /api route may give: a wrong or missing token, a cross-site or read-token change, the store away.
-_API_ERRORS: Final = {
-    "401": "missing or wrong token (with [api] token set)",
-    "403": "a change from another site's page, or by the read-only token",
-}
-
-
-def openapi_document(cfg: Config) -> dict[str, JSON]:
-    """The OpenAPI 3.1 document of every route, each task type's payload schema generated from its fields."""
-    types = sorted(REGISTRY.values(), key=lambda t: t.name)
-    schemas: dict[str, JSON] = {
-        "Error": _obj(
-            ["error"],
-            error={"type": "string"},
-            field={"type": "string"},
-            index={"type": "integer"},
-            id={"type": ["string", "null"]},
-            status={"type": ["string", "null"]},
-            key={"type": "string"},
-        ),
-        "Accepted": _obj(
-            ["id", "status", "queue"],
-            id={"type": "string"},
-            status={"type": "string"},
-            queue={"type": "string"},
-            run_at={"type": "number"},
-        ),
-        "Task": _obj(
-            ["id", "status"],
-            id={"type": "string"},
-            type={"type": ["string", "null"]},
-            queue={"type": ["string", "null"]},
-            status={"type": ["string", "null"]},
-            payload={},
-            result={},
-            error={"type": ["string", "null"]},
-            attempts={"type": "integer"},
-            created_at={"type": ["number", "null"]},
-            started_at={"type": ["number", "null"]},
-            finished_at={"type": ["number", "null"]},
-            run_at={"type": ["number", "null"]},
-            traceparent={"type": "string"},
-            history={"type": "array", "items": {"type": "object"}},
-        ),
-        "Items": _obj(["items"], items={"type": "array", "items": {"type": "object"}}),
-    }
-    variants = []
-    for t in types:
-        fields = {f.name: _field_schema(f, cfg.api.max_text) for f in t.fields}
-        required = [f.name for f in t.fields if f.required]
-        payload = {"type": "object", "properties": fields, "required": required, "additionalProperties": False}
-        name = "Submission_" + re.sub(r"[^A-Za-z0-9_.-]", "_", t.name)
-        schemas[name] = {
-            "type": "object",
-            "description": t.description,
-            "required": ["type"],
-            "additionalProperties": False,
-            "properties": {
-                "type": {"const": t.name},
-                "payload": payload,
-                "queue": {"type": "string", "enum": list(cfg.queues)},
-                "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": cfg.broker.task_timeout},
-                "delay": {"type": "number", "minimum": 0, "maximum": cfg.broker.max_delay},
-                "run_at": {"oneOf": [{"type": "string", "format": "date-time"}, {"type": "number"}]},
-                "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 200, "description": "bulk only"},
-            },
-        }
-        variants.append(name)
-    mapping = {t.name: f"#/components/schemas/{v}" for t, v in zip(types, variants, strict=True)}
-    schemas["Submission"] = {
-        "oneOf": [_ref(v) for v in variants],
-        "discriminator": {"propertyName": "type", "mapping": mapping},
-    }
-
-    def op(
-        summary: str,
-        answers: Mapping[str, Any],
-        *,
-        body: JSON = None,
-        params: Iterable[JSON] = (),
-        secure: bool = True,
-        kind: str = "application/json",
-    ) -> dict[str, JSON]:
-        responses: dict[str, JSON] = {}
-        for code, answer in {**answers, **(_API_ERRORS if secure else {})}.items():
-            text, schema = (answer, _ref("Error")) if isinstance(answer, str) else answer
-            media = kind if code.startswith("2") else "application/json"
-            responses[code] = {"description": text, "content": {media: {"schema": schema}}}
-        operation: dict[str, JSON] = {"summary": summary, "responses": responses}
-        if params:
-            operation["parameters"] = list(params)
-        if body is not None:
-            operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
-        if not secure:
-            operation["security"] = []
-        return operation
-
-    def path_param(name: str, known: Iterable[str] = ()) -> JSON:
-        schema: dict[str, JSON] = {"type": "string"}
-        if known := list(known):
-            schema["examples"] = known  # the declared names: the fuzzer reaches them
-        return {"name": name, "in": "path", "required": True, "schema": schema}
-
-    def query(name: str, schema: JSON, text: str) -> JSON:
-        return {"name": name, "in": "query", "required": False, "schema": schema, "description": text}
-
-    limit = query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT}, "most items to list")
-    queue_q = query("queue", {"type": "string"}, "one declared queue only (400 if not declared)")
-    tid = path_param("id")
-    items = ("a list", _ref("Items"))
-    away = {"503": "the store or the queue is unavailable: nothing was done"}
-    html = ("an HTML page", {"type": "string"})
-    bulk = {"type": "array", "minItems": 1, "maxItems": cfg.api.max_batch, "items": _ref("Submission")}
-    submit_headers = [
-        {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 200}},
-        {"name": "traceparent", "in": "header", "required": False, "schema": {"type": "string"}},
-    ]
-    named = {"name": {"type": "string"}, "paused": {"type": "boolean"}}
-    paths: dict[str, JSON] = {
-        "/": {"get": op("the dashboard", {"200": html}, secure=False, kind="text/html")},
-        DOCS_PAGE: {"get": op("this document for people", {"200": html}, secure=False, kind="text/html")},
-        "/api/openapi.json": {"get": op("this document", {"200": ("the OpenAPI document", {"type": "object"})})},
-        "/api/access": {
-            "get": op(
-                "what the token may do",
-                {"200": ("its access", _obj(["access"], access={"enum": ["operator", "read", "open"]}))},
-            )
-        },
-        "/api/task-types": {"get": op("the task types and their fields", {"200": items})},
-        "/api/tasks": {
-            "post": op(
-                "submit a task, or an array of them (a bulk submit, all validated first)",
-                {
-                    "202": ("accepted", {"oneOf": [_ref("Accepted"), _ref("Items")]}),
-                    "200": ("an Idempotency-Key's earlier answer", _ref("Accepted")),
-                    "400": "invalid: the field (and, in a bulk submit, the index) at fault; nothing was made",
-                    "409": "the first request with this Idempotency-Key is still being made",
-                    "413": "body too large",
-                    "415": "not application/json",
-                    "422": "this Idempotency-Key was used with another body",
-                    **away,
-                },
-                body={"oneOf": [_ref("Submission"), bulk]},
-                params=submit_headers,
-            ),
-            "get": op(
-                "the most recent tasks",
-                {"200": items, "400": "a bad limit, or a queue not declared", **away},
-                params=[limit, queue_q],
-            ),
-        },
-        "/api/tasks/{id}": {
-            "get": op(
-                "one task, with its history",
-                {"200": ("the task", _ref("Task")), "404": "no such task", **away},
-                params=[tid],
-            )
-        },
-        "/api/tasks/cancel": {
-            "post": op(
-                "cancel tasks by id, or the recent ones a filter matches",
-                {
-                    "200": (
-                        "counts",
-                        _obj(["cancelled", "skipped"], cancelled={"type": "integer"}, skipped={"type": "integer"}),
-                    ),
-                    "400": "invalid",
-                    "413": "body too large",
-                    "415": "not application/json",
-                    **away,
-                },
-                body={
-                    "type": "object",
-                    "properties": {
-                        "ids": {"type": "array", "items": {"type": "string"}},
-                        "status": {"type": "string"},
-                        "type": {"type": "string"},
-                        "queue": {"type": "string"},
-                    },
-                },
-            )
-        },
-        "/api/tasks/{id}/cancel": {
-            "post": op(
-                "cancel one task",
-                {
-                    "200": ("cancelled", _obj(["id", "status"])),
-                    "404": "no such task",
-                    "409": "already finished",
-                    **away,
-                },
-                params=[tid],
-            )
-        },
-        "/api/workers": {"get": op("the live workers", {"200": items, **away})},
-        "/api/queues": {"get": op("every declared queue and its figures", {"200": items, **away})},
-        "/api/dlq": {
-            "get": op(
-                "the dead letters",
-                {
-                    "200": (
-                        "dead letters",
-                        _obj(["items", "total"], items={"type": "array"}, total={"type": "integer"}),
-                    ),
-                    "400": "a bad limit",
-                    **away,
-                },
-                params=[limit],
-            )
-        },
-        "/api/dlq/requeue": {
-            "post": op(
-                "requeue every dead letter",
-                {"200": ("how many", _obj(["requeued"], requeued={"type": "integer"})), **away},
-            )
-        },
-        "/api/dlq/{id}/requeue": {
-            "post": op(
-                "requeue one dead letter",
-                {"200": ("how many", _obj(["requeued"])), "404": "no such dead letter", **away},
-                params=[tid],
-            )
-        },
-        "/api/dlq/{id}": {
-            "delete": op(
-                "discard one dead letter",
-                {"200": ("how many", _obj(["discarded"])), "404": "no such dead letter", **away},
-                params=[tid],
-            )
-        },
-        "/api/schedules": {"get": op("the schedules", {"200": items, **away})},
-        "/metrics": {
-            "get": op(
-                "Prometheus metrics of the whole deployment (the operator, read or metrics token)",
-                {"200": ("Prometheus text", {"type": "string"}), **away},
-                kind="text/plain; version=0.0.4; charset=utf-8",
-            )
-        },
-        "/healthz": {"get": op("200 while the process runs", {"200": ("ok", {"type": "object"})}, secure=False)},
-        "/readyz": {
-            "get": op(
-                "200 when the queue and the store answer",
-                {"200": ("ready", {"type": "object"}), "503": "not ready"},
-                secure=False,
-            )
-        },
-        "/ws": {
-            "get": op(
-                "the WebSocket of updates (a GET with Upgrade: websocket)",
-                {"101": ("switching protocols", {"type": "string"}), "400": "not a WebSocket request"},
-            )
-        },
-    }
-    for action in ("pause", "resume"):
-        paths[f"/api/queues/{{name}}/{action}"] = {
-            "post": op(
-                f"{action} a queue on every host",
-                {"200": ("its state", _obj(["name", "paused"], **named)), "404": "no such queue", **away},
-                params=[path_param("name", cfg.queues)],
-            )
-        }
-    for action in ("pause", "resume", "run"):
-        answer = (
-            ("the task made", _ref("Accepted")) if action == "run" else ("its state", _obj(["name", "paused"], **named))
-        )
-        paths[f"/api/schedules/{{name}}/{action}"] = {
-            "post": op(
-                f"{action} a schedule" + (" now" if action == "run" else ""),
-                {"202" if action == "run" else "200": answer, "404": "no such schedule", **away},
-                params=[path_param("name", cfg.schedules)],
-            )
-        }
-    return {
-        "openapi": "3.1.0",
-        "info": {
-            "title": "asyncnode",
-            "version": __version__,
-            "description": "Background task processing across hosts.",
-        },
-        "servers": [{"url": "/"}],
-        "security": [{"bearer": []}],
-        "paths": paths,
-        "components": {
-            "schemas": schemas,
-            "securitySchemes": {
-                "bearer": {
-                    "type": "http",
-                    "scheme": "bearer",
-                    "description": "[api] token (everything), read_token (the GETs), metrics_token (/metrics)",
-                }
-            },
-        },
-    }
 
 
 # ============================================================================

@@ -44,6 +44,7 @@ import bisect
 import collections
 import contextlib
 import contextvars
+import copy
 import dataclasses
 import datetime
 import errno
@@ -4740,15 +4741,22 @@ def openapi_document(cfg: Config) -> dict[str, JSON]:
                 "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": cfg.broker.task_timeout},
                 "delay": {"type": "number", "minimum": 0, "maximum": cfg.broker.max_delay},
                 "run_at": {"oneOf": [{"type": "string", "format": "date-time"}, {"type": "number"}]},
-                "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 200, "description": "bulk only"},
             },
         }
+        # A bulk submit's item: the same, with its own Idempotency-Key (which a single submission takes as a header).
+        item = copy.deepcopy(schemas[name])
+        item["properties"]["idempotency_key"] = {"type": "string", "minLength": 1, "maxLength": 200}
+        schemas["BulkItem_" + name.removeprefix("Submission_")] = item
         variants.append(name)
-    mapping = {t.name: f"#/components/schemas/{v}" for t, v in zip(types, variants, strict=True)}
-    schemas["Submission"] = {
-        "oneOf": [_ref(v) for v in variants],
-        "discriminator": {"propertyName": "type", "mapping": mapping},
-    }
+    for kind, prefix in (("Submission", "Submission_"), ("BulkItem", "BulkItem_")):
+        names = [prefix + v.removeprefix("Submission_") for v in variants]
+        schemas[kind] = {
+            "oneOf": [_ref(n) for n in names],
+            "discriminator": {
+                "propertyName": "type",
+                "mapping": {t.name: f"#/components/schemas/{n}" for t, n in zip(types, names, strict=True)},
+            },
+        }
 
     def op(
         summary: str,
@@ -4783,12 +4791,12 @@ def openapi_document(cfg: Config) -> dict[str, JSON]:
         return {"name": name, "in": "query", "required": False, "schema": schema, "description": text}
 
     limit = query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT}, "most items to list")
-    queue_q = query("queue", {"type": "string"}, "one declared queue only (400 if not declared)")
+    queue_q = query("queue", {"type": "string", "enum": list(cfg.queues)}, "one declared queue only (else 400)")
     tid = path_param("id")
     items = ("a list", _ref("Items"))
     away = {"503": "the store or the queue is unavailable: nothing was done"}
     html = ("an HTML page", {"type": "string"})
-    bulk = {"type": "array", "minItems": 1, "maxItems": cfg.api.max_batch, "items": _ref("Submission")}
+    bulk = {"type": "array", "minItems": 1, "maxItems": cfg.api.max_batch, "items": _ref("BulkItem")}
     submit_headers = [
         {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 200}},
         {"name": "traceparent", "in": "header", "required": False, "schema": {"type": "string"}},

@@ -104,6 +104,9 @@ async def test_each_task_type_has_its_declared_fields_under_a_discriminator(app_
                 assert payload["properties"][f.name]["maxLength"] == longest
     bulk = doc["paths"]["/api/tasks"]["post"]["requestBody"]["content"]["application/json"]["schema"]["oneOf"][1]
     assert bulk["type"] == "array" and bulk["maxItems"] == cfg.api.max_batch
+    items = {r["$ref"].rsplit("/", 1)[1] for r in schemas[bulk["items"]["$ref"].rsplit("/", 1)[1]]["oneOf"]}
+    assert all("idempotency_key" in schemas[n]["properties"] for n in items)  # a bulk item's own key
+    assert not any("idempotency_key" in schemas[n]["properties"] for n in refs)  # a single one's is a header
 
 
 async def test_schemathesis_finds_no_answer_that_breaks_the_document(backend: str, tag: str, tmp_path: Path) -> None:
@@ -113,7 +116,8 @@ async def test_schemathesis_finds_no_answer_that_breaks_the_document(backend: st
     api = Proc("api", path, tmp_path / "api.log")
     try:
         await wait_healthy(base, api)
-        checks = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
+        checks = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,"
+        checks += "response_headers_conformance"
         argv = [str(Path(sys.executable).parent / "schemathesis"), "run", f"{base}/api/openapi.json"]
         argv += ["-H", f"Authorization: Bearer {TOKEN}", "--checks", checks, "--exclude-path", "/ws"]
         argv += ["--max-examples", "25", "--seed", "1", "--no-color", "--request-timeout", "20"]

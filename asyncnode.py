@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import bisect
 import collections
 import contextlib
@@ -1358,6 +1359,32 @@ TRANSITIONS: Final[Mapping[str, Transition]] = {
 }
 
 
+#: A word a task is found by (``GET /api/tasks?q=``): a run of letters and digits, lower-cased. Both stores index
+#: the words of a task's id and payload from its submission, and of its result or error once it ends. A UUID
+#: (a task's id, or one in a payload) is one word: its first eight digits, the short id the dashboard shows (a
+#: search for a whole UUID also checks the rest: TaskFilter.needles).
+SEARCH_WORD: Final = re.compile(r"[^\W_]+")
+ANY_UUID: Final = re.compile(r"\b([0-9a-f]{8})-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b")
+#: Words indexed per task at most (a large payload is found by its first ones), and the longest word indexed.
+MAX_SEARCH_WORDS: Final = 100
+MAX_WORD: Final = 64
+
+
+def search_words(*texts: JSON) -> tuple[str, ...]:
+    """The distinct words of ``texts`` (strings as they are, other JSON as its text; None skipped), lower-cased, in
+    the order first seen, at most MAX_SEARCH_WORDS, each at most MAX_WORD characters; a UUID is its first part."""
+    seen: dict[str, None] = {}
+    for text in texts:
+        if text is None:
+            continue
+        lowered = (text if isinstance(text, str) else dumps(text)).lower()
+        for word in SEARCH_WORD.findall(ANY_UUID.sub(r"\1", lowered) if "-" in lowered else lowered):
+            seen[word[:MAX_WORD]] = None
+            if len(seen) >= MAX_SEARCH_WORDS:
+                return tuple(seen)
+    return tuple(seen)
+
+
 @dataclasses.dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs a worker ~1 µs per change
 class Change:
     """One change of a task's state as plan_change decided it; a store only makes it, atomically:
@@ -1382,6 +1409,8 @@ class Change:
     tally: str = ""  #: the per-queue counter of a final ``status`` (``<status>@<queue>``) bumped with it ('' = none)
     metrics: tuple[str, ...] = ()  #: the deployment's metrics it adds to: name, amount, name, amount... (metric_ops)
     metrics_first: bool = False  #: add them only if ``counter`` is now 1 (a first start: its wait is counted once)
+    words: tuple[str, ...] = ()  #: words the task is now found by too (search_words)
+    reindex: bool = False  #: ``words`` replace those it was found by (a new task, or a requeue with its payload)
 
     def message(self, seq: int, count: int) -> str:
         """The update as published, with the new value of ``counter`` and the sequence number (Redis's
@@ -1426,6 +1455,11 @@ def plan_change(
     if t.timeline:
         entry = dumps({"status": t.status, "ts": now, **{k: v for k, v in public.items() if k in HISTORY_FIELDS}})
     restored = {k: v for k, v in (restore or {}).items() if v is not None}
+    words: tuple[str, ...] = ()
+    if t.new or t.reset:
+        words = search_words(tid, values.get("payload"))
+    elif t.final:
+        words = search_words(values.get("result"), values.get("error"))
     # A requeued task whose record expired meanwhile is indexed again, as a lost one is.
     index_at: float | None = now if t.new or t.reset else None
     if restored:
@@ -1449,6 +1483,8 @@ def plan_change(
         tally=f"{t.status}@{queue}" if tally and t.final else "",
         metrics=metric_ops(event, ttype, queue, waited=waited, ran=ran) if queue else (),
         metrics_first=event == "started",
+        words=words,
+        reindex=t.new or t.reset,
     )
 
 
@@ -1489,6 +1525,141 @@ def metric_ops(
             f"{waited:.6f}",
         ]
     return tuple(ops)
+
+
+#: Every status a task can be in.
+STATUSES: Final = tuple(dict.fromkeys(t.status for t in TRANSITIONS.values()))
+#: Statuses of a finished task: only these may be deleted.
+FINISHED: Final = tuple(t.status for t in TRANSITIONS.values() if t.final)
+#: Keys of a task filter (``GET /api/tasks``'s query, a bulk action's ``filter``).
+FILTER_KEYS: Final = ("q", "status", "type", "queue", "schedule", "since", "until")
+#: Longest ``q``, and longest type or schedule name, a filter takes.
+MAX_QUERY: Final = 500
+MAX_NAME: Final = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskFilter:
+    """Which tasks a search or a bulk action means: each part given must hold (a task has every word of ``q``)."""
+
+    words: tuple[str, ...] = ()
+    needles: tuple[str, ...] = ()  #: whole UUIDs of ``q``: each is in the task's id, payload, result or error
+    status: str | None = None
+    type: str | None = None
+    queue: str | None = None
+    schedule: str | None = None
+    since: float | None = None  #: created at or after
+    until: float | None = None  #: created at or before
+    given: Mapping[str, JSON] = dataclasses.field(default_factory=dict, compare=False)  #: as given (for the log)
+
+
+def filter_matches(flt: TaskFilter, rec: Mapping[str, JSON]) -> bool:
+    """Whether a task a store's index found for ``flt`` has the whole UUIDs of its ``q`` too (the index holds
+    only their first parts)."""
+    if not flt.needles:
+        return True
+    text = " ".join(
+        str(rec.get("id")) if k == "id" else dumps(rec.get(k)) for k in ("id", "payload", "result", "error")
+    )
+    return all(needle in text.lower() for needle in flt.needles)
+
+
+def _filter_time(value: JSON, key: str) -> float:
+    """A filter's ``since`` or ``until``: RFC 3339 with a zone, or epoch seconds (a number, or its text)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    if isinstance(value, str) and len(value) <= 64:
+        with contextlib.suppress(ValueError):
+            number = float(value)
+            if math.isfinite(number):
+                return number
+        with contextlib.suppress(ValueError):
+            parsed = datetime.datetime.fromisoformat(value)
+            if parsed.tzinfo is not None:
+                return parsed.timestamp()
+    raise ValidationError(f"{key!r} must be an RFC 3339 time with a zone, or epoch seconds", key)
+
+
+def task_filter(given: Mapping[str, JSON], queues: Iterable[str]) -> TaskFilter:
+    """The filter ``given`` means (query parameters, or a bulk action's ``filter`` object: strings, the times
+    numbers too); raise ValidationError naming the part that is not right. Empty parts are left out."""
+    given = {k: v for k, v in given.items() if v not in ("", None)}
+    if unknown := sorted(set(given) - set(FILTER_KEYS)):
+        raise ValidationError(f"unknown filter {unknown[0][:50]!r} (known: {', '.join(FILTER_KEYS)})", unknown[0])
+    for key in ("q", "status", "type", "queue", "schedule"):
+        if key in given and not isinstance(given[key], str):
+            raise ValidationError(f"{key!r} must be a string", key)
+    q = cast(str, given.get("q", ""))
+    if len(q) > MAX_QUERY:
+        raise ValidationError(f"'q' is longer than {MAX_QUERY} characters", "q")
+    words = search_words(q) if q else ()
+    if q and not words:
+        raise ValidationError("'q' has no word to look for (letters or digits)", "q")
+    status = cast(str | None, given.get("status"))
+    if status is not None and status not in STATUSES:
+        raise ValidationError(f"'status' must be one of {', '.join(STATUSES)}", "status")
+    queue = cast(str | None, given.get("queue"))
+    if queue is not None and queue not in (known := list(queues)):
+        raise ValidationError(f"no queue {queue[:50]!r} (known: {', '.join(known)})", "queue")
+    for key in ("type", "schedule"):
+        if len(cast(str, given.get(key, ""))) > MAX_NAME:
+            raise ValidationError(f"{key!r} is longer than {MAX_NAME} characters", key)
+    since = _filter_time(given["since"], "since") if "since" in given else None
+    until = _filter_time(given["until"], "until") if "until" in given else None
+    if since is not None and until is not None and until < since:
+        raise ValidationError("'until' is before 'since'", "until")
+    return TaskFilter(
+        words,
+        tuple(m.group() for m in ANY_UUID.finditer(q.lower())),
+        status,
+        cast(str | None, given.get("type")),
+        queue,
+        cast(str | None, given.get("schedule")),
+        since,
+        until,
+        given,
+    )
+
+
+#: Where a page of search results continues: after the task created at this time, with this id (newest first).
+Cursor: TypeAlias = tuple[float, str]
+
+
+def encode_cursor(cursor: Cursor) -> str:
+    """The opaque ``cursor`` a page of results gives for the next."""
+    return base64.urlsafe_b64encode(f"{cursor[0]!r} {cursor[1]}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(text: str) -> Cursor:
+    """The position an ``encode_cursor`` text holds; raise ValidationError for any other."""
+    with contextlib.suppress(ValueError, UnicodeDecodeError):
+        at, _, tid = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode().partition(" ")
+        if TASK_ID.fullmatch(tid) and math.isfinite(when := float(at)):
+            return when, tid
+    raise ValidationError("'cursor' is not one this API gave (use the 'next' of a page)", "cursor")
+
+
+#: What a dead letter's fingerprint masks in its error: quoted values, UUIDs and hex ids, then numbers.
+_MASKS: Final = (
+    (re.compile(r"'[^']*'|\"[^\"]*\""), "'…'"),
+    (re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I), "<id>"),
+    (re.compile(r"\b0x[0-9a-f]+\b|\b(?=[0-9a-f]*[0-9])(?=[0-9a-f]*[a-f])[0-9a-f]{6,}\b", re.I), "<id>"),
+    (re.compile(r"[-+]?\d+(?:[.,:]\d+)*"), "<n>"),
+)
+
+
+def error_pattern(error: str | None) -> str:
+    """A dead letter's error with what varies between letters of one cause masked: its exception type stays,
+    and its message's quoted values become ``'…'``, its ids ``<id>`` and its numbers ``<n>``."""
+    text = (error or "").strip().splitlines()[0][:500] if (error or "").strip() else "(no error)"
+    for pattern, mask in _MASKS:
+        text = pattern.sub(mask, text)
+    return text
+
+
+def fingerprint(error: str | None) -> str:
+    """Which group a dead letter falls in: a short hash of its error_pattern."""
+    return hashlib.sha256(error_pattern(error).encode("utf-8", "surrogatepass")).hexdigest()[:12]
 
 
 def origin_allowed(origin: str, host: str | None, allowed: Iterable[str]) -> bool:
@@ -1662,6 +1833,7 @@ def dead_letter_info(message_id: str | None, body: bytes, headers: Mapping[str, 
         "failed_at": _header_time(headers.get("x-last-failed-at")),
         "first_failed_at": _header_time(headers.get("x-first-failed-at")),
         "traceback": headers.get("x-traceback"),
+        "payload": env.payload if env else None,  # what an edit and requeue starts from
     }
     deaths = headers.get("x-death") or []
     if item["error"] is None and deaths:
@@ -1865,6 +2037,18 @@ class TaskStore(Protocol):
     async def recent(self, limit: int, queue: str | None = None) -> list[dict[str, JSON]]:
         """The most recent tasks (of ``queue`` only, if given), newest first."""
 
+    async def search(
+        self, flt: TaskFilter, limit: int, after: Cursor | None = None
+    ) -> tuple[list[dict[str, JSON]], Cursor | None, int]:
+        """Up to ``limit`` retained tasks ``flt`` matches, newest first (by created_at, then id), after the task
+        at ``after``; the cursor of the next page (None: no more); and how many match in all."""
+
+    async def delete_finished(self, ids: Iterable[str]) -> int:
+        """Delete those of the tasks ``ids`` that are finished, and their timelines; return how many."""
+
+    async def sweep_index(self) -> int:
+        """Drop from the search index some tasks whose record has expired; return how many."""
+
     async def paused_queues(self) -> set[str]:
         """The queues paused now (durably: until resumed, whatever restarts)."""
 
@@ -1976,6 +2160,8 @@ class TaskStore(Protocol):
 
 #: Seconds between reconnection attempts of a robust RabbitMQ connection.
 RECONNECT_INTERVAL: Final = 1.0
+#: Seconds a take of dead letters that found none waits before looking again (see take_dead_letters).
+DLQ_SETTLE: Final = 0.1
 
 
 async def declare_queues(
@@ -2328,22 +2514,29 @@ class RabbitQueue:
         """Run ``take`` on every dead letter ``wanted`` selects, then remove it from the DLQ; return how many.
 
         It is acknowledged only after ``take`` returned, so a failure (RabbitMQ or Redis gone) leaves it there.
+        A letter another channel holds (a listing, reading the DLQ a moment ago) is back only once RabbitMQ has
+        requeued it after that channel closed: a pass that takes nothing looks again, DLQ_SETTLE apart, twice.
         """
         taken = 0
-        async with self._dlq() as (queue, total):
-            for _ in range(total):
-                message = await queue.get(no_ack=False, fail=False)
-                if message is None:
-                    break
-                item = dead_letter_info(message.message_id, message.body, message.headers)
-                if not wanted(item):
-                    continue
-                env: Envelope | None = None
-                with contextlib.suppress(EnvelopeError):
-                    env = Envelope.decode(message.body)
-                await take(env, item)
-                await message.ack()
-                taken += 1
+        for attempt in range(3):
+            if attempt:
+                await asyncio.sleep(DLQ_SETTLE)
+            async with self._dlq() as (queue, total):
+                for _ in range(total):  # not past them: a letter requeued may fail again meanwhile, and return
+                    message = await queue.get(no_ack=False, fail=False)
+                    if message is None:
+                        break
+                    item = dead_letter_info(message.message_id, message.body, message.headers)
+                    if not wanted(item):
+                        continue  # held by this channel until it closes: the next get gives the next letter
+                    env: Envelope | None = None
+                    with contextlib.suppress(EnvelopeError):
+                        env = Envelope.decode(message.body)
+                    await take(env, item)
+                    await message.ack()
+                    taken += 1
+            if taken:
+                break
         return taken
 
     async def purge_dead_letters(self) -> int:
@@ -2402,6 +2595,16 @@ WORKERS_SUFFIX: Final = "~workers"
 RECENT_SUFFIX: Final = "~recent"
 #: Suffix, after ``[redis] key_prefix``, of the set of paused queues.
 PAUSED_SUFFIX: Final = "~paused"
+#: The search index: after ``[redis] key_prefix``, the prefix of its sorted sets (task id -> created_at), one per
+#: term: ``~ix:w:<word>`` (search_words), ``~ix:t:<type>``, ``~ix:q:<queue>``, ``~ix:c:<schedule>`` and
+#: ``~ix:s:<status>``; and the hash of each task's terms but its status (id -> terms, one per line), by which it
+#: is unindexed once its record has gone (sweep_index) or is deleted. A search intersects the sets of its terms.
+INDEX_SUFFIX: Final = "~ix:"
+TERMS_SUFFIX: Final = "~terms"
+#: Suffix, after ``[redis] key_prefix``, of a search's scratch set (deleted within its script).
+SCRATCH_SUFFIX: Final = "~search:"
+#: Task ids a sweep of the index looks at per call (the API sweeps every SWEEP_INTERVAL seconds).
+SWEEP_BATCH: Final = 2000
 #: Suffix, after ``[redis] key_prefix``, of a queue's limit slots, recent starts, waiting line and the line's
 #: latest asks (sorted sets: ``<prefix>~slots:<queue>``, ...).
 SLOTS_SUFFIX: Final = "~slots:"
@@ -2433,25 +2636,28 @@ INT_FIELDS: Final = frozenset({"attempts", "seq", "attempt", "retries"})
 # The one script behind every change of a task's state: it makes a Change (see plan_change) atomically
 # and publishes it, in one round trip.
 #   KEYS[1] the task's hash, KEYS[2] its history list, KEYS[3] the stats hash, KEYS[4] the recent-tasks index,
-#   KEYS[5] the metrics hash
+#   KEYS[5] the metrics hash, KEYS[6] the search index's terms hash
 #   ARGV[1] channel; ARGV[2] Change.head; ARGV[3] guard, comma separated ('' = any; an empty item = no
 #   status yet); ARGV[4] expire seconds (0 = no change); ARGV[5] counter field ('' = none); ARGV[6] status;
 #   ARGV[7] history entry ('' = none); ARGV[8] score in the index ('' = none); ARGV[9] the size the index is
 #   trimmed to; ARGV[10] the task's id; ARGV[11] '1' to drop any expiry; ARGV[12] the per-queue tally field
 #   of the stats hash ('' = none); ARGV[13] n, how many fields to clear; ARGV[14] m, how many strings of
 #   restore pairs; ARGV[15] k, how many strings of metric pairs; ARGV[16] '1' to add those only if the counter
-#   is now 1; then the n fields, the m strings, the k strings (a name, then an amount: a whole number, or one
-#   with a point, added as a float), and the field, value pairs.
+#   is now 1; ARGV[17] the search index's prefix; ARGV[18] w, how many words; ARGV[19] '1' if they replace the
+#   task's terms (its type, queue and schedule are indexed again with them); then the n fields, the m strings, the
+#   k strings (a name, then an amount: a whole number, or one with a point, added as a float), the w words, and
+#   the field, value pairs. A change of status moves the task between the index's status sets.
 # The published message is Change.message(seq, count), spliced here exactly as there.
 _UPDATE_LUA: Final = """
 local cur = redis.call('HGET', KEYS[1], 'status') or ''
 if ARGV[3] ~= '' and not string.find(',' .. ARGV[3] .. ',', ',' .. cur .. ',', 1, true) then
   return false
 end
-local n, m, k = tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
-if n > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, 17, 16 + n)) end
+local n, m, k, w = tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15]), tonumber(ARGV[18])
+local b = 20
+if n > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, b, b + n - 1)) end
 if cur == '' then
-  if m > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 17 + n, 16 + n + m)) end
+  if m > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, b + n, b + n + m - 1)) end
   if ARGV[8] ~= '' then
     redis.call('ZADD', KEYS[4], ARGV[8], ARGV[10])
     redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -tonumber(ARGV[9]) - 1)
@@ -2465,12 +2671,40 @@ if ARGV[5] ~= '' then
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 if k > 0 and (ARGV[16] == '' or count == 1) then
-  for i = 17 + n + m, 16 + n + m + k, 2 do
+  for i = b + n + m, b + n + m + k - 1, 2 do
     if string.find(ARGV[i + 1], '.', 1, true) then redis.call('HINCRBYFLOAT', KEYS[5], ARGV[i], ARGV[i + 1])
     else redis.call('HINCRBY', KEYS[5], ARGV[i], ARGV[i + 1]) end
   end
 end
-if #ARGV > 16 + n + m + k then redis.call('HSET', KEYS[1], unpack(ARGV, 17 + n + m + k)) end
+local f = b + n + m + k + w
+if #ARGV >= f then redis.call('HSET', KEYS[1], unpack(ARGV, f)) end
+local ix, id = ARGV[17], ARGV[10]
+if ARGV[6] ~= cur or w > 0 then
+  local at = redis.call('HGET', KEYS[1], 'created_at') or '0'
+  if ARGV[6] ~= cur then
+    if cur ~= '' then redis.call('ZREM', ix .. 's:' .. cur, id) end
+    redis.call('ZADD', ix .. 's:' .. ARGV[6], at, id)
+    if w == 0 then redis.call('HSETNX', KEYS[6], id, '') end
+  end
+  if w > 0 then
+    local old, added = redis.call('HGET', KEYS[6], id), {}
+    if ARGV[19] == '1' then
+      if old then
+        for term in string.gmatch(old, '[^\\n]+') do redis.call('ZREM', ix .. term, id) end
+        old = false
+      end
+      local meta = redis.call('HMGET', KEYS[1], 'type', 'queue', 'schedule')
+      if meta[1] then added[#added + 1] = 't:' .. meta[1] end
+      added[#added + 1] = 'q:' .. (meta[2] or '@DEFAULT_QUEUE@')
+      if meta[3] then added[#added + 1] = 'c:' .. meta[3] end
+    end
+    for i = f - w, f - 1 do added[#added + 1] = 'w:' .. ARGV[i] end
+    for _, term in ipairs(added) do redis.call('ZADD', ix .. term, at, id) end
+    local text = table.concat(added, '\\n')
+    if old and old ~= '' then text = old .. '\\n' .. text end
+    redis.call('HSET', KEYS[6], id, text)
+  end
+end
 if ARGV[7] ~= '' then
   redis.call('RPUSH', KEYS[2], ARGV[7])
   redis.call('HINCRBY', KEYS[3], ARGV[6], 1)
@@ -2486,6 +2720,66 @@ if tonumber(ARGV[4]) > 0 then
 end
 redis.call('PUBLISH', ARGV[1], ARGV[2] .. extra .. ',"seq":' .. seq .. '}')
 return {seq, count}
+""".replace("@DEFAULT_QUEUE@", DEFAULT_QUEUE)
+
+# A page of a search: the tasks in all the index's sets given, newest first.
+#   KEYS[1] a scratch set (deleted before the end), KEYS[2..] the sets;
+#   ARGV[1], ARGV[2] the lowest and highest created_at ('-inf', '+inf': none); ARGV[3] the cursor's created_at
+#   ('' = the first page), ARGV[4] its id; ARGV[5] how many to return.
+#   Returns {how many the sets share between the times, id, created_at, id, created_at, ...}. Of tasks created at
+#   one time, the greater id comes first (as ZREVRANGEBYSCORE orders them); a cursor's page starts after its task.
+_SEARCH_LUA: Final = """
+local src = KEYS[2]
+if #KEYS > 2 then
+  local inter = {'ZINTERSTORE', KEYS[1], #KEYS - 1}
+  for i = 2, #KEYS do inter[#inter + 1] = KEYS[i] end
+  inter[#inter + 1], inter[#inter + 2] = 'AGGREGATE', 'MAX'
+  redis.call(unpack(inter))
+  src = KEYS[1]
+end
+local total = redis.call('ZCOUNT', src, ARGV[1], ARGV[2])
+local hi, at, after, want = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+if ARGV[3] ~= '' then hi = ARGV[3] end
+local out, offset, got = {total}, 0, 0
+while got < want do
+  local page = redis.call('ZREVRANGEBYSCORE', src, hi, ARGV[1], 'WITHSCORES', 'LIMIT', offset, want + 1)
+  for i = 1, #page, 2 do
+    if got < want and not (at and tonumber(page[i + 1]) == at and page[i] >= after) then
+      out[#out + 1], out[#out + 2], got = page[i], page[i + 1], got + 1
+    end
+  end
+  if #page < 2 * (want + 1) then break end
+  offset = offset + want + 1
+end
+redis.call('DEL', KEYS[1])
+return out
+"""
+
+# Unindexing: each task of ARGV[6..] that has gone (ARGV[4] 'gone': its record expired) or is finished
+# (ARGV[4] 'finished': then its record and timeline are deleted too) leaves the index's sets and the recent
+# tasks. KEYS[1] the terms hash, KEYS[2] the recent-tasks index; ARGV[1] the index's prefix, ARGV[2] the key
+# prefix of tasks, ARGV[3] their timelines' suffix, ARGV[5] the statuses (comma separated): the sets a gone task
+# may be in, or those a deleted one must be in. Returns how many left.
+_UNINDEX_LUA: Final = """
+local ix, gone, count = ARGV[1], ARGV[4] == 'gone', 0
+for i = 6, #ARGV do
+  local id = ARGV[i]
+  local status = redis.call('HGET', ARGV[2] .. id, 'status')
+  local go = false
+  if gone then go = not status
+  elseif status then go = string.find(',' .. ARGV[5] .. ',', ',' .. status .. ',', 1, true) ~= nil end
+  if go then
+    if status then redis.call('DEL', ARGV[2] .. id, ARGV[2] .. id .. ARGV[3]) end
+    local terms = redis.call('HGET', KEYS[1], id) or ''
+    for term in string.gmatch(terms, '[^\\n]+') do redis.call('ZREM', ix .. term, id) end
+    if status then redis.call('ZREM', ix .. 's:' .. status, id)
+    else for s in string.gmatch(ARGV[5], '[^,]+') do redis.call('ZREM', ix .. 's:' .. s, id) end end
+    redis.call('ZREM', KEYS[2], id)
+    redis.call('HDEL', KEYS[1], id)
+    count = count + 1
+  end
+end
+return count
 """
 
 
@@ -2661,6 +2955,11 @@ class RedisStore:
         self._lease = self.client.register_script(_LEASE_LUA)
         self._save_schedule = self.client.register_script(_SAVE_SCHEDULE_LUA)
         self._release = self.client.register_script(_RELEASE_LUA)
+        self._search = self.client.register_script(_SEARCH_LUA)
+        self._unindex = self.client.register_script(_UNINDEX_LUA)
+        self.index_prefix = cfg.key_prefix + INDEX_SUFFIX
+        self.terms_key = cfg.key_prefix + TERMS_SUFFIX
+        self._sweep_at = 0  # where the next sweep of the index goes on (an HSCAN cursor)
         self.paused_key = cfg.key_prefix + PAUSED_SUFFIX
         self.held_env_key = cfg.key_prefix + SCHEDULED_ENV_SUFFIX
         self.held_keys = {q: cfg.key_prefix + SCHEDULED_SUFFIX + q for q in queues}  # queue -> its held tasks
@@ -2680,7 +2979,7 @@ class RedisStore:
         """Make ``change`` and publish it in one script call, in a pipeline shared with the changes queued in
         the same turn of the loop; awaited, it gives (seq, counter), or None if its guard kept it out."""
         key = self.cfg.key_prefix + change.tid
-        keys = [key, key + HISTORY_SUFFIX, self.stats_key, self.recent_key, self.metrics_key]
+        keys = [key, key + HISTORY_SUFFIX, self.stats_key, self.recent_key, self.metrics_key, self.terms_key]
         args: list[str | int | float] = [
             self.cfg.channel,
             change.head,
@@ -2697,7 +2996,8 @@ class RedisStore:
         ]
         restore, metrics = encode_fields(change.restore), change.metrics
         args += [len(change.clear), len(restore), len(metrics), "1" if change.metrics_first else ""]
-        args += [*change.clear, *restore, *metrics, *encode_fields(change.fields)]
+        args += [self.index_prefix, len(change.words), "1" if change.reindex else ""]
+        args += [*change.clear, *restore, *metrics, *change.words, *encode_fields(change.fields)]
         return self._enqueue(keys, args)
 
     def _enqueue(self, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
@@ -2835,6 +3135,68 @@ class RedisStore:
                 break
             start += page
         return found[:limit]
+
+    async def search(
+        self, flt: TaskFilter, limit: int, after: Cursor | None = None
+    ) -> tuple[list[dict[str, JSON]], Cursor | None, int]:
+        """A page of the tasks ``flt`` matches, newest first: the intersection of its terms' sets (with none, the
+        recent-tasks index: the last ``max_recent``), read after ``after``; where the next page starts (None: this
+        is the last); and about how many match (those whose record expired since the last sweep_index count)."""
+        terms = [f"w:{word}" for word in flt.words]
+        terms += [f"{kind}:{value}" for kind, value in (("s", flt.status), ("t", flt.type), ("q", flt.queue)) if value]
+        terms += [f"c:{flt.schedule}"] if flt.schedule else []
+        sets = [self.index_prefix + term for term in terms] or [self.recent_key]  # no filter: the recent tasks
+        keys = [self.cfg.key_prefix + SCRATCH_SUFFIX + uuid.uuid4().hex, *sets]
+        low = "-inf" if flt.since is None else repr(flt.since)
+        high = "+inf" if flt.until is None else repr(flt.until)
+        found: list[dict[str, JSON]] = []
+        total = 0
+        while True:
+            want = limit + 1 - len(found)
+            position = ("", "") if after is None else (repr(after[0]), after[1])
+            reply = await self._search(keys=keys, args=[low, high, *position, want])
+            total = total or int(reply[0])
+            ids = reply[1::2]
+            async with self.client.pipeline(transaction=False) as pipe:
+                for tid in ids:
+                    pipe.hgetall(self.key(tid))
+                raws = await pipe.execute()
+            for tid, raw in zip(ids, raws, strict=True):
+                if raw and filter_matches(flt, rec := decode_record(tid, raw)):
+                    found.append(rec)
+            if len(ids) < want or len(found) > limit:
+                break
+            after = (float(reply[-1]), reply[-2])  # some had gone: read on past them
+        if len(found) <= limit:
+            return found, None, total
+        return found[:limit], (cast(float, found[limit - 1]["created_at"]), str(found[limit - 1]["id"])), total
+
+    def _unindex_args(self, mode: str, statuses: Iterable[str], ids: Iterable[str]) -> list[str]:
+        return [self.index_prefix, self.cfg.key_prefix, HISTORY_SUFFIX, mode, ",".join(statuses), *ids]
+
+    async def delete_finished(self, ids: Iterable[str]) -> int:
+        """Delete the tasks of ``ids`` that are finished, with their timelines and index entries; how many."""
+        ids = list(ids)
+        if not ids:
+            return 0
+        args = self._unindex_args("finished", FINISHED, ids)
+        return int(await self._unindex(keys=[self.terms_key, self.recent_key], args=args))
+
+    async def sweep_index(self) -> int:
+        """Unindex the tasks, of the next SWEEP_BATCH of the index, whose record has expired; how many."""
+        cursor, terms = await self.client.hscan(self.terms_key, self._sweep_at, count=SWEEP_BATCH)
+        self._sweep_at = cursor
+        ids = [str(tid) for tid in terms]
+        if not ids:
+            return 0
+        async with self.client.pipeline(transaction=False) as pipe:
+            for tid in ids:
+                pipe.exists(self.key(tid))
+            gone = [tid for tid, alive in zip(ids, await pipe.execute(), strict=True) if not alive]
+        if not gone:
+            return 0
+        args = self._unindex_args("gone", STATUSES, gone)
+        return int(await self._unindex(keys=[self.terms_key, self.recent_key], args=args))
 
     async def paused_queues(self) -> set[str]:
         """The queues paused now."""
@@ -3089,7 +3451,13 @@ _SCHEMA: Final = (
     "CREATE INDEX IF NOT EXISTS messages_held ON messages (holder) WHERE holder IS NOT NULL",
     """CREATE TABLE IF NOT EXISTS tasks (
         id TEXT PRIMARY KEY, record TEXT NOT NULL, history TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL)""",
-    "CREATE INDEX IF NOT EXISTS tasks_created ON tasks (created_at)",
+    "DROP INDEX IF EXISTS tasks_created",  # (created_at) alone, before search pages ordered by id too
+    "CREATE INDEX IF NOT EXISTS tasks_created_id ON tasks (created_at, id)",
+    # The search index: the words a task is found by (search_words; TaskFilter), by its row's rowid.
+    "CREATE VIRTUAL TABLE IF NOT EXISTS task_words USING fts5 (words, tokenize = 'unicode61 remove_diacritics 0', "
+    "detail = none, columnsize = 0)",
+    "CREATE TRIGGER IF NOT EXISTS tasks_unindex AFTER DELETE ON tasks BEGIN "
+    "DELETE FROM task_words WHERE rowid = old.rowid; END",
     "CREATE INDEX IF NOT EXISTS tasks_expires ON tasks (expires_at) WHERE expires_at IS NOT NULL",
     "CREATE TABLE IF NOT EXISTS updates (seq INTEGER PRIMARY KEY AUTOINCREMENT, message TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS stats (status TEXT PRIMARY KEY, n INTEGER NOT NULL)",
@@ -3628,7 +3996,7 @@ class SqliteStore:
     def _apply(conn: sqlite3.Connection, change: Change) -> tuple[int, int] | None:
         """Make ``change`` inside the write transaction (as _UPDATE_LUA makes it in Redis)."""
         row = conn.execute(
-            "SELECT record, history, created_at, expires_at FROM tasks WHERE id = ?", (change.tid,)
+            "SELECT record, history, created_at, expires_at, rowid FROM tasks WHERE id = ?", (change.tid,)
         ).fetchone()
         rec, history = (loads(row[0]), loads(row[1])) if row else ({}, [])
         created, expires = (row[2], row[3]) if row else (change.at, None)
@@ -3660,10 +4028,18 @@ class SqliteStore:
             expires = None
         if change.expire > 0:
             expires = change.at + change.expire
-        conn.execute(
-            "INSERT OR REPLACE INTO tasks (id, record, history, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
+        written = conn.execute(
+            "INSERT INTO tasks (id, record, history, created_at, expires_at) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET record = excluded.record, history = excluded.history, "
+            "created_at = excluded.created_at, expires_at = excluded.expires_at",
             (change.tid, dumps(rec), dumps(history), created, expires),
         )
+        if change.words:  # the row keeps its rowid, by which task_words finds it
+            rowid, words = row[4] if row else written.lastrowid, " ".join(change.words)
+            if change.reindex or not row:
+                conn.execute("INSERT OR REPLACE INTO task_words (rowid, words) VALUES (?, ?)", (rowid, words))
+            else:
+                conn.execute("UPDATE task_words SET words = words || ' ' || ? WHERE rowid = ?", (words, rowid))
         conn.execute("INSERT INTO updates (message) VALUES (?)", (change.message(seq, count),))
         return seq, count
 
@@ -3693,6 +4069,69 @@ class SqliteStore:
             query = f"SELECT id, record FROM tasks WHERE {alive} AND {of_queue} ORDER BY created_at DESC LIMIT ?"
             rows = await self.db.read(_rows, query, time.time(), queue, limit)
         return [self._record(tid, raw) for tid, raw in rows]
+
+    @staticmethod
+    def _search(
+        conn: sqlite3.Connection, flt: TaskFilter, limit: int, after: Cursor | None, now: float
+    ) -> tuple[list[dict[str, JSON]], Cursor | None, int]:
+        where, params = ["(expires_at IS NULL OR expires_at > ?)"], list[str | float]([now])
+        if flt.words:
+            where.append("rowid IN (SELECT rowid FROM task_words WHERE task_words MATCH ?)")
+            params.append(" ".join(f'"{word}"' for word in flt.words))
+        for field, name in (("status", flt.status), ("type", flt.type), ("schedule", flt.schedule)):
+            if name is not None:
+                where.append(f"json_extract(record, '$.{field}') = ?")
+                params.append(name)
+        if flt.queue is not None:
+            where.append(f"COALESCE(json_extract(record, '$.queue'), '{DEFAULT_QUEUE}') = ?")
+            params.append(flt.queue)
+        for bound, value in (("created_at >= ?", flt.since), ("created_at <= ?", flt.until)):
+            if value is not None:
+                where.append(bound)
+                params.append(value)
+        matching = " AND ".join(where)
+        [(total,)] = conn.execute(f"SELECT COUNT(*) FROM tasks WHERE {matching}", params).fetchall()
+        found: list[dict[str, JSON]] = []
+        while True:
+            want = limit + 1 - len(found)
+            page, page_params = matching, [*params]
+            if after is not None:
+                page += " AND (created_at < ? OR (created_at = ? AND id < ?))"
+                page_params += [after[0], after[0], after[1]]
+            rows = conn.execute(
+                f"SELECT id, record, created_at FROM tasks WHERE {page} ORDER BY created_at DESC, id DESC LIMIT ?",
+                [*page_params, want],
+            ).fetchall()
+            found += [rec for tid, raw, _ in rows if filter_matches(flt, rec := SqliteStore._record(tid, raw))]
+            if len(rows) < want or len(found) > limit:
+                break
+            after = (rows[-1][2], rows[-1][0])
+        if len(found) <= limit:
+            return found, None, total
+        return found[:limit], (cast(float, found[limit - 1]["created_at"]), str(found[limit - 1]["id"])), total
+
+    async def search(
+        self, flt: TaskFilter, limit: int, after: Cursor | None = None
+    ) -> tuple[list[dict[str, JSON]], Cursor | None, int]:
+        """A page of the tasks ``flt`` matches, newest first (its words through task_words, the full-text
+        index), read after ``after``; where the next page starts (None: the last); and how many match."""
+        found: tuple[list[dict[str, JSON]], Cursor | None, int] = await self.db.read(
+            self._search, flt, limit, after, time.time()
+        )
+        return found
+
+    async def delete_finished(self, ids: Iterable[str]) -> int:
+        """Delete the tasks of ``ids`` that are finished (their words go with them: tasks_unindex); how many."""
+        ids = list(ids)
+        if not ids:
+            return 0
+        marks, finished = ",".join("?" * len(ids)), ",".join("?" * len(FINISHED))
+        delete = f"DELETE FROM tasks WHERE id IN ({marks}) AND json_extract(record, '$.status') IN ({finished})"
+        return int(await self.db.write(_changed, delete, *ids, *FINISHED))
+
+    async def sweep_index(self) -> int:
+        """Nothing to sweep: a task's words are deleted with its row."""
+        return 0
 
     async def paused_queues(self) -> set[str]:
         """The queues paused now."""
@@ -3984,6 +4423,10 @@ def open_backend(cfg: Config, role: str) -> tuple[TaskQueue, TaskStore]:
 
 #: Largest ``limit`` accepted by ``GET /api/tasks``.
 MAX_LIST_LIMIT: Final = 1000
+#: Most dead letters GET /api/dlq/groups reads and groups.
+MAX_GROUPED: Final = 10_000
+#: Seconds between two sweeps of the search index by the API (RedisStore.sweep_index).
+SWEEP_INTERVAL: Final = 10.0
 
 #: Attempts a worker makes to start consuming before it gives up (and supervisord restarts it).
 START_ATTEMPTS: Final = 8
@@ -4188,21 +4631,68 @@ def retrying(
     )
 
 
-async def requeue_dead_letters(queue: TaskQueue, store: TaskStore, cfg: Config, task_id: str | None) -> int:
-    """Put dead letters (one by id, or all) back on the queue each came from, as fresh tasks (on the default
-    queue if config.toml no longer declares it); return how many."""
+#: Which dead letters an action takes: one by id, those of some ids, a fingerprint's group, or (None) all.
+LetterChoice: TypeAlias = "str | frozenset[str] | Callable[[dict[str, JSON]], bool] | None"
+
+
+def letters_wanted(choice: LetterChoice) -> Callable[[dict[str, JSON]], bool]:
+    """The predicate a LetterChoice means, on a dead letter as dead_letter_info shows it."""
+    if choice is None:
+        return lambda item: True
+    if isinstance(choice, str):
+        return lambda item: item["id"] == choice
+    if isinstance(choice, frozenset):
+        return lambda item: item["id"] in choice
+    return choice
+
+
+async def requeue_dead_letters(
+    queue: TaskQueue, store: TaskStore, cfg: Config, choice: LetterChoice, payload: JSON = None
+) -> int:
+    """Put the dead letters ``choice`` picks back on the queue each came from, as fresh tasks (on the default
+    queue if config.toml no longer declares it); return how many. ``payload``: a corrected payload for them,
+    validated as a submission of the letter's type (raise ValidationError, taking nothing: the letter stays)."""
 
     async def take(env: Envelope | None, item: dict[str, JSON]) -> None:
         if env is None:
             raise BrokerUnavailable(f"dead letter {item['id']!r} is not a task envelope; discard it instead")
         home = env.queue if env.queue in cfg.queues else DEFAULT_QUEUE
+        if payload is not None:
+            sub = validate_submission({"type": env.type, "payload": payload, "queue": home}, cfg)
+            env = dataclasses.replace(env, payload=sub.payload)
         restore = {"created_at": env.created_at}  # should its record have expired meanwhile
         fields = {"payload": env.payload, "queue": home}
         change = plan_change("requeued", env.id, env.type, fields, tasks=cfg.tasks, restore=restore, queue=env.queue)
         await store.apply(change)
         await queue.publish(dataclasses.replace(env, created_at=env.created_at or change.at, queue=home))
 
-    return await queue.take_dead_letters(lambda item: task_id is None or item["id"] == task_id, take)
+    return await queue.take_dead_letters(letters_wanted(choice), take)
+
+
+async def dead_letter_groups(queue: TaskQueue, limit: int) -> tuple[list[dict[str, JSON]], int, int]:
+    """The first ``limit`` dead letters grouped by fingerprint, the largest group first: each with its
+    ``fingerprint``, ``count``, ``pattern`` (error_pattern), an ``example`` letter, ``first_at`` and ``last_at``
+    (when its letters first and last failed) and ``types``; with how many letters were read, and are in all."""
+    items, total = await queue.dead_letters(limit)
+    groups: dict[str, dict[str, Any]] = {}
+    for item in items:
+        error = cast(str | None, item.get("error"))
+        group = groups.setdefault(
+            fingerprint(error),
+            {"fingerprint": fingerprint(error), "count": 0, "pattern": error_pattern(error), "example": item},
+        )
+        group["count"] += 1
+        group.setdefault("types", set()).add(item.get("type") or "")
+        times = [t for t in (item.get("first_failed_at"), item.get("failed_at")) if isinstance(t, int | float)]
+        if times:
+            group["first_at"] = min(group.get("first_at", math.inf), *times)
+            group["last_at"] = max(group.get("last_at", -math.inf), *times)
+    ordered = sorted(groups.values(), key=lambda g: (-g["count"], g["fingerprint"]))
+    for group in ordered:
+        group["types"] = sorted(group["types"])
+        group.setdefault("first_at", None)
+        group.setdefault("last_at", None)
+    return ordered, len(items), total
 
 
 #: What an ``Idempotency-Key`` may be: 1 to 200 printable ASCII characters.
@@ -4565,13 +5055,13 @@ async def run_schedule_now(broker: TaskQueue, store: TaskStore, cfg: Config, nam
     return body
 
 
-async def discard_dead_letter(queue: TaskQueue, task_id: str) -> int:
-    """Drop the dead letter of task ``task_id`` (the task stays ``failed``); return how many were dropped."""
+async def discard_dead_letters(queue: TaskQueue, choice: LetterChoice) -> int:
+    """Drop the dead letters ``choice`` picks (their tasks stay ``failed``); return how many were dropped."""
 
     async def take(env: Envelope | None, item: dict[str, JSON]) -> None:
         return None
 
-    return await queue.take_dead_letters(lambda item: item["id"] == task_id, take)
+    return await queue.take_dead_letters(letters_wanted(choice), take)
 
 
 # ============================================================================
@@ -4722,6 +5212,36 @@ def openapi_document(cfg: Config) -> dict[str, JSON]:
             history={"type": "array", "items": {"type": "object"}},
         ),
         "Items": _obj(["items"], items={"type": "array", "items": {"type": "object"}}),
+        "Page": _obj(
+            ["items", "next", "total"],
+            items={"type": "array", "items": {"$ref": "#/components/schemas/Task"}},
+            next={"type": ["string", "null"], "description": "the cursor of the next page (null: this is the last)"},
+            total={"type": "integer", "description": "how many tasks match"},
+        ),
+        "Filter": {
+            "type": "object",
+            "additionalProperties": False,
+            "description": "which tasks: each part given must hold (as GET /api/tasks takes them)",
+            "properties": {
+                "q": {"type": "string", "maxLength": MAX_QUERY},
+                "status": {"type": "string", "enum": list(STATUSES)},
+                "type": {"type": "string", "maxLength": MAX_NAME},
+                "queue": {"type": "string", "enum": list(cfg.queues)},
+                "schedule": {"type": "string", "maxLength": MAX_NAME},
+                "since": {"type": ["string", "number"]},
+                "until": {"type": ["string", "number"]},
+            },
+        },
+        "DeadLetterGroup": _obj(
+            ["fingerprint", "count", "pattern", "example", "first_at", "last_at", "types"],
+            fingerprint={"type": "string"},
+            count={"type": "integer"},
+            pattern={"type": "string"},
+            example={"type": "object"},
+            first_at={"type": ["number", "null"]},
+            last_at={"type": ["number", "null"]},
+            types={"type": "array", "items": {"type": "string"}},
+        ),
     }
     variants = []
     for t in types:
@@ -4766,6 +5286,7 @@ def openapi_document(cfg: Config) -> dict[str, JSON]:
         params: Iterable[JSON] = (),
         secure: bool = True,
         kind: str = "application/json",
+        optional: bool = False,
     ) -> dict[str, JSON]:
         responses: dict[str, JSON] = {}
         for code, answer in {**answers, **(_API_ERRORS if secure else {})}.items():
@@ -4776,7 +5297,7 @@ def openapi_document(cfg: Config) -> dict[str, JSON]:
         if params:
             operation["parameters"] = list(params)
         if body is not None:
-            operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+            operation["requestBody"] = {"required": not optional, "content": {"application/json": {"schema": body}}}
         if not secure:
             operation["security"] = []
         return operation
@@ -4802,6 +5323,31 @@ def openapi_document(cfg: Config) -> dict[str, JSON]:
         {"name": "traceparent", "in": "header", "required": False, "schema": {"type": "string"}},
     ]
     named = {"name": {"type": "string"}, "paused": {"type": "boolean"}}
+    text = {"type": "string"}
+    search = [
+        query("q", {"type": "string", "maxLength": MAX_QUERY}, "words of the id, payload, result or error (all)"),
+        query("status", {"type": "string", "enum": list(STATUSES)}, "in this status"),
+        query("type", {"type": "string", "maxLength": MAX_NAME}, "of this task type"),
+        queue_q,
+        query("schedule", {"type": "string", "maxLength": MAX_NAME}, "fired by this schedule"),
+        query("since", text, "created at or after (RFC 3339 with a zone, or epoch seconds)"),
+        query("until", text, "created at or before (RFC 3339 with a zone, or epoch seconds)"),
+        limit,
+        query("cursor", text, "the 'next' of the page before"),
+    ]
+    ids = {"type": "array", "minItems": 1, "maxItems": MAX_LIST_LIMIT, "items": {"type": "string"}}
+    by_ids, by_filter = _obj(["ids"], ids=ids), _obj(["filter"], filter=_ref("Filter"))
+    by_fingerprint = _obj(["fingerprint"], fingerprint={"type": "string", "pattern": "^[0-9a-f]{12}$"})
+    for shape in (by_ids, by_filter, by_fingerprint):
+        shape["additionalProperties"] = False
+    letters = {"oneOf": [by_ids, by_filter, by_fingerprint]}
+
+    def counts(acted: str) -> tuple[str, JSON]:
+        return "how many were acted on and skipped", _obj(
+            [acted, "skipped"], **{acted: {"type": "integer"}, "skipped": {"type": "integer"}}
+        )
+
+    bulk_errors = {"400": "invalid: nothing was done", "413": "body too large", "415": "not application/json"}
     paths: dict[str, JSON] = {
         "/": {"get": op("the dashboard", {"200": html}, secure=False, kind="text/html")},
         DOCS_PAGE: {"get": op("this document for people", {"200": html}, secure=False, kind="text/html")},
@@ -4830,9 +5376,9 @@ def openapi_document(cfg: Config) -> dict[str, JSON]:
                 params=submit_headers,
             ),
             "get": op(
-                "the most recent tasks",
-                {"200": items, "400": "a bad limit, or a queue not declared", **away},
-                params=[limit, queue_q],
+                "search the retained tasks, newest first, a page at a time",
+                {"200": ("a page", _ref("Page")), "400": "a bad parameter (named in 'field')", **away},
+                params=search,
             ),
         },
         "/api/tasks/{id}": {
@@ -4844,26 +5390,16 @@ def openapi_document(cfg: Config) -> dict[str, JSON]:
         },
         "/api/tasks/cancel": {
             "post": op(
-                "cancel tasks by id, or the recent ones a filter matches",
-                {
-                    "200": (
-                        "counts",
-                        _obj(["cancelled", "skipped"], cancelled={"type": "integer"}, skipped={"type": "integer"}),
-                    ),
-                    "400": "invalid",
-                    "413": "body too large",
-                    "415": "not application/json",
-                    **away,
-                },
-                body={
-                    "type": "object",
-                    "properties": {
-                        "ids": {"type": "array", "items": {"type": "string"}},
-                        "status": {"type": "string"},
-                        "type": {"type": "string"},
-                        "queue": {"type": "string"},
-                    },
-                },
+                "cancel tasks by id, or every one a filter matches (the old form: status, type, queue at the top)",
+                {"200": counts("cancelled"), **bulk_errors, **away},
+                body={"oneOf": [by_ids, by_filter, _ref("Filter")]},
+            )
+        },
+        "/api/tasks/delete": {
+            "post": op(
+                "delete finished tasks by id, or every finished one a filter matches",
+                {"200": counts("deleted"), **bulk_errors, **away},
+                body={"oneOf": [by_ids, by_filter]},
             )
         },
         "/api/tasks/{id}/cancel": {
@@ -4894,17 +5430,53 @@ def openapi_document(cfg: Config) -> dict[str, JSON]:
                 params=[limit],
             )
         },
+        "/api/dlq/groups": {
+            "get": op(
+                "the dead letters grouped by fingerprint, the largest group first",
+                {
+                    "200": (
+                        "groups",
+                        _obj(
+                            ["groups", "read", "total"],
+                            groups={"type": "array", "items": _ref("DeadLetterGroup")},
+                            read={"type": "integer"},
+                            total={"type": "integer"},
+                        ),
+                    ),
+                    "400": "a bad limit",
+                    **away,
+                },
+                params=[query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_GROUPED}, "most to read")],
+            )
+        },
         "/api/dlq/requeue": {
             "post": op(
-                "requeue every dead letter",
-                {"200": ("how many", _obj(["requeued"], requeued={"type": "integer"})), **away},
+                "requeue dead letters: by id, a fingerprint's group, the tasks a filter matches; no body: all",
+                {"200": counts("requeued"), **bulk_errors, **away},
+                body=letters,
+                optional=True,
+            )
+        },
+        "/api/dlq/discard": {
+            "post": op(
+                "discard dead letters (their tasks stay failed): as requeue picks them; no body: all",
+                {"200": counts("discarded"), **bulk_errors, **away},
+                body=letters,
+                optional=True,
             )
         },
         "/api/dlq/{id}/requeue": {
             "post": op(
-                "requeue one dead letter",
-                {"200": ("how many", _obj(["requeued"])), "404": "no such dead letter", **away},
+                "requeue one dead letter, with a corrected payload if given (validated as a submission)",
+                {
+                    "200": counts("requeued"),
+                    "400": "the corrected payload is invalid (the letter stays)",
+                    "404": "no such dead letter",
+                    **away,
+                },
                 params=[tid],
+                body=_obj(["payload"], payload={"type": "object"}) | {"additionalProperties": False},
+                optional=True,
             )
         },
         "/api/dlq/{id}": {
@@ -5285,52 +5857,166 @@ async def api_cancel(request: web.Request) -> web.Response:
     return _json_response({"id": tid, "status": status})
 
 
-#: Keys of a ``POST /api/tasks/cancel`` body: ids, or a filter.
+#: Keys of the old form of a ``POST /api/tasks/cancel`` body: a filter of these at its top level.
 CANCEL_FILTERS: Final = ("status", "type", "queue")
+#: The audit log: one JSON line per bulk action (who, what, which tasks, the counts, when).
+audit_log: Final = log.getChild("audit")
+
+
+@dataclasses.dataclass(frozen=True)
+class BulkTarget:
+    """What a bulk action acts on: the tasks of ``ids``, those ``filter`` matches, or the dead letters of a
+    ``fingerprint`` (one of the three; none: every dead letter)."""
+
+    ids: tuple[str, ...] | None = None  #: well-formed task ids (``malformed`` more were given: skipped)
+    filter: TaskFilter | None = None
+    fingerprint: str | None = None
+    malformed: int = 0
+
+    def described(self) -> dict[str, JSON]:
+        """Which tasks, for the audit log."""
+        if self.ids is not None:
+            return {"ids": len(self.ids) + self.malformed}
+        if self.filter is not None:
+            return {"filter": dict(self.filter.given)}
+        return {"fingerprint": self.fingerprint} if self.fingerprint else {"all": True}
+
+
+#: What a fingerprint looks like (fingerprint()).
+FINGERPRINT: Final = re.compile(r"[0-9a-f]{12}")
+
+
+async def _bulk_target(request: web.Request, *, letters: bool = False, legacy: bool = False) -> BulkTarget:
+    """The target a bulk action's body names: ``{"ids": [...]}`` or ``{"filter": {...}}`` (``{}``: all), for
+    dead letters (``letters``) also ``{"fingerprint": "..."}`` or no body (all); ``legacy``: the filter may be
+    the body itself (status, type, queue). A 400 (web.HTTPBadRequest) for any other."""
+    raw = await request.read()
+    if letters and not raw.strip():
+        return BulkTarget()
+    try:
+        body = loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise web.HTTPBadRequest(reason="body is not valid JSON") from None
+    keys = ("ids", "filter", "fingerprint") if letters else ("ids", "filter")
+    shape = f"body must be one of {', '.join(f'{{{k!r}: ...}}' for k in keys)}".replace("'", '"')
+    if not isinstance(body, dict) or (letters and body == {}):
+        if letters and body == {}:
+            return BulkTarget()
+        raise web.HTTPBadRequest(reason=shape)
+    if legacy and body and set(body) <= set(CANCEL_FILTERS):
+        body = {"filter": body}
+    if len(body) != 1 or next(iter(body)) not in keys:
+        raise web.HTTPBadRequest(reason=shape)
+    queues = request.app[CFG_KEY].queues
+    if "ids" in body:
+        ids = body["ids"]
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise web.HTTPBadRequest(reason="'ids' must be a list of task ids")
+        if not ids or len(ids) > MAX_LIST_LIMIT:
+            raise web.HTTPBadRequest(reason=f"'ids' must list 1 to {MAX_LIST_LIMIT} task ids (or use a filter)")
+        valid = tuple(dict.fromkeys(i for i in ids if TASK_ID.fullmatch(i)))
+        return BulkTarget(ids=valid, malformed=len(ids) - len(valid))
+    if "fingerprint" in body:
+        if not isinstance(body["fingerprint"], str) or not FINGERPRINT.fullmatch(body["fingerprint"]):
+            raise web.HTTPBadRequest(reason="'fingerprint' must be one GET /api/dlq/groups gave")
+        return BulkTarget(fingerprint=body["fingerprint"])
+    if not isinstance(body["filter"], dict):
+        raise web.HTTPBadRequest(reason="'filter' must be an object of " + ", ".join(FILTER_KEYS))
+    try:
+        return BulkTarget(filter=task_filter(body["filter"], queues))
+    except ValidationError as e:
+        raise web.HTTPBadRequest(reason=f"filter: {e}") from None
+
+
+async def matching_tasks(store: TaskStore, flt: TaskFilter) -> list[dict[str, JSON]]:
+    """Every retained task ``flt`` matches, newest first, read a page of MAX_LIST_LIMIT at a time."""
+    found: list[dict[str, JSON]] = []
+    after: Cursor | None = None
+    while True:
+        items, after, _ = await store.search(flt, MAX_LIST_LIMIT, after)
+        found += items
+        if after is None:
+            return found
+
+
+def _audit(request: web.Request, action: str, target: BulkTarget, acted: int, skipped: int) -> None:
+    """The audit log's line for a bulk action: who (the kind of token, the client's address), what, on which
+    tasks, the counts, and when."""
+    access = access_of(request.app[CFG_KEY].api, request.headers.get("Authorization"), request.query.get("token"))
+    entry = {
+        "audit": action,
+        "token": access or "none",
+        "client": request.remote,
+        **target.described(),
+        "acted": acted,
+        "skipped": skipped,
+        "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+    }
+    audit_log.info("%s", dumps(entry), extra={"audit": entry})
+
+
+#: Calls a bulk action has in flight at once (each holds a connection of the store's pool: redis-py's has 100).
+BULK_CONCURRENCY: Final = 32
+
+
+async def _in_chunks(calls: Iterable[Awaitable[Any]], size: int = BULK_CONCURRENCY) -> list[Any]:
+    """The results of ``calls``, awaited ``size`` at a time."""
+    results: list[Any] = []
+    batch: list[Awaitable[Any]] = []
+    for call in calls:
+        batch.append(call)
+        if len(batch) >= size:
+            results += await asyncio.gather(*batch)
+            batch = []
+    return results + list(await asyncio.gather(*batch))
 
 
 async def api_cancel_many(request: web.Request) -> web.Response:
-    """``POST /api/tasks/cancel``: cancel the tasks ``{"ids": [...]}`` lists, or those among the recent tasks a
-    filter ``{"status", "type", "queue"}`` matches; answer how many were cancelled and skipped (finished, gone)."""
+    """``POST /api/tasks/cancel``: cancel the tasks ``{"ids": [...]}`` lists, or all that ``{"filter": {...}}``
+    matches (as ``GET /api/tasks`` takes it; the old form puts status, type and queue at the top); answer how
+    many were cancelled and how many skipped (finished, gone)."""
     cfg, state = request.app[CFG_KEY], request.app[STATE_KEY]
-    try:
-        body = loads(await request.read())
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return _json_error(400, "body is not valid JSON")
-    if not isinstance(body, dict) or not body or not set(body) <= {"ids", *CANCEL_FILTERS}:
-        return _json_error(400, 'body must be {"ids": [...]} or a filter of status, type and queue')
-    ids = body.get("ids")
-    if ids is not None:
-        if len(body) > 1 or not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            return _json_error(400, "'ids' must be a list of task ids, without a filter")
-        if len(ids) > MAX_LIST_LIMIT:
-            return _json_error(400, f"at most {MAX_LIST_LIMIT} ids at once")
-    else:
-        if not all(isinstance(body[k], str) for k in body):
-            return _json_error(400, "each filter value must be a string")
-        if "status" in body and body["status"] not in CANCELLABLE:
-            return _json_error(400, f"'status' must be one of {', '.join(CANCELLABLE)}")
-        if "queue" in body:
-            _queue_named(request, body["queue"])
+    target = await _bulk_target(request, legacy=True)
+    if target.filter is not None and target.filter.status not in (None, *CANCELLABLE):
+        return _json_error(400, f"filter: 'status' must be one of {', '.join(CANCELLABLE)} (the others are finished)")
     by = _cancelled_by(request)
     try:
-        if ids is None:
-            recent = await state.recent(cfg.tasks.max_recent, body.get("queue"))
+        if target.filter is not None:
             matching: dict[str, dict[str, JSON] | None] = {
-                str(t["id"]): t
-                for t in recent
-                if t.get("status") in CANCELLABLE and all(t.get(k) == body[k] for k in ("status", "type") if k in body)
+                str(t["id"]): t for t in await matching_tasks(state, target.filter) if t.get("status") in CANCELLABLE
             }
             skipped = 0
         else:
-            skipped = sum(1 for i in ids if not TASK_ID.fullmatch(i))
-            matching = {i: None for i in ids if TASK_ID.fullmatch(i)}  # read one by one
-        outcomes = await asyncio.gather(*(cancel_task(state, cfg, tid, by, rec) for tid, rec in matching.items()))
+            matching, skipped = dict.fromkeys(target.ids or ()), target.malformed  # read one by one
+        outcomes = await _in_chunks(cancel_task(state, cfg, tid, by, rec) for tid, rec in matching.items())
     except STORE_ERRORS:
         return _json_error(503, f"{state.label} unavailable; some tasks may not have been cancelled")
     cancelled = sum(1 for done, _ in outcomes if done)
-    log.getChild("api").info("%d task(s) cancelled by %s (%s)", cancelled, request.remote, dumps(body)[:200])
-    return _json_response({"cancelled": cancelled, "skipped": skipped + len(outcomes) - cancelled})
+    skipped += len(outcomes) - cancelled
+    _audit(request, "cancel", target, cancelled, skipped)
+    return _json_response({"cancelled": cancelled, "skipped": skipped})
+
+
+async def api_delete_many(request: web.Request) -> web.Response:
+    """``POST /api/tasks/delete``: delete the finished tasks of ``{"ids": [...]}`` or ``{"filter": {...}}``
+    (records and timelines); answer how many were deleted and skipped (not finished, gone)."""
+    state = request.app[STATE_KEY]
+    target = await _bulk_target(request)
+    try:
+        if target.filter is not None:
+            found = await matching_tasks(state, target.filter)
+            ids = [str(t["id"]) for t in found if t.get("status") in FINISHED]
+            considered = len(found)
+        else:
+            ids = list(target.ids or ())
+            considered = len(ids) + target.malformed
+        deleted = 0
+        for start in range(0, len(ids), MAX_LIST_LIMIT):
+            deleted += await state.delete_finished(ids[start : start + MAX_LIST_LIMIT])
+    except STORE_ERRORS:
+        return _json_error(503, f"{state.label} unavailable; some tasks may not have been deleted")
+    _audit(request, "delete", target, deleted, considered - deleted)
+    return _json_response({"deleted": deleted, "skipped": considered - deleted})
 
 
 async def api_get_task(request: web.Request) -> web.Response:
@@ -5359,11 +6045,25 @@ def _queue_named(request: web.Request, name: str | None) -> str:
     return name
 
 
+#: Query parameters of ``GET /api/tasks`` besides the filter's.
+LIST_PARAMETERS: Final = ("limit", "cursor", "token")
+
+
 async def api_list_tasks(request: web.Request) -> web.Response:
-    """``GET /api/tasks?limit=N&queue=NAME``: the most recent tasks (of one queue), newest first."""
+    """``GET /api/tasks?q=&status=&type=&queue=&schedule=&since=&until=&limit=&cursor=``: a page of the retained
+    tasks the filter matches (every one without), newest first; ``next``, the cursor of the next page (null:
+    none), and ``total``, how many match."""
     limit = _query_limit(request, 50)
-    queue = _queue_named(request, request.query["queue"]) if "queue" in request.query else None
-    return _json_response({"items": await request.app[STATE_KEY].recent(limit, queue)})
+    if unknown := sorted(set(request.query) - {*FILTER_KEYS, *LIST_PARAMETERS}):
+        known = ", ".join((*FILTER_KEYS, *LIST_PARAMETERS[:2]))
+        return _json_error(400, f"unknown parameter {unknown[0][:50]!r} (known: {known})", field=unknown[0][:50])
+    try:
+        flt = task_filter({k: v for k, v in request.query.items() if k in FILTER_KEYS}, request.app[CFG_KEY].queues)
+        after = decode_cursor(request.query["cursor"]) if "cursor" in request.query else None
+    except ValidationError as e:
+        return _json_error(400, str(e), **({"field": e.field} if e.field else {}))
+    items, following, total = await request.app[STATE_KEY].search(flt, limit, after)
+    return _json_response({"items": items, "next": encode_cursor(following) if following else None, "total": total})
 
 
 class QueueRates:
@@ -5456,31 +6156,88 @@ async def api_dlq_list(request: web.Request) -> web.Response:
     return _json_response({"items": items, "total": total})
 
 
-async def api_dlq_requeue(request: web.Request) -> web.Response:
-    """``POST /api/dlq/<id>/requeue`` (one) or ``POST /api/dlq/requeue`` (all): back to the queue as fresh tasks."""
-    task_id = request.match_info.get("id")
+async def api_dlq_groups(request: web.Request) -> web.Response:
+    """``GET /api/dlq/groups?limit=N``: the first N dead letters (10,000 by default) grouped by fingerprint (the
+    exception with its message's numbers, ids and quoted values masked), the largest group first."""
+    limit = MAX_GROUPED
+    with contextlib.suppress(ValueError):
+        limit = int(request.query.get("limit", MAX_GROUPED))
+    if not 1 <= limit <= MAX_GROUPED:
+        return _json_error(400, f"limit must be an integer between 1 and {MAX_GROUPED}", field="limit")
     try:
-        app = request.app
-        count = await requeue_dead_letters(app[BROKER_KEY], app[STATE_KEY], app[CFG_KEY], task_id)
+        groups, read, total = await dead_letter_groups(request.app[BROKER_KEY], limit)
+    except BrokerUnavailable as e:
+        return _json_error(503, str(e))
+    return _json_response({"groups": groups, "read": read, "total": total})
+
+
+async def _letter_choice(request: web.Request, target: BulkTarget) -> LetterChoice:
+    """The dead letters a bulk target means: by id, by fingerprint, those of the tasks a filter matches (every
+    one for an empty filter), or all."""
+    if target.ids is not None:
+        return frozenset(target.ids)
+    if target.fingerprint is not None:
+        wanted = target.fingerprint
+        return lambda item: fingerprint(cast(str | None, item.get("error"))) == wanted
+    if target.filter is not None and target.filter != TaskFilter():
+        return frozenset(str(t["id"]) for t in await matching_tasks(request.app[STATE_KEY], target.filter))
+    return None
+
+
+async def api_dlq_requeue(request: web.Request) -> web.Response:
+    """``POST /api/dlq/<id>/requeue`` (one; its body may carry ``{"payload": ...}``, a corrected payload
+    validated as a submission) or ``POST /api/dlq/requeue`` (a bulk target: ids, a fingerprint, a filter; no
+    body: all): back to the queue as fresh tasks."""
+    app, task_id = request.app, request.match_info.get("id")
+    payload: JSON = None
+    if task_id is not None:
+        target = BulkTarget(ids=(task_id,))
+        raw = await request.read()
+        if raw.strip():
+            try:
+                body = loads(raw)
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                return _json_error(400, "body is not valid JSON")
+            if not isinstance(body, dict) or set(body) != {"payload"}:
+                return _json_error(400, 'body must be {"payload": {...}} (a corrected payload), or empty')
+            payload = body["payload"]
+            if not isinstance(payload, dict):
+                return _json_error(400, "'payload' must be a JSON object", field="payload")
+    else:
+        target = await _bulk_target(request, letters=True)
+    try:
+        choice: LetterChoice = task_id if task_id is not None else await _letter_choice(request, target)
+        count = await requeue_dead_letters(app[BROKER_KEY], app[STATE_KEY], app[CFG_KEY], choice, payload)
+    except ValidationError as e:
+        return _json_error(400, f"the corrected payload: {e}", **({"field": e.field} if e.field else {}))
     except BrokerUnavailable as e:
         return _json_error(503, str(e))
     except STORE_ERRORS:
-        return _json_error(503, f"{request.app[STATE_KEY].label} unavailable; nothing was requeued")
+        return _json_error(503, f"{app[STATE_KEY].label} unavailable; nothing was requeued")
     if task_id is not None and count == 0:
         return _json_error(404, f"no dead letter with id {task_id[:64]!r}")
-    return _json_response({"requeued": count})
+    skipped = len(choice) - count if isinstance(choice, frozenset) else 0
+    _audit(request, "requeue" if payload is None else "edit-and-requeue", target, count, skipped)
+    return _json_response({"requeued": count, "skipped": skipped})
 
 
 async def api_dlq_discard(request: web.Request) -> web.Response:
-    """``DELETE /api/dlq/<id>``: drop one dead letter (the task stays ``failed``)."""
-    task_id = request.match_info["id"]
+    """``DELETE /api/dlq/<id>`` (one) or ``POST /api/dlq/discard`` (a bulk target, as requeue takes): drop dead
+    letters (their tasks stay ``failed``)."""
+    task_id = request.match_info.get("id")
+    target = BulkTarget(ids=(task_id,)) if task_id is not None else await _bulk_target(request, letters=True)
     try:
-        count = await discard_dead_letter(request.app[BROKER_KEY], task_id)
+        choice: LetterChoice = task_id if task_id is not None else await _letter_choice(request, target)
+        count = await discard_dead_letters(request.app[BROKER_KEY], choice)
     except BrokerUnavailable as e:
         return _json_error(503, str(e))
-    if count == 0:
+    except STORE_ERRORS:
+        return _json_error(503, f"{request.app[STATE_KEY].label} unavailable; nothing was discarded")
+    if task_id is not None and count == 0:
         return _json_error(404, f"no dead letter with id {task_id[:64]!r}")
-    return _json_response({"discarded": count})
+    skipped = len(choice) - count if isinstance(choice, frozenset) else 0
+    _audit(request, "discard", target, count, skipped)
+    return _json_response({"discarded": count, "skipped": skipped})
 
 
 async def api_schedules(request: web.Request) -> web.Response:
@@ -5712,13 +6469,25 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _sweep_loop(app: web.Application) -> None:
+    """Every SWEEP_INTERVAL seconds, unindex some tasks whose record has expired (Redis: sweep_index; it reads on
+    at once while a sweep finds many)."""
+    state = app[STATE_KEY]
+    while True:
+        await asyncio.sleep(SWEEP_INTERVAL)
+        with contextlib.suppress(*STORE_ERRORS):
+            while await state.sweep_index() >= SWEEP_BATCH // 2:
+                pass
+
+
 async def _relay_ctx(app: web.Application) -> AsyncIterator[None]:
     relay = asyncio.create_task(_relay_updates(app))
     stats = asyncio.create_task(_stats_loop(app))
+    sweep = asyncio.create_task(_sweep_loop(app))
     yield
     # redis-py can swallow a cancellation that lands while it is connecting;
     # cancel again until the relay has really stopped.
-    for task in (relay, stats):
+    for task in (relay, stats, sweep):
         while not task.done():
             task.cancel()
             await asyncio.wait({task}, timeout=0.5)
@@ -5769,12 +6538,15 @@ def make_app(cfg: Config) -> web.Application:
     app.router.add_get("/api/tasks", api_list_tasks)
     app.router.add_get("/api/tasks/{id}", api_get_task)
     app.router.add_post("/api/tasks/cancel", api_cancel_many)
+    app.router.add_post("/api/tasks/delete", api_delete_many)
     app.router.add_post("/api/tasks/{id}/cancel", api_cancel)
     app.router.add_get("/api/workers", api_workers)
     app.router.add_get("/api/queues", api_queues)
     app.router.add_post("/api/queues/{name}/{action:pause|resume}", api_queue_pause)
     app.router.add_get("/api/dlq", api_dlq_list)
+    app.router.add_get("/api/dlq/groups", api_dlq_groups)
     app.router.add_post("/api/dlq/requeue", api_dlq_requeue)
+    app.router.add_post("/api/dlq/discard", api_dlq_discard)
     app.router.add_post("/api/dlq/{id}/requeue", api_dlq_requeue)
     app.router.add_delete("/api/dlq/{id}", api_dlq_discard)
     app.router.add_get("/api/schedules", api_schedules)

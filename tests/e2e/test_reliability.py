@@ -197,7 +197,7 @@ async def test_requeue_from_the_dlq_runs_the_task_again(stack: Callable[..., Any
 
     flag.touch()  # whatever made it fail is fixed; now requeue it
     async with s.http.post(f"{s.base}/api/dlq/{tid}/requeue") as resp:
-        assert resp.status == 200 and (await resp.json()) == {"requeued": 1}
+        assert resp.status == 200 and (await resp.json()) == {"requeued": 1, "skipped": 0}
     task = await s.wait_status(tid, "completed")
     assert task["result"] == "ok" and task["attempts"] == 1 and task["error"] is None
     assert (await s.dlq())["total"] == 0
@@ -222,7 +222,7 @@ async def test_dlq_discard_requeue_all_and_cli(stack: Callable[..., Any]) -> Non
     for tid in ids:
         await s.wait_status(tid, "failed")
     async with s.http.delete(f"{s.base}/api/dlq/{ids[0]}") as resp:
-        assert resp.status == 200 and (await resp.json()) == {"discarded": 1}
+        assert resp.status == 200 and (await resp.json()) == {"discarded": 1, "skipped": 0}
     async with s.http.delete(f"{s.base}/api/dlq/{ids[0]}") as resp:
         assert resp.status == 404 and "no dead letter" in (await resp.json())["error"]
     assert {i["id"] for i in (await s.dlq())["items"]} == set(ids[1:])
@@ -242,7 +242,7 @@ async def test_dlq_discard_requeue_all_and_cli(stack: Callable[..., Any]) -> Non
     assert requeued.returncode == 0 and "requeued 1 task(s)" in requeued.stdout
     await s.wait_status(ids[1], "failed")  # it runs again, and fails again
     async with s.http.post(f"{s.base}/api/dlq/requeue") as resp:
-        assert (await resp.json()) == {"requeued": 2}
+        assert (await resp.json()) == {"requeued": 2, "skipped": 0}
     for tid in ids[1:]:
         await s.wait_status(tid, "failed")
     purged = cli("purge")

@@ -227,6 +227,12 @@ async def send_batch(
     assert statuses <= {"pending"}, statuses
     allowed = before.others | {tid + asyncnode.HISTORY_SUFFIX for tid in accepted}  # (the indexes exist: seeded)
     allowed |= {asyncnode.METRICS_SUFFIX} if accepted else set()  # the first submission counted makes it
+    # The search index's sets of the accepted tasks' terms (as its terms hash names them), and their status set.
+    terms_key = audit.cfg.redis.key_prefix + asyncnode.TERMS_SUFFIX
+    for tid in accepted:
+        terms = str(await audit.redis.hget(terms_key, tid) or "").split("\n")
+        allowed |= {asyncnode.INDEX_SUFFIX + term for term in [*terms, "s:pending"] if term}
+    allowed |= {asyncnode.TERMS_SUFFIX} if accepted else set()
     assert before.others <= after.others <= allowed, f"keys {sorted(after.others ^ before.others)}; non-202: {rejected}"
     grown = (after.recent - before.recent, after.pending - before.pending, after.ready - before.ready)
     assert grown == (len(accepted),) * 3, f"recent, pending, queued grew by {grown}, 202s: {len(accepted)}; {rejected}"
@@ -543,6 +549,17 @@ ODD_LIMITS += ["1&limit=2", "2&limit=x"]  # (the first "limit" counts)
 EXTRA_QUERY = st.just("") | st.builds("&{}={}".format, quoted(6), quoted(6))
 
 
+def search_expect(path: str, extra: str, status: int) -> set[int]:
+    """What a list with a valid or invalid ``limit`` and ``extra`` parameters answers: GET /api/tasks refuses a
+    parameter it does not know (400), and one of its filter's may hold a value it refuses; /api/dlq ignores them."""
+    if path != "/api/tasks" or not extra:
+        return {status}
+    name = unquote(extra[1:].partition("=")[0], errors="surrogatepass")
+    if name in (*asyncnode.FILTER_KEYS, *asyncnode.LIST_PARAMETERS):
+        return {200, 400} if status == 200 else {400}
+    return {400}
+
+
 @st.composite
 def endpoint_requests(draw: st.DrawFn) -> Req:
     kind = draw(st.sampled_from(["task", "list", "requeue", "discard", "info", "method", "unknown", "static"]))
@@ -557,8 +574,9 @@ def endpoint_requests(draw: st.DrawFn) -> Req:
         if draw(st.booleans()):
             limit = draw(st.integers(-5, 1100))
             ok = 1 <= limit <= asyncnode.MAX_LIST_LIMIT
-            return Req("GET", f"{path}?limit={limit}{extra}", expect={200 if ok else 400})
-        return Req("GET", f"{path}?limit={draw(st.sampled_from(ODD_LIMITS) | quoted(10))}{extra}", expect={200, 400})
+            return Req("GET", f"{path}?limit={limit}{extra}", expect=search_expect(path, extra, 200 if ok else 400))
+        limit_text = draw(st.sampled_from(ODD_LIMITS) | quoted(10))
+        return Req("GET", f"{path}?limit={limit_text}{extra}", expect={200, 400})
     if kind == "requeue":
         return Req("POST", f"/api/dlq/{seg}/requeue", expect={404})
     if kind == "discard":

@@ -108,7 +108,7 @@ async def test_the_operator_token_acts_on_every_route(
     client = await aiohttp_client(asyncnode.make_app(secured(seeded)), timeout=HTTP_TIMEOUT)
     operator = {"Authorization": f"Bearer {TOKEN}"}
     resp = await client.post(f"/api/dlq/{DEAD.id}/requeue", headers=operator)
-    assert resp.status == 200 and (await resp.json()) == {"requeued": 1}
+    assert resp.status == 200 and (await resp.json()) == {"requeued": 1, "skipped": 0}
     assert (await client.post("/api/tasks", json=BODY, headers=operator)).status == 202
     assert DEAD.id in await tasks(client)  # requeued: a fresh task again
 

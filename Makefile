@@ -33,8 +33,9 @@ browser:
 test: install browser
 	$(PY) -m pytest
 
-# Refresh the README's docs/dashboard.png from the dashboard in Chromium (embedded backend, built-in
-# task types). `make test` takes the same screenshot into a temporary folder and leaves docs/ alone.
+# Refresh the README's docs/dashboard.png, and the pictures of its operator's views beside it
+# (docs/dashboard-search.png, -dead-letters.png, -edit.png), from the dashboard in Chromium (embedded
+# backend, built-in task types). `make test` takes the same pictures into a temporary folder and leaves docs/ alone.
 screenshot: install browser
 	ASYNCNODE_SCREENSHOT=docs/dashboard.png $(PY) -m pytest tests/e2e/test_browser.py -k test_screenshot_with_every_state
 
@@ -51,7 +52,9 @@ soak: install
 # before them against this tree, and used, an Idempotency-Key and a delay (bench/controls.py, about 5 minutes
 # more; it checks the release before out into a temporary git worktree), the same against the release before the
 # metrics, logs and traces (--commit 6c958ff), then a bulk submit against single POSTs (bench/bulk.py, about 3
-# minutes): the README's figures. The [bench]
+# minutes), then search on 100,000 tasks and what its index costs a write (bench/search.py, about 4 minutes; the
+# release before the search against this tree: bench/controls.py --commit 4e28930, with --after-config
+# tasks.search_words=false for the index off): the README's figures. The [bench]
 # extras are for comparisons only; asyncnode never needs them. wrk (Debian's) drives the API-alone
 # load; without it the harness falls back to an aiohttp client. Extra flags: make bench BENCH_ARGS='--systems raw,celery'
 bench: install
@@ -68,6 +71,7 @@ bench: install
 	$(PY) bench/controls.py --backend rabbitmq,embedded
 	$(PY) bench/controls.py --backend rabbitmq,embedded --commit 6c958ff
 	$(PY) bench/bulk.py --backends rabbitmq,embedded
+	$(PY) bench/search.py --backends rabbitmq,embedded
 
 lint: install
 	$(VENV)/bin/ruff check .

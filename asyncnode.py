@@ -17,17 +17,20 @@ Sections, in dependency order (each uses only those above it; banners mark them)
     Pure core            validation (with a delay or run_at), envelopes, the status machine and plan_change() (the
                          one home of what a change of state does, its metrics included), queue arguments, retry
                          schedule, a schedule's slots, access and cross-site rules, supervisord rendering
+    Search (pure)        TaskFilter and task_filter (a search's or a bulk action's filter), page cursors, and
+                         the fingerprint grouping dead letters
     Backend interface    TaskQueue and TaskStore, which the roles talk to
     Adapter: RabbitMQ    RabbitQueue
-    Adapter: Redis       RedisStore: makes a planned Change in one Lua call; holds delayed tasks
-                         and idempotency keys
+    Adapter: Redis       RedisStore: makes a planned Change in one Lua call, its search index with it; holds
+                         delayed tasks and idempotency keys
     Adapter: SQLite      SqliteQueue and SqliteStore on one file; open_backend()
     Services             backend(), stop_event(); logs (text or JSON, with the task in hand) and traces
                          (OpenTelemetry, only when configured); retrying() (the one backoff policy),
-                         dead-letter requeue and discard; submit_task and submit_once (an
-                         Idempotency-Key), a bulk submit, cancel_task; the scheduler (lease, fire_due)
+                         dead-letter requeue (with a corrected payload), discard and groups; submit_task and
+                         submit_once (an Idempotency-Key), a bulk submit, cancel_task; the scheduler (lease, fire_due)
     API surface          metrics_text (Prometheus, from the store's figures), openapi_document
-    Role: api            the aiohttp application, the WebSocket hub, run_api()
+    Role: api            the aiohttp application (search, bulk actions and their audit log), the WebSocket
+                         hub, run_api()
     Role: worker         Worker (pauses, cancels, admission under a queue's limit and rate, promotion
                          of delayed tasks as they fall due), run_worker()
     Role: up             supervisord for one host, and ctl
@@ -299,6 +302,9 @@ class TasksConfig:
 
     result_ttl: int = _opt(86400, "seconds a finished task is kept (0 = for ever)", min=0)
     max_recent: int = _opt(10000, "tasks kept in the recent-tasks index (GET /api/tasks lists no more)", min=1)
+    search_words: bool = _opt(
+        True, "index the words of each task for GET /api/tasks?q= (false: q is refused; the other filters work)"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1456,9 +1462,9 @@ def plan_change(
         entry = dumps({"status": t.status, "ts": now, **{k: v for k, v in public.items() if k in HISTORY_FIELDS}})
     restored = {k: v for k, v in (restore or {}).items() if v is not None}
     words: tuple[str, ...] = ()
-    if t.new or t.reset:
+    if tasks.search_words and (t.new or t.reset):
         words = search_words(tid, values.get("payload"))
-    elif t.final:
+    elif tasks.search_words and t.final:
         words = search_words(values.get("result"), values.get("error"))
     # A requeued task whose record expired meanwhile is indexed again, as a lost one is.
     index_at: float | None = now if t.new or t.reset else None
@@ -1525,141 +1531,6 @@ def metric_ops(
             f"{waited:.6f}",
         ]
     return tuple(ops)
-
-
-#: Every status a task can be in.
-STATUSES: Final = tuple(dict.fromkeys(t.status for t in TRANSITIONS.values()))
-#: Statuses of a finished task: only these may be deleted.
-FINISHED: Final = tuple(t.status for t in TRANSITIONS.values() if t.final)
-#: Keys of a task filter (``GET /api/tasks``'s query, a bulk action's ``filter``).
-FILTER_KEYS: Final = ("q", "status", "type", "queue", "schedule", "since", "until")
-#: Longest ``q``, and longest type or schedule name, a filter takes.
-MAX_QUERY: Final = 500
-MAX_NAME: Final = 200
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskFilter:
-    """Which tasks a search or a bulk action means: each part given must hold (a task has every word of ``q``)."""
-
-    words: tuple[str, ...] = ()
-    needles: tuple[str, ...] = ()  #: whole UUIDs of ``q``: each is in the task's id, payload, result or error
-    status: str | None = None
-    type: str | None = None
-    queue: str | None = None
-    schedule: str | None = None
-    since: float | None = None  #: created at or after
-    until: float | None = None  #: created at or before
-    given: Mapping[str, JSON] = dataclasses.field(default_factory=dict, compare=False)  #: as given (for the log)
-
-
-def filter_matches(flt: TaskFilter, rec: Mapping[str, JSON]) -> bool:
-    """Whether a task a store's index found for ``flt`` has the whole UUIDs of its ``q`` too (the index holds
-    only their first parts)."""
-    if not flt.needles:
-        return True
-    text = " ".join(
-        str(rec.get("id")) if k == "id" else dumps(rec.get(k)) for k in ("id", "payload", "result", "error")
-    )
-    return all(needle in text.lower() for needle in flt.needles)
-
-
-def _filter_time(value: JSON, key: str) -> float:
-    """A filter's ``since`` or ``until``: RFC 3339 with a zone, or epoch seconds (a number, or its text)."""
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    if isinstance(value, str) and len(value) <= 64:
-        with contextlib.suppress(ValueError):
-            number = float(value)
-            if math.isfinite(number):
-                return number
-        with contextlib.suppress(ValueError):
-            parsed = datetime.datetime.fromisoformat(value)
-            if parsed.tzinfo is not None:
-                return parsed.timestamp()
-    raise ValidationError(f"{key!r} must be an RFC 3339 time with a zone, or epoch seconds", key)
-
-
-def task_filter(given: Mapping[str, JSON], queues: Iterable[str]) -> TaskFilter:
-    """The filter ``given`` means (query parameters, or a bulk action's ``filter`` object: strings, the times
-    numbers too); raise ValidationError naming the part that is not right. Empty parts are left out."""
-    given = {k: v for k, v in given.items() if v not in ("", None)}
-    if unknown := sorted(set(given) - set(FILTER_KEYS)):
-        raise ValidationError(f"unknown filter {unknown[0][:50]!r} (known: {', '.join(FILTER_KEYS)})", unknown[0])
-    for key in ("q", "status", "type", "queue", "schedule"):
-        if key in given and not isinstance(given[key], str):
-            raise ValidationError(f"{key!r} must be a string", key)
-    q = cast(str, given.get("q", ""))
-    if len(q) > MAX_QUERY:
-        raise ValidationError(f"'q' is longer than {MAX_QUERY} characters", "q")
-    words = search_words(q) if q else ()
-    if q and not words:
-        raise ValidationError("'q' has no word to look for (letters or digits)", "q")
-    status = cast(str | None, given.get("status"))
-    if status is not None and status not in STATUSES:
-        raise ValidationError(f"'status' must be one of {', '.join(STATUSES)}", "status")
-    queue = cast(str | None, given.get("queue"))
-    if queue is not None and queue not in (known := list(queues)):
-        raise ValidationError(f"no queue {queue[:50]!r} (known: {', '.join(known)})", "queue")
-    for key in ("type", "schedule"):
-        if len(cast(str, given.get(key, ""))) > MAX_NAME:
-            raise ValidationError(f"{key!r} is longer than {MAX_NAME} characters", key)
-    since = _filter_time(given["since"], "since") if "since" in given else None
-    until = _filter_time(given["until"], "until") if "until" in given else None
-    if since is not None and until is not None and until < since:
-        raise ValidationError("'until' is before 'since'", "until")
-    return TaskFilter(
-        words,
-        tuple(m.group() for m in ANY_UUID.finditer(q.lower())),
-        status,
-        cast(str | None, given.get("type")),
-        queue,
-        cast(str | None, given.get("schedule")),
-        since,
-        until,
-        given,
-    )
-
-
-#: Where a page of search results continues: after the task created at this time, with this id (newest first).
-Cursor: TypeAlias = tuple[float, str]
-
-
-def encode_cursor(cursor: Cursor) -> str:
-    """The opaque ``cursor`` a page of results gives for the next."""
-    return base64.urlsafe_b64encode(f"{cursor[0]!r} {cursor[1]}".encode()).decode().rstrip("=")
-
-
-def decode_cursor(text: str) -> Cursor:
-    """The position an ``encode_cursor`` text holds; raise ValidationError for any other."""
-    with contextlib.suppress(ValueError, UnicodeDecodeError):
-        at, _, tid = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode().partition(" ")
-        if TASK_ID.fullmatch(tid) and math.isfinite(when := float(at)):
-            return when, tid
-    raise ValidationError("'cursor' is not one this API gave (use the 'next' of a page)", "cursor")
-
-
-#: What a dead letter's fingerprint masks in its error: quoted values, UUIDs and hex ids, then numbers.
-_MASKS: Final = (
-    (re.compile(r"'[^']*'|\"[^\"]*\""), "'…'"),
-    (re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I), "<id>"),
-    (re.compile(r"\b0x[0-9a-f]+\b|\b(?=[0-9a-f]*[0-9])(?=[0-9a-f]*[a-f])[0-9a-f]{6,}\b", re.I), "<id>"),
-    (re.compile(r"[-+]?\d+(?:[.,:]\d+)*"), "<n>"),
-)
-
-
-def error_pattern(error: str | None) -> str:
-    """A dead letter's error with what varies between letters of one cause masked: its exception type stays,
-    and its message's quoted values become ``'…'``, its ids ``<id>`` and its numbers ``<n>``."""
-    text = (error or "").strip().splitlines()[0][:500] if (error or "").strip() else "(no error)"
-    for pattern, mask in _MASKS:
-        text = pattern.sub(mask, text)
-    return text
-
-
-def fingerprint(error: str | None) -> str:
-    """Which group a dead letter falls in: a short hash of its error_pattern."""
-    return hashlib.sha256(error_pattern(error).encode("utf-8", "surrogatepass")).hexdigest()[:12]
 
 
 def origin_allowed(origin: str, host: str | None, allowed: Iterable[str]) -> bool:
@@ -1924,6 +1795,148 @@ def render_supervisord(template: str, values: Mapping[str, str]) -> str:
             continue
         out.append(block)
     return "".join(out)
+
+
+# ============================================================================
+# Search (pure): task filters, their pages' cursors, dead-letter fingerprints
+# ============================================================================
+
+#: Every status a task can be in.
+STATUSES: Final = tuple(dict.fromkeys(t.status for t in TRANSITIONS.values()))
+#: Statuses of a finished task: only these may be deleted.
+FINISHED: Final = tuple(t.status for t in TRANSITIONS.values() if t.final)
+#: Keys of a task filter (``GET /api/tasks``'s query, a bulk action's ``filter``).
+FILTER_KEYS: Final = ("q", "status", "type", "queue", "schedule", "since", "until")
+#: Longest ``q``, and longest type or schedule name, a filter takes.
+MAX_QUERY: Final = 500
+MAX_NAME: Final = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskFilter:
+    """Which tasks a search or a bulk action means: each part given must hold (a task has every word of ``q``)."""
+
+    words: tuple[str, ...] = ()
+    needles: tuple[str, ...] = ()  #: whole UUIDs of ``q``: each is in the task's id, payload, result or error
+    status: str | None = None
+    type: str | None = None
+    queue: str | None = None
+    schedule: str | None = None
+    since: float | None = None  #: created at or after
+    until: float | None = None  #: created at or before
+    given: Mapping[str, JSON] = dataclasses.field(default_factory=dict, compare=False)  #: as given (for the log)
+
+
+def filter_matches(flt: TaskFilter, rec: Mapping[str, JSON]) -> bool:
+    """Whether a task a store's index found for ``flt`` has the whole UUIDs of its ``q`` too (the index holds
+    only their first parts)."""
+    if not flt.needles:
+        return True
+    text = " ".join(
+        str(rec.get("id")) if k == "id" else dumps(rec.get(k)) for k in ("id", "payload", "result", "error")
+    )
+    return all(needle in text.lower() for needle in flt.needles)
+
+
+def _filter_time(value: JSON, key: str) -> float:
+    """A filter's ``since`` or ``until``: RFC 3339 with a zone, or epoch seconds (a number, or its text)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    if isinstance(value, str) and len(value) <= 64:
+        with contextlib.suppress(ValueError):
+            number = float(value)
+            if math.isfinite(number):
+                return number
+        with contextlib.suppress(ValueError):
+            parsed = datetime.datetime.fromisoformat(value)
+            if parsed.tzinfo is not None:
+                return parsed.timestamp()
+    raise ValidationError(f"{key!r} must be an RFC 3339 time with a zone, or epoch seconds", key)
+
+
+def task_filter(given: Mapping[str, JSON], queues: Iterable[str], words_indexed: bool = True) -> TaskFilter:
+    """The filter ``given`` means (query parameters, or a bulk action's ``filter`` object: strings, the times
+    numbers too); raise ValidationError naming the part that is not right. Empty parts are left out.
+    ``words_indexed``: ``[tasks] search_words`` (without, a ``q`` is refused)."""
+    given = {k: v for k, v in given.items() if v not in ("", None)}
+    if unknown := sorted(set(given) - set(FILTER_KEYS)):
+        raise ValidationError(f"unknown filter {unknown[0][:50]!r} (known: {', '.join(FILTER_KEYS)})", unknown[0])
+    for key in ("q", "status", "type", "queue", "schedule"):
+        if key in given and not isinstance(given[key], str):
+            raise ValidationError(f"{key!r} must be a string", key)
+    q = cast(str, given.get("q", ""))
+    if q and not words_indexed:
+        raise ValidationError("'q' is off: [tasks] search_words = false (the other filters work)", "q")
+    if len(q) > MAX_QUERY:
+        raise ValidationError(f"'q' is longer than {MAX_QUERY} characters", "q")
+    words = search_words(q) if q else ()
+    if q and not words:
+        raise ValidationError("'q' has no word to look for (letters or digits)", "q")
+    status = cast(str | None, given.get("status"))
+    if status is not None and status not in STATUSES:
+        raise ValidationError(f"'status' must be one of {', '.join(STATUSES)}", "status")
+    queue = cast(str | None, given.get("queue"))
+    if queue is not None and queue not in (known := list(queues)):
+        raise ValidationError(f"no queue {queue[:50]!r} (known: {', '.join(known)})", "queue")
+    for key in ("type", "schedule"):
+        if len(cast(str, given.get(key, ""))) > MAX_NAME:
+            raise ValidationError(f"{key!r} is longer than {MAX_NAME} characters", key)
+    since = _filter_time(given["since"], "since") if "since" in given else None
+    until = _filter_time(given["until"], "until") if "until" in given else None
+    if since is not None and until is not None and until < since:
+        raise ValidationError("'until' is before 'since'", "until")
+    return TaskFilter(
+        words,
+        tuple(m.group() for m in ANY_UUID.finditer(q.lower())),
+        status,
+        cast(str | None, given.get("type")),
+        queue,
+        cast(str | None, given.get("schedule")),
+        since,
+        until,
+        given,
+    )
+
+
+#: Where a page of search results continues: after the task created at this time, with this id (newest first).
+Cursor: TypeAlias = tuple[float, str]
+
+
+def encode_cursor(cursor: Cursor) -> str:
+    """The opaque ``cursor`` a page of results gives for the next."""
+    return base64.urlsafe_b64encode(f"{cursor[0]!r} {cursor[1]}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(text: str) -> Cursor:
+    """The position an ``encode_cursor`` text holds; raise ValidationError for any other."""
+    with contextlib.suppress(ValueError, UnicodeDecodeError):
+        at, _, tid = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode().partition(" ")
+        if TASK_ID.fullmatch(tid) and math.isfinite(when := float(at)):
+            return when, tid
+    raise ValidationError("'cursor' is not one this API gave (use the 'next' of a page)", "cursor")
+
+
+#: What a dead letter's fingerprint masks in its error: quoted values, UUIDs and hex ids, then numbers.
+_MASKS: Final = (
+    (re.compile(r"'[^']*'|\"[^\"]*\""), "'…'"),
+    (re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I), "<id>"),
+    (re.compile(r"\b0x[0-9a-f]+\b|\b(?=[0-9a-f]*[0-9])(?=[0-9a-f]*[a-f])[0-9a-f]{6,}\b", re.I), "<id>"),
+    (re.compile(r"[-+]?\d+(?:[.,:]\d+)*"), "<n>"),
+)
+
+
+def error_pattern(error: str | None) -> str:
+    """A dead letter's error with what varies between letters of one cause masked: its exception type stays,
+    and its message's quoted values become ``'…'``, its ids ``<id>`` and its numbers ``<n>``."""
+    text = (error or "").strip().splitlines()[0][:500] if (error or "").strip() else "(no error)"
+    for pattern, mask in _MASKS:
+        text = pattern.sub(mask, text)
+    return text
+
+
+def fingerprint(error: str | None) -> str:
+    """Which group a dead letter falls in: a short hash of its error_pattern."""
+    return hashlib.sha256(error_pattern(error).encode("utf-8", "surrogatepass")).hexdigest()[:12]
 
 
 # ============================================================================
@@ -2581,6 +2594,8 @@ class RabbitQueue:
 # ============================================================================
 # Adapter: Redis
 # ============================================================================
+# Past 800 lines for a reason: each of the store's primitives is a Lua script (a change of state with its
+# search index, a search, admission, held tasks, leases, schedules), each beside the Python that calls it.
 
 #: Suffix, after ``[redis] key_prefix``, of the hash counting how many tasks reached each status.
 STATS_SUFFIX: Final = "~stats"
@@ -2644,7 +2659,8 @@ INT_FIELDS: Final = frozenset({"attempts", "seq", "attempt", "retries"})
 #   of the stats hash ('' = none); ARGV[13] n, how many fields to clear; ARGV[14] m, how many strings of
 #   restore pairs; ARGV[15] k, how many strings of metric pairs; ARGV[16] '1' to add those only if the counter
 #   is now 1; ARGV[17] the search index's prefix; ARGV[18] w, how many words; ARGV[19] '1' if they replace the
-#   task's terms (its type, queue and schedule are indexed again with them); then the n fields, the m strings, the
+#   task's terms (its type, queue and schedule are indexed again with them, also with no word: [tasks]
+#   search_words = false); then the n fields, the m strings, the
 #   k strings (a name, then an amount: a whole number, or one with a point, added as a float), the w words, and
 #   the field, value pairs. A change of status moves the task between the index's status sets.
 # The published message is Change.message(seq, count), spliced here exactly as there.
@@ -2678,15 +2694,15 @@ if k > 0 and (ARGV[16] == '' or count == 1) then
 end
 local f = b + n + m + k + w
 if #ARGV >= f then redis.call('HSET', KEYS[1], unpack(ARGV, f)) end
-local ix, id = ARGV[17], ARGV[10]
-if ARGV[6] ~= cur or w > 0 then
+local ix, id, terms = ARGV[17], ARGV[10], w > 0 or ARGV[19] == '1'
+if ARGV[6] ~= cur or terms then
   local at = redis.call('HGET', KEYS[1], 'created_at') or '0'
   if ARGV[6] ~= cur then
     if cur ~= '' then redis.call('ZREM', ix .. 's:' .. cur, id) end
     redis.call('ZADD', ix .. 's:' .. ARGV[6], at, id)
-    if w == 0 then redis.call('HSETNX', KEYS[6], id, '') end
+    if not terms then redis.call('HSETNX', KEYS[6], id, '') end
   end
-  if w > 0 then
+  if terms then
     local old, added = redis.call('HGET', KEYS[6], id), {}
     if ARGV[19] == '1' then
       if old then
@@ -3451,8 +3467,10 @@ _SCHEMA: Final = (
     "CREATE INDEX IF NOT EXISTS messages_held ON messages (holder) WHERE holder IS NOT NULL",
     """CREATE TABLE IF NOT EXISTS tasks (
         id TEXT PRIMARY KEY, record TEXT NOT NULL, history TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL)""",
-    "DROP INDEX IF EXISTS tasks_created",  # (created_at) alone, before search pages ordered by id too
-    "CREATE INDEX IF NOT EXISTS tasks_created_id ON tasks (created_at, id)",
+    # (A search's pages are ordered by created_at, then id: ties are rare, and sorted apart. An index on both, as
+    # one commit had, costs every write more than it saves: dropped.)
+    "CREATE INDEX IF NOT EXISTS tasks_created ON tasks (created_at)",
+    "DROP INDEX IF EXISTS tasks_created_id",
     # The search index: the words a task is found by (search_words; TaskFilter), by its row's rowid.
     "CREATE VIRTUAL TABLE IF NOT EXISTS task_words USING fts5 (words, tokenize = 'unicode61 remove_diacritics 0', "
     "detail = none, columnsize = 0)",
@@ -4096,7 +4114,7 @@ class SqliteStore:
             want = limit + 1 - len(found)
             page, page_params = matching, [*params]
             if after is not None:
-                page += " AND (created_at < ? OR (created_at = ? AND id < ?))"
+                page += " AND created_at <= ? AND (created_at < ? OR id < ?)"  # a range of tasks_created
                 page_params += [after[0], after[0], after[1]]
             rows = conn.execute(
                 f"SELECT id, record, created_at FROM tasks WHERE {page} ORDER BY created_at DESC, id DESC LIMIT ?",
@@ -5907,7 +5925,7 @@ async def _bulk_target(request: web.Request, *, letters: bool = False, legacy: b
         body = {"filter": body}
     if len(body) != 1 or next(iter(body)) not in keys:
         raise web.HTTPBadRequest(reason=shape)
-    queues = request.app[CFG_KEY].queues
+    cfg = request.app[CFG_KEY]
     if "ids" in body:
         ids = body["ids"]
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
@@ -5923,7 +5941,7 @@ async def _bulk_target(request: web.Request, *, letters: bool = False, legacy: b
     if not isinstance(body["filter"], dict):
         raise web.HTTPBadRequest(reason="'filter' must be an object of " + ", ".join(FILTER_KEYS))
     try:
-        return BulkTarget(filter=task_filter(body["filter"], queues))
+        return BulkTarget(filter=task_filter(body["filter"], cfg.queues, cfg.tasks.search_words))
     except ValidationError as e:
         raise web.HTTPBadRequest(reason=f"filter: {e}") from None
 
@@ -6058,7 +6076,10 @@ async def api_list_tasks(request: web.Request) -> web.Response:
         known = ", ".join((*FILTER_KEYS, *LIST_PARAMETERS[:2]))
         return _json_error(400, f"unknown parameter {unknown[0][:50]!r} (known: {known})", field=unknown[0][:50])
     try:
-        flt = task_filter({k: v for k, v in request.query.items() if k in FILTER_KEYS}, request.app[CFG_KEY].queues)
+        cfg = request.app[CFG_KEY]
+        flt = task_filter(
+            {k: v for k, v in request.query.items() if k in FILTER_KEYS}, cfg.queues, cfg.tasks.search_words
+        )
         after = decode_cursor(request.query["cursor"]) if "cursor" in request.query else None
     except ValidationError as e:
         return _json_error(400, str(e), **({"field": e.field} if e.field else {}))

@@ -251,11 +251,19 @@ class CodeCluster(throughput.Cluster):
         return out.read_text().split()
 
 
+#: Config the working tree's trials run with besides the base's (--after-config section.key=value).
+AFTER_CONFIG: dict[str, dict[str, Any]] = {}
+
+
 @contextlib.asynccontextmanager
 async def cluster(
     backend: Any, scratch: Path, code: Code, overrides: dict[str, dict[str, Any]] | None = None
 ) -> AsyncIterator[CodeCluster]:
-    """bench/throughput.py's cluster(), its processes running ``code``."""
+    """bench/throughput.py's cluster(), its processes running ``code`` (the working tree's with --after-config)."""
+    if code.key == "after":
+        overrides = dict(overrides or {})
+        for section, values in AFTER_CONFIG.items():
+            overrides[section] = overrides.get(section, {}) | values
     async with throughput.cluster(backend, scratch, overrides, lambda b, path, o: CodeCluster(b, path, code, o)) as c:
         yield cast(CodeCluster, c)
 
@@ -880,8 +888,21 @@ def main() -> int:
     parser.add_argument("--paced-rate", type=float, default=100.0, help="tasks/s of the paced load (default 100)")
     parser.add_argument("--commit", default=BEFORE_COMMIT, help=f"the release before (default {BEFORE_COMMIT})")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 200 items, one round")
+    parser.add_argument(
+        "--after-config",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="config for the working tree's trials only, e.g. tasks.search_words=false (a JSON value, else text)",
+    )
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write every trial's figures to PATH")
     args = parser.parse_args()
+    for setting in args.after_config:
+        name, _, value = setting.partition("=")
+        section, _, key = name.partition(".")
+        if not (section and key and value):
+            parser.error(f"--after-config: {setting!r} is not section.key=value")
+        AFTER_CONFIG.setdefault(section, {})[key] = json.loads(value) if value[:1] in '[{"tf0123456789-' else value
     if args.quick:
         args.items, args.rounds = min(args.items or 200, 200), 1
     if args.backends is None:

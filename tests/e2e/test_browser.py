@@ -1,7 +1,8 @@
 """The dashboard in a real browser (Playwright driving Debian's Chromium) against real processes.
 
 The screenshot test writes to its own temporary folder; ``make screenshot`` sets
-``ASYNCNODE_SCREENSHOT=docs/dashboard.png`` to refresh the README's picture instead.
+``ASYNCNODE_SCREENSHOT=docs/dashboard.png`` to refresh the README's pictures instead (``dashboard.png``, and
+``dashboard-search.png``, ``dashboard-dead-letters.png`` and ``dashboard-edit.png`` beside it).
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ SCREENSHOT = os.environ.get("ASYNCNODE_SCREENSHOT", "")
 
 
 def worker_gone_keep_ms() -> int:
-    """Milliseconds the page keeps a worker gone from the list, greyed out, before dropping it (app.js)."""
-    found = re.search(r"^const WORKER_GONE_KEEP = (\d+);", (ROOT / "web" / "static" / "app.js").read_text(), re.M)
-    assert found, "WORKER_GONE_KEEP not found in web/static/app.js"
+    """Milliseconds the page keeps a worker gone from the list, greyed out, before dropping it (state.js)."""
+    found = re.search(
+        r"^export const WORKER_GONE_KEEP = (\d+);", (ROOT / "web" / "static" / "state.js").read_text(), re.M
+    )
+    assert found, "WORKER_GONE_KEEP not found in web/static/state.js"
     return int(found[1])
 
 
@@ -276,3 +279,24 @@ async def test_screenshot_with_every_state(page: Any, stack: Cluster, tmp_path: 
     written_after = time.time()
     await page.screenshot(path=str(target), full_page=True)
     assert target.stat().st_mtime >= written_after - 1 and target.stat().st_size > 10_000
+
+    # And a picture of each operator's view beside it: a search with the bulk bar, the dead letters grouped by
+    # error, a dead letter's payload being edited.
+    def beside(name: str) -> Path:
+        return target.with_name(f"{target.stem}-{name}.png")
+
+    await page.fill("#task-search", "seconds")  # the sleep tasks' payloads
+    await page.locator("#task-count").filter(has_text="matching").wait_for(timeout=10_000)
+    await page.locator("#task-rows input.select-task").first.check()
+    await page.locator("#bulk-count").filter(has_text="1 selected").wait_for(timeout=5_000)
+    await page.locator("#tasks").screenshot(path=str(beside("search")))
+    await page.fill("#task-search", "")
+    await page.click("#dlq-groups-box summary")
+    await page.locator("#dlq-group-rows > tr").first.wait_for(timeout=10_000)
+    await page.locator("#dlq").screenshot(path=str(beside("dead-letters")))
+    await page.locator("#dlq-rows button.edit-requeue").first.click()
+    await page.locator("#dlq-edit").wait_for(state="visible", timeout=5_000)
+    await page.locator("#dlq-edit").screenshot(path=str(beside("edit")))
+    await page.click("#dlq-edit-cancel")
+    for name in ("search", "dead-letters", "edit"):
+        assert beside(name).stat().st_mtime >= written_after - 1 and beside(name).stat().st_size > 5_000, name

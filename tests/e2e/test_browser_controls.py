@@ -23,7 +23,7 @@ from tests.e2e.test_browser import row
 
 TOKEN, READ = "operator-controls-s3cret", "reader-controls-s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-#: What a scheduled row's countdown reads (app.js countdownText), e.g. " · in 29 s".
+#: What a scheduled row's countdown reads (tasks.js countdownText), e.g. " · in 29 s".
 COUNTDOWN = re.compile(r"^ \u00b7 in (\d+) s$")
 
 pytestmark = [pytest.mark.timeout(120)]

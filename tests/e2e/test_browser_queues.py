@@ -20,7 +20,7 @@ from tests.e2e.test_browser import row, submitted_id, wait_row
 
 TOKEN, READ = "operator-queues-s3cret", "reader-queues-s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-NO_LIMIT = "\u2014"  # what the panel shows for limit 0 and rate "" (app.js NO_LIMIT)
+NO_LIMIT = "\u2014"  # what the panel shows for limit 0 and rate "" (queues.js NO_LIMIT)
 
 pytestmark = [pytest.mark.timeout(120)]
 

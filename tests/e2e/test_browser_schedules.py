@@ -39,9 +39,9 @@ SCHEDULES = {
     },
     "often": {"type": "noop", "every": 2},
 }
-#: A next run's countdown (app.js untilText): "in 4 s", "in 59 m 12 s", "in 1 h 0 m".
+#: A next run's countdown (tasks.js untilText): "in 4 s", "in 59 m 12 s", "in 1 h 0 m".
 COUNTDOWN = re.compile(r"^in (?:(\d+) h (\d+) m|(\d+) m (\d+) s|(\d+) s)$")
-NONE = "\u2014"  # what the panel shows for no last run or last task (app.js NONE)
+NONE = "\u2014"  # what the panel shows for no last run or last task (schedules.js NONE)
 #: Seconds the hourly slot must be away when a test starts, so that it cannot fire during the test.
 CLEAR_OF_THE_HOUR = 60.0
 
@@ -244,6 +244,7 @@ async def test_run_now_makes_a_task_that_becomes_the_rows_last_task(browser: Any
     await expect(page.locator("#task-details")).to_be_visible()
     await expect(page.locator("#detail-id")).to_have_text(tid)
     await expect(page.locator("#detail-type")).to_have_text("reverse")
+    await expect(page.locator("#detail-schedule")).to_have_text("hourly")  # the schedule that fired it
     assert errors == []
 
 

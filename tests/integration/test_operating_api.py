@@ -412,3 +412,19 @@ async def test_a_bulk_cancel_by_filter_reaches_every_match_past_the_first_page_o
     answer = await search(client, q="wave", status="cancelled", limit="1")
     assert answer["total"] == 1100
     assert await statuses(client, [other]) == {other: "pending"}
+
+
+async def test_with_search_words_off_q_is_refused_and_the_other_filters_still_work(make_client: MakeClient) -> None:
+    client, _ = await make_client(tasks={"search_words": False})
+    mail = await submitted(client, {"type": "reverse", "queue": "mail", "payload": {"text": "hello"}})
+    plain = await submitted(client, {"type": "noop"})
+    await record(client, "completed", plain, "noop", {"result": None})
+    resp = await client.get("/api/tasks", params={"q": "hello"})
+    assert resp.status == 400 and (await resp.json())["field"] == "q"
+    resp = await client.post("/api/tasks/cancel", json={"filter": {"q": "hello"}})
+    assert resp.status == 400
+    assert await found(client, queue="mail") == {mail}
+    assert await found(client, type="noop", status="completed") == {plain}
+    assert await found(client) == {mail, plain}
+    resp = await client.post("/api/tasks/cancel", json={"filter": {"type": "reverse"}})
+    assert (resp.status, await resp.json()) == (200, {"cancelled": 1, "skipped": 0})

@@ -31,7 +31,7 @@ def test_shipped_config_loads_with_the_documented_keys() -> None:
     assert cfg.redis.key_prefix == "task:"
     assert (cfg.api.host, cfg.api.port) == ("127.0.0.1", 5000)
     assert (cfg.api.token, cfg.api.read_token, cfg.api.insecure) == ("", "", False)
-    assert (cfg.tasks.result_ttl, cfg.tasks.max_recent) == (86400, 10000)
+    assert (cfg.tasks.result_ttl, cfg.tasks.max_recent, cfg.tasks.search_words) == (86400, 10000, True)
     assert (cfg.smtp.host, cfg.smtp.port, cfg.smtp.sender) == ("127.0.0.1", 1025, "asyncnode@localhost")
 
 

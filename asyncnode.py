@@ -6168,12 +6168,15 @@ async def api_queue_pause(request: web.Request) -> web.Response:
 
 
 async def api_dlq_list(request: web.Request) -> web.Response:
-    """``GET /api/dlq?limit=N``: dead letters, oldest first, with the total."""
+    """``GET /api/dlq?limit=N``: dead letters, oldest first (each with its group's ``fingerprint``), with the
+    total."""
     limit = _query_limit(request, 100)
     try:
         items, total = await request.app[BROKER_KEY].dead_letters(limit)
     except BrokerUnavailable as e:
         return _json_error(503, str(e))
+    for item in items:  # the group of GET /api/dlq/groups it is in
+        item["fingerprint"] = fingerprint(cast(str | None, item.get("error")))
     return _json_response({"items": items, "total": total})
 
 

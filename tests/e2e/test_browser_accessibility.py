@@ -24,8 +24,7 @@ AXE = Path(__file__).resolve().parents[1] / "vendor" / "axe.min.js"
 #: The rules run: WCAG 2.0 and 2.1, levels A and AA.
 TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]
 
-# The page is the same whatever the backend (the tests of each view run on both): one backend here.
-pytestmark = [pytest.mark.timeout(120), pytest.mark.parametrize("backend", ["embedded"], indirect=True)]
+pytestmark = [pytest.mark.timeout(120)]
 
 
 @pytest.fixture

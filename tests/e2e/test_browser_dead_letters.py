@@ -94,6 +94,15 @@ async def test_a_group_of_dead_letters_is_requeued_whole_and_another_discarded_w
     await expect(flaky.locator("td.pattern")).to_have_text("RuntimeError: flag not set yet")
     await expect(flaky.locator("td.types")).to_have_text("fail_until")
 
+    # A group opens onto its letters in the table above, and closes again.
+    letters = page.locator("#dlq-rows > tr:visible")
+    await expect(letters).to_have_count(4, timeout=10_000)
+    await flaky.locator("button.show-group").click()
+    await expect(letters).to_have_count(3)
+    assert set(await letters.evaluate_all("rows => rows.map(r => r.dataset.id)")) == set(waiting)
+    await flaky.locator("button.show-group").click()
+    await expect(letters).to_have_count(4)
+
     for flag in flags:
         flag.touch()
     await flaky.locator("button.requeue-group").click()
@@ -183,4 +192,30 @@ async def test_a_started_tasks_details_say_when_its_worker_is_gone(browser: Any,
     stack.worker.signal(signal.SIGKILL)
     await expect(worker).to_contain_text("(gone: no heartbeat since", timeout=15_000)
     assert await stack.status(tid) == "started"  # until its message is redelivered to a worker
+    assert errors == []
+
+
+async def test_the_bulk_bar_requeues_and_discards_the_dead_letters_of_ticked_rows(browser: Any, stack: Stack) -> None:
+    from playwright.async_api import expect
+
+    made = stack.folder / "made"
+    ids = [await stack.submit({"type": "fail_until", "payload": {"flag": str(made)}}) for _ in range(3)]
+    await stack.wait_status(ids, "failed")
+    page, errors = await sign_in(browser, stack.base, TOKEN)
+    await expect(page.locator("#dlq-rows > tr")).to_have_count(3, timeout=10_000)
+    made.touch()
+    for tid in ids[:2]:
+        await page.locator(f'#task-rows tr[data-id="{tid}"] input.select-task').check()
+    await page.click("#bulk-requeue")
+    await expect(page.locator("#bulk-question")).to_have_text("Requeue 2 tasks (their dead letters)?")
+    await page.click("#bulk-confirm")
+    await expect(page.locator("#bulk-status")).to_have_text("Requeued 2 dead letters; skipped 0.", timeout=10_000)
+    await stack.wait_status(ids[:2], "completed")
+    await page.locator(f'#task-rows tr[data-id="{ids[2]}"] input.select-task').check()
+    await page.click("#bulk-discard")
+    await page.click("#bulk-confirm")
+    await expect(page.locator("#bulk-status")).to_have_text("Discarded 1 dead letters; skipped 0.", timeout=10_000)
+    assert await stack.letters() == set()
+    assert await stack.status(ids[2]) == "failed"
+    await expect(page.locator("#dlq-rows > tr")).to_have_count(0, timeout=10_000)
     assert errors == []

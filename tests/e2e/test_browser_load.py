@@ -30,8 +30,7 @@ SECONDS = 10.0
 FRAME_P95_MS = 67.0
 LONGEST_TASK_MS = 250.0
 
-# The page is the same whatever the backend: one backend here (the embedded one, with no other service).
-pytestmark = [pytest.mark.timeout(180), pytest.mark.parametrize("backend", ["embedded"], indirect=True)]
+pytestmark = [pytest.mark.timeout(180)]
 
 #: Installed in the page: gaps between animation frames, and the durations of long tasks, until stopped.
 MEASURE = """() => {

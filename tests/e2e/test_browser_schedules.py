@@ -245,6 +245,12 @@ async def test_run_now_makes_a_task_that_becomes_the_rows_last_task(browser: Any
     await expect(page.locator("#detail-id")).to_have_text(tid)
     await expect(page.locator("#detail-type")).to_have_text("reverse")
     await expect(page.locator("#detail-schedule")).to_have_text("hourly")  # the schedule that fired it
+    await page.keyboard.press("Escape")
+    # The task table's schedule filter (suggesting the schedules' names) finds the tasks it fired.
+    assert await page.locator("#schedule-names option").evaluate_all("o => o.map(x => x.value)") == ["hourly", "often"]
+    await page.fill("#filter-schedule", "hourly")
+    await expect(page.locator("#task-rows > tr")).to_have_count(1, timeout=10_000)
+    await expect(page.locator(f'#task-rows tr[data-id="{tid}"]')).to_be_visible()
     assert errors == []
 
 

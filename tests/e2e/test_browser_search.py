@@ -22,9 +22,9 @@ from tests.e2e.test_browser import row
 
 TOKEN, READ = "operator-search-s3cret", "reader-search-s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-#: Tasks submitted after the one looked for: more than the page holds at start (the socket's snapshot of the
+#: Tasks submitted after the one looked for: far more than the page holds at start (the socket's snapshot of the
 #: newest 200, and GET /api/tasks?limit=100).
-LATER = 250
+LATER = 5000
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -43,8 +43,9 @@ async def stack(backend: str, tag: str, tmp_path: Path, procs: Callable[..., Pro
             assert resp.status == 202, await resp.text()
             needle = str((await resp.json())["id"])
         hay = [{"type": "reverse", "payload": {"text": f"hay {i}"}} for i in range(LATER)]
-        async with session.post(f"{base}/api/tasks", json=hay) as resp:
-            assert resp.status == 202, await resp.text()
+        for start in range(0, LATER, 500):
+            async with session.post(f"{base}/api/tasks", json=hay[start : start + 500]) as resp:
+                assert resp.status == 202, await resp.text()
     yield base, needle
     api.stop()
     await cleanup(tag)
@@ -92,6 +93,7 @@ async def test_the_address_holds_the_filters_and_the_open_task(browser: Any, sta
     await expect(page.locator("#task-rows > tr")).to_have_count(1)
 
     await page.goto(f"{base}/#/tasks/{needle}")
+    await page.reload()  # a cold load of the deep link (the token is the tab's, in its session storage)
     await expect(page.locator("#task-details")).to_be_visible(timeout=10_000)
     await expect(page.locator("#detail-id")).to_have_text(needle)
     await expect(page.locator("#detail-payload")).to_contain_text("a needle")
@@ -199,20 +201,20 @@ async def test_the_bulk_bar_acts_on_ticked_rows_or_on_all_that_match_after_askin
         await expect(row(page, tid)).to_have_attribute("data-status", "cancelled", timeout=10_000)
     await expect(bar).to_be_hidden()
 
-    # Every task "hay" matches on the server (250), not only the 200 rows shown.
+    # Every task "hay" matches on the server (5,000), not only the 200 rows shown.
     await page.fill("#task-search", "hay")
-    await expect(page.locator("#task-count")).to_have_text(f"showing 200 of {LATER} matching", timeout=10_000)
+    await expect(page.locator("#task-count")).to_have_text(f"showing 200 of {LATER:,} matching", timeout=10_000)
     await page.click("#bulk-all")
-    await expect(page.locator("#bulk-count")).to_have_text(f"all {LATER} matching selected")
+    await expect(page.locator("#bulk-count")).to_have_text(f"all {LATER:,} matching selected")
     await page.click("#bulk-cancel")
-    await expect(page.locator("#bulk-question")).to_have_text(f"Cancel {LATER} tasks?")
+    await expect(page.locator("#bulk-question")).to_have_text(f"Cancel {LATER:,} tasks?")
     await page.click("#bulk-confirm")
     await expect(page.locator("#bulk-status")).to_have_text(f"Cancelled {LATER - 2} tasks; skipped 0.", timeout=20_000)
     assert await statuses(base, [needle]) == {needle: "pending"}  # it does not say "hay"
 
     await page.click("#bulk-all")
     await page.click("#bulk-delete")
-    await expect(page.locator("#bulk-question")).to_have_text(f"Delete {LATER} tasks?")
+    await expect(page.locator("#bulk-question")).to_have_text(f"Delete {LATER:,} tasks?")
     await page.click("#bulk-confirm")
     await expect(page.locator("#bulk-status")).to_have_text(
         f"Deleted {LATER} finished tasks; skipped 0.", timeout=20_000
@@ -232,4 +234,38 @@ async def test_the_read_only_token_is_offered_no_bulk_action(browser: Any, stack
     await expect(row(page, needle)).to_be_visible(timeout=10_000)
     await expect(page.locator("#bulk-bar")).to_be_hidden()
     await expect(row(page, needle).locator("input.select-task")).to_be_hidden()
+    # A request forged from the page with the read-only token is refused, and changes nothing.
+    forged = await page.evaluate(
+        """async ([id, token]) => (await fetch('/api/tasks/cancel', {method: 'POST', body: JSON.stringify({ids: [id]}),
+             headers: {'Authorization': `Bearer ${token}`, 'Content-Type': 'application/json'}})).status""",
+        [needle, READ],
+    )
+    assert forged == 403
+    assert await statuses(base, [needle]) == {needle: "pending"}
+    assert errors == []
+
+
+async def test_more_pages_join_the_table_and_the_time_filter_comes_from_the_address(
+    browser: Any, stack: tuple[str, str]
+) -> None:
+    from playwright.async_api import expect
+
+    base, needle = stack
+    page, errors = await sign_in(browser, base, TOKEN)
+    await page.fill("#task-search", "hay")
+    await expect(page.locator("#task-count")).to_have_text(f"showing 200 of {LATER:,} matching", timeout=10_000)
+    await page.click("#search-more")
+    await expect(page.locator("#task-count")).to_have_text(f"showing 400 of {LATER:,} matching", timeout=10_000)
+    await expect(page.locator("#task-rows > tr")).to_have_count(400)
+    shown = await page.locator("#task-rows > tr").evaluate_all("rows => rows.map(r => r.dataset.id)")
+    assert len(set(shown)) == 400 and needle not in shown
+
+    async with aiohttp.ClientSession(headers=AUTH, timeout=aiohttp.ClientTimeout(total=20)) as session:
+        async with session.get(f"{base}/api/tasks/{needle}") as resp:
+            created = (await resp.json())["created_at"]
+    await page.goto(f"{base}/#/tasks?until={created}")  # nothing created after the needle
+    await expect(page.locator("#task-rows > tr")).to_have_count(1, timeout=10_000)
+    await expect(row(page, needle)).to_be_visible()
+    await expect(page.locator("#filter-until")).not_to_have_value("")
+    await expect(page.locator("#task-search")).to_have_value("")
     assert errors == []

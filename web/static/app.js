@@ -38,12 +38,17 @@
 //                #tasks-search-error); filters select#filter-status and select#filter-type
 //                ("" or "all" = all) and select#queue-filter ("" = "All queues", then one
 //                option per queue of the latest list; choosing one also fetches its recent
-//                tasks with GET /api/tasks?queue=). A click on a row (outside its controls), Enter/Space on
+//                tasks with GET /api/tasks?queue=); input#filter-schedule (suggestions in datalist
+//                #schedule-names, the schedules' names) and input#filter-since / #filter-until
+//                (datetime-local, the browser's zone; epoch seconds in the address): like the search box,
+//                answered by the server; button#search-more ("More", shown while the server has another
+//                page: the next 200 join the table). A click on a row (outside its controls), Enter/Space on
 //                a focused row, or a click on any [data-task-id] element opens the details. j and k move
 //                the focus to the next and previous row's id button (Enter opens it).
 //   Bulk bar     #bulk-bar (hidden until a row is ticked or a filter is set; never for the read-only token):
 //                #bulk-count ("3 selected", "all 1,234 matching selected"), button#bulk-all ("Select all
-//                matching": the server's total for the filters), #bulk-cancel, #bulk-delete ("Delete finished"),
+//                matching": the server's total for the filters), #bulk-cancel, #bulk-requeue, #bulk-discard
+//                (their dead letters: POST /api/dlq/requeue|discard), #bulk-delete ("Delete finished"),
 //                #bulk-clear; a first click asks in #bulk-ask (#bulk-question "Cancel 3 tasks?", #bulk-confirm,
 //                #bulk-keep), Confirm POSTs /api/tasks/cancel or /api/tasks/delete with {"ids"} or {"filter"};
 //                the outcome in #bulk-status (role=status, data-state busy/ok/error: "Cancelled 3 tasks;
@@ -114,7 +119,9 @@
 //                details#dlq-groups-box ("Grouped by error"; read while open, with each DLQ poll): table
 //                #dlq-group-table, #dlq-group-rows > tr[data-fingerprint][data-count] with td.pattern (the
 //                error with numbers, ids and quoted values masked; the example's error in its title),
-//                td.count, td.types, td.last, td.actions holding button.requeue-group and
+//                td.count, td.types, td.last, td.actions holding button.show-group ("Show its letters": only
+//                they stay shown in #dlq-rows, whose rows carry data-fingerprint; #dlq-shown says so; again:
+//                all), button.requeue-group and
 //                button.discard-group (a first click arms it: "Confirm discard of 12", with
 //                button.discard-group-cancel), POSTing /api/dlq/requeue|discard {"fingerprint"};
 //                #dlq-groups-empty, #dlq-groups-note.

@@ -57,6 +57,8 @@ function updateDlqRow(entry) {
   const td = entry.td;
   const id = typeof it.id === 'string' && it.id ? it.id : '';
   entry.tr.dataset.id = id;
+  entry.tr.dataset.fingerprint = typeof it.fingerprint === 'string' ? it.fingerprint : '';
+  entry.tr.hidden = Boolean(dlq.group) && entry.tr.dataset.fingerprint !== dlq.group;
   td.id.replaceChildren(id ? taskButton(id) : Object.assign(document.createElement('span'), { className: 'muted', textContent: '(no id)' }));
   td.type.textContent = it.type == null ? '' : String(it.type);
   const errText = it.error == null ? '' : asText(it.error);
@@ -266,7 +268,8 @@ export function initDlq() {
       const btn = ev.target && typeof ev.target.closest === 'function' ? ev.target.closest('button') : null;
       const tr = btn && btn.closest('tr[data-fingerprint]');
       if (!tr) return;
-      if (btn.classList.contains('requeue-group')) groupAction(tr, 'requeue');
+      if (btn.classList.contains('show-group')) showGroup(dlq.group === tr.dataset.fingerprint ? '' : tr.dataset.fingerprint);
+      else if (btn.classList.contains('requeue-group')) groupAction(tr, 'requeue');
       else if (btn.classList.contains('discard-group')) {
         if (btn.dataset.armed === 'true') groupAction(tr, 'discard');
         else armGroupDiscard(tr, true);
@@ -308,7 +311,11 @@ async function pollGroups() {
     td.types.textContent = Array.isArray(g.types) ? g.types.join(', ') : '';
     td.last.textContent = isTime(g.last_at) ? `${fmtDur(Date.now() / 1000 - g.last_at)} ago` : '—';
     const what = `the ${g.count} dead letter${g.count === 1 ? '' : 's'} of this error`;
+    const shown = dlq.group === tr.dataset.fingerprint;
+    const show = actionButton('btn-secondary show-group', shown ? 'Show all letters' : 'Show its letters');
+    show.setAttribute('aria-pressed', String(shown));
     td.actions.append(
+      show,
       actionButton('requeue-group', 'Requeue group', `Requeue group: ${what}`),
       actionButton('btn-danger-outline discard-group', 'Discard group', `Discard group: ${what}`),
       Object.assign(actionButton('btn-secondary discard-group-cancel', 'Cancel'), { hidden: true }),
@@ -317,9 +324,24 @@ async function pollGroups() {
     return tr;
   });
   rowsEl.replaceChildren(...built);
+  if (dlq.group && !built.some((tr) => tr.dataset.fingerprint === dlq.group)) showGroup(''); // the group is gone
   setHidden($('dlq-groups-empty'), built.length > 0);
   const total = toNum(body.total);
   setText($('dlq-groups-note'), total !== null && total > toNum(body.read) ? `grouped: the first ${body.read} of ${total}` : '');
+}
+
+/** Show only the letters of the group ``fingerprint`` in the table above ('' = every letter again). */
+function showGroup(fingerprint) {
+  dlq.group = fingerprint;
+  for (const e of dlq.rows.values()) e.tr.hidden = Boolean(fingerprint) && e.tr.dataset.fingerprint !== fingerprint;
+  for (const tr of document.querySelectorAll('#dlq-group-rows > tr[data-fingerprint]')) {
+    const btn = tr.querySelector('button.show-group');
+    const on = tr.dataset.fingerprint === fingerprint;
+    btn.textContent = on ? 'Show all letters' : 'Show its letters';
+    btn.setAttribute('aria-pressed', String(on));
+  }
+  const row = fingerprint ? document.querySelector(`#dlq-group-rows > tr[data-fingerprint="${fingerprint}"]`) : null;
+  setText($('dlq-shown'), row ? `Showing the letters of: ${row.cells[0].textContent}` : '');
 }
 
 function armGroupDiscard(tr, armed) {

@@ -3,7 +3,7 @@
 import { pollers, schedules, SCHEDULES_DUE_GAP, tasks } from './state.js';
 import { $, actionButton, badge, fmtDur, focusAfterRemoval, fullTime, num, panelStatus, rowError, setData, setHidden, setRowError, setText, setTitle, shortId, tableRow, toNum } from './ui.js';
 import { api, callAction } from './api.js';
-import { mergeTask, taskButton, untilText } from './tasks.js';
+import { mergeTask, setScheduleNames, taskButton, untilText } from './tasks.js';
 
 const SCHEDULE_COLS = ['name', 'type', 'when', 'timezone', 'queue', 'next', 'last', 'task', 'status', 'actions'];
 const NONE = '\u2014'; // shown for what a schedule has not got yet (a last run, a last task)
@@ -141,6 +141,7 @@ function applySchedules(items) {
   renderScheduleCount();
   const status = $('schedules-status');
   if (status && status.dataset.poll === 'true') schedulesStatus('', '');
+  setScheduleNames(names);
 }
 
 function renderScheduleCount() {

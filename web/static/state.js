@@ -31,14 +31,14 @@ export const rows = new Map();  // id -> <tr> currently in the table
 export const dirty = new Set(); // ids changed since the last animation frame
 export const cancels = new Map(); // id -> {busy, error, detail, done}: this page's cancel of that task
 export const countdowns = new Set(); // <tr> of the scheduled tasks shown: their countdowns tick
-export const filter = { q: '', status: '', type: '', queue: '' }; // task table filters ('' = all)
+export const filter = { q: '', status: '', type: '', queue: '', schedule: '', since: '', until: '' }; // task table filters ('' = all; since, until: epoch seconds)
 
 // Ages tick only in rows that can be seen (the table scrolls inside its box), so that the
 // clock does not re-lay out 200 rows every second; a row coming into view is refreshed.
 export const inView = typeof IntersectionObserver === 'function' ? new Set() : null;
 
 /** The server's answer to the search box (GET /api/tasks?q=...&status=...): ids null until one came. */
-export const search = { ids: null, total: 0, req: 0, timer: 0, error: '' };
+export const search = { ids: null, total: 0, next: null, req: 0, timer: 0, error: '', loading: false };
 
 export const details = {
   id: null,        // task shown, null when closed
@@ -76,6 +76,7 @@ export const dlq = {
   total: null,
   busyAll: false,
   version: 0,       // bumped by every action, so an older poll answer cannot resurrect rows
+  group: '',        // the fingerprint whose letters alone are shown ('' = every letter)
 };
 
 /** Dead letters by fingerprint (GET /api/dlq/groups), read while the "Grouped by error" box is open. */

@@ -1,6 +1,6 @@
 // The task table: live task state, rows, filters, the search, the page's address, keys, bulk actions, cancel.
 
-import { bulk, CANCELLABLE, cancels, countdowns, details, dirty, filter, HIST_MAX, inView, MAX_KEPT, MAX_ROWS, page, RESULT_MAX, rows, search, SEARCH_DELAY, tasks, TERMINAL } from './state.js';
+import { bulk, CANCELLABLE, cancels, countdowns, details, dirty, filter, HIST_MAX, inView, MAX_KEPT, MAX_ROWS, page, pollers, RESULT_MAX, rows, search, SEARCH_DELAY, tasks, TERMINAL } from './state.js';
 import { $, actionButton, asText, badge, clockTime, fmtDur, focusAfterRemoval, fullTime, isTime, panelStatus, rowError, setHidden, setInlineError, setText, setTitle, shortId, tableRow, toNum } from './ui.js';
 import { api, callAction } from './api.js';
 import { closeDetails, openDetails, renderDetails } from './details.js';
@@ -82,10 +82,13 @@ const byNewest = (a, b) => (b.created_at || 0) - (a.created_at || 0);
 const isAll = (v) => !v || v === 'all';
 
 // A queue may be named "all": for queues only "" means every one.
-const isFiltering = () => filter.q !== '' || !isAll(filter.status) || !isAll(filter.type) || filter.queue !== '';
+/** Whether a part of the filters only the server can tell (words, the schedule, the creation time) is set: the
+ *  table then shows the tasks the server's search found. */
+const serverFiltered = () => filter.q !== '' || filter.schedule !== '' || filter.since !== '' || filter.until !== '';
+const isFiltering = () => serverFiltered() || !isAll(filter.status) || !isAll(filter.type) || filter.queue !== '';
 
 function matchesFilter(t) {
-  return (filter.q === '' || (search.ids !== null && search.ids.has(t.id)))
+  return (!serverFiltered() || (search.ids !== null && search.ids.has(t.id)))
     && (isAll(filter.status) || t.status === filter.status)
     && (isAll(filter.type) || t.type === filter.type)
     && (filter.queue === '' || t.queue === filter.queue);
@@ -106,7 +109,8 @@ function flush() {
   }
   const filtering = isFiltering();
   const matching = filtering ? ordered.filter(matchesFilter) : ordered;
-  const visible = matching.slice(0, MAX_ROWS);
+  const found = serverFiltered() && search.ids !== null;
+  const visible = matching.slice(0, found ? Math.max(MAX_ROWS, search.ids.size) : MAX_ROWS); // "More" adds pages
   const keep = new Set();
   if (body) {
     visible.forEach((t, i) => {
@@ -136,12 +140,13 @@ function flush() {
   setHidden(nomatch, !(tasks.size > 0 && matching.length === 0));
   const count = $('task-count');
   setText($('tasks-search-error'), search.error);
+  setHidden($('search-more'), !(found && search.next));
   renderBulk();
   if (count) {
     let text;
-    if (filter.q !== '' && search.ids !== null) {
+    if (found) {
       text = search.total > visible.length
-        ? `showing ${visible.length} of ${search.total} matching`
+        ? `showing ${visible.length} of ${search.total.toLocaleString('en-US')} matching`
         : `${matching.length} matching`;
     } else if (filtering) {
       text = matching.length > visible.length
@@ -390,24 +395,31 @@ export function initFilters() {
       sel.type.appendChild(opt);
     }
   }
-  for (const key of ['status', 'type', 'queue']) {
+  sel.schedule = $('filter-schedule');
+  sel.since = $('filter-since');
+  sel.until = $('filter-until');
+  for (const key of ['status', 'type', 'queue', 'schedule', 'since', 'until']) {
     const el = sel[key];
     if (!el) continue;
+    const read = () => (key === 'since' || key === 'until' ? fromLocalInput(el.value) : el.value.trim());
     const apply = () => {
-      const v = el.value;
+      const v = read();
       if (filter[key] === v) return;
       filter[key] = v;
       // The tasks kept are the newest of every queue: a quiet queue's may be missing.
       if (key === 'queue' && v) loadTasks(v);
-      if (filter.q !== '') runSearchSoon(0); // the server filters its matches by these too
+      if (serverFiltered()) runSearchSoon(key === 'schedule' ? SEARCH_DELAY : 0); // the server filters by all
+      else if (search.ids !== null) runSearchSoon(0); // (the last server-only part was just cleared)
       clearBulk();
       writeRoute();
       flushSoon();
     };
     el.addEventListener('change', apply);
     el.addEventListener('input', apply);
-    filter[key] = el.value; // a value the browser restored on reload
+    filter[key] = read(); // a value the browser restored on reload
   }
+  const more = $('search-more');
+  if (more) more.addEventListener('click', searchMore);
   const box = $('task-search');
   if (box) {
     box.addEventListener('input', () => {
@@ -422,8 +434,32 @@ export function initFilters() {
     filter.q = box.value.trim();
   }
   readRoute();
+  if (serverFiltered() && search.ids === null) runSearchSoon(0);
   window.addEventListener('hashchange', readRoute);
   document.addEventListener('keydown', onPageKey);
+}
+
+/** Epoch seconds (as text) of a datetime-local input's value, read in the browser's zone ('' for none). */
+function fromLocalInput(value) {
+  const at = value ? new Date(value).getTime() : NaN;
+  return Number.isFinite(at) ? String(at / 1000) : '';
+}
+
+/** A datetime-local input's value for epoch seconds (as text), in the browser's zone. */
+function toLocalInput(seconds) {
+  const at = Number(seconds);
+  if (!seconds || !Number.isFinite(at)) return '';
+  const d = new Date(at * 1000);
+  return new Date(d.getTime() - d.getTimezoneOffset() * 60000).toISOString().slice(0, 16);
+}
+
+/** The schedule filter suggests the names of the schedules (datalist#schedule-names, from GET /api/schedules). */
+export function setScheduleNames(names) {
+  const list = $('schedule-names');
+  if (!list) return;
+  const have = [...list.options].map((o) => o.value);
+  if (have.length === names.length && have.every((v, i) => v === names[i])) return;
+  list.replaceChildren(...names.map((name) => Object.assign(document.createElement('option'), { value: name })));
 }
 
 /** The filters as GET /api/tasks and the page's address take them. */
@@ -433,6 +469,7 @@ function filterParams() {
   if (!isAll(filter.status)) p.set('status', filter.status);
   if (!isAll(filter.type)) p.set('type', filter.type);
   if (filter.queue !== '') p.set('queue', filter.queue);
+  for (const key of ['schedule', 'since', 'until']) if (filter[key] !== '') p.set(key, filter[key]);
   return p;
 }
 
@@ -445,26 +482,51 @@ function runSearchSoon(delay) {
  *  those this page holds); they join the table, and stay while the search is shown. */
 async function runSearch() {
   const req = ++search.req;
-  if (filter.q === '') {
-    Object.assign(search, { ids: null, total: 0, error: '' });
+  if (!serverFiltered()) {
+    Object.assign(search, { ids: null, total: 0, next: null, error: '' });
     flushSoon();
     return;
   }
+  const data = await searchPage(null, req);
+  if (data === undefined) return; // a newer search was asked meanwhile
+  if (data) {
+    Object.assign(search, { ids: new Set(data.items.map((t) => t.id)), total: toNum(data.total) || 0, error: '' });
+    search.next = typeof data.next === 'string' ? data.next : null;
+  }
+  flushSoon();
+}
+
+/** One page of the server's search (after ``cursor``): its answer, null when refused (search.error says
+ *  why), undefined when a newer search was asked meanwhile. Its tasks join the page's. */
+async function searchPage(cursor, req) {
   const params = filterParams();
   params.set('limit', String(MAX_ROWS));
+  if (cursor) params.set('cursor', cursor);
   let res = null;
   let data = null;
   try {
     res = await api(`/api/tasks?${params}`, { headers: { Accept: 'application/json' }, cache: 'no-store' });
     data = await res.json();
   } catch (e) { /* offline, or not JSON */ }
-  if (req !== search.req) return; // a newer search was asked meanwhile
+  if (req !== search.req) return undefined;
   if (res && res.ok && data && Array.isArray(data.items)) {
     data.items.forEach(mergeTask);
-    Object.assign(search, { ids: new Set(data.items.map((t) => t.id)), total: toNum(data.total) || 0, error: '' });
-  } else {
-    const why = data && typeof data.error === 'string' ? data.error : res ? `HTTP ${res.status}` : 'no answer';
-    Object.assign(search, { ids: new Set(), total: 0, error: `Search failed: ${why}` });
+    return data;
+  }
+  const why = data && typeof data.error === 'string' ? data.error : res ? `HTTP ${res.status}` : 'no answer';
+  Object.assign(search, { ids: new Set(), total: 0, next: null, error: `Search failed: ${why}` });
+  return null;
+}
+
+/** "More": the next page of the search joins the table. */
+async function searchMore() {
+  if (!search.next || search.loading) return;
+  search.loading = true;
+  const data = await searchPage(search.next, search.req);
+  search.loading = false;
+  if (data) {
+    for (const t of data.items) search.ids.add(t.id);
+    search.next = typeof data.next === 'string' ? data.next : null;
   }
   flushSoon();
 }
@@ -489,13 +551,19 @@ function readRoute() {
   if (!hash.startsWith(ROUTE)) return;
   const [path, query = ''] = hash.slice(ROUTE.length).split('?');
   const p = new URLSearchParams(query);
-  const want = { q: (p.get('q') || '').trim(), status: p.get('status') || '', type: p.get('type') || '', queue: p.get('queue') || '' };
-  const inputs = { q: $('task-search'), status: $('filter-status'), type: $('filter-type'), queue: $('queue-filter') };
+  const want = { q: (p.get('q') || '').trim() };
+  for (const key of ['status', 'type', 'queue', 'schedule', 'since', 'until']) want[key] = p.get(key) || '';
+  const inputs = {
+    q: $('task-search'), status: $('filter-status'), type: $('filter-type'), queue: $('queue-filter'),
+    schedule: $('filter-schedule'), since: $('filter-since'), until: $('filter-until'),
+  };
   let changed = false;
   for (const [key, value] of Object.entries(want)) {
     if (filter[key] !== value) { filter[key] = value; changed = true; }
     const el = inputs[key];
-    if (!el || el.value === value) continue;
+    const shown = key === 'since' || key === 'until' ? toLocalInput(value) : value;
+    if (!el || el.value === shown) continue;
+    if (shown !== value) { el.value = shown; continue; }
     if (el.tagName === 'SELECT' && ![...el.options].some((o) => o.value === value)) {
       const opt = document.createElement('option'); // a queue the list has not named yet, or a type
       opt.value = value;
@@ -542,6 +610,8 @@ function onPageKey(ev) {
 }
 const BULK = {
   cancel: { path: '/api/tasks/cancel', verb: 'Cancel', done: 'Cancelled', key: 'cancelled', what: 'tasks' },
+  requeue: { path: '/api/dlq/requeue', verb: 'Requeue', done: 'Requeued', key: 'requeued', what: 'dead letters' },
+  discard: { path: '/api/dlq/discard', verb: 'Discard', done: 'Discarded', key: 'discarded', what: 'dead letters' },
   delete: { path: '/api/tasks/delete', verb: 'Delete', done: 'Deleted', key: 'deleted', what: 'finished tasks' },
 };
 
@@ -568,13 +638,14 @@ function renderBulk() {
   setText($('bulk-count'), bulk.all ? `all ${n.toLocaleString('en-US')} matching selected` : chosen ? `${n} selected` : '');
   setHidden($('bulk-all'), bulk.all || !isFiltering());
   setHidden($('bulk-clear'), !chosen);
-  for (const id of ['bulk-cancel', 'bulk-delete']) {
+  for (const id of ['bulk-cancel', 'bulk-requeue', 'bulk-discard', 'bulk-delete']) {
     const b = $(id);
     if (b) { b.disabled = !chosen || bulk.busy; b.hidden = Boolean(bulk.pending); }
   }
   setHidden($('bulk-ask'), !bulk.pending);
   const action = BULK[bulk.pending];
-  setText($('bulk-question'), action ? `${action.verb} ${n.toLocaleString('en-US')} task${n === 1 ? '' : 's'}?` : '');
+  const whose = action && action.what === 'dead letters' ? ' (their dead letters)' : '';
+  setText($('bulk-question'), action ? `${action.verb} ${n.toLocaleString('en-US')} task${n === 1 ? '' : 's'}${whose}?` : '');
   const confirm = $('bulk-confirm');
   if (confirm) confirm.disabled = bulk.busy;
 }
@@ -607,7 +678,7 @@ async function runBulk() {
   const kind = bulk.pending;
   bulk.busy = true;
   renderBulk();
-  panelStatus('bulk-status', `${action.verb === 'Cancel' ? 'Cancelling' : 'Deleting'}…`, 'busy');
+  panelStatus('bulk-status', `${action.verb}…`, 'busy');
   const r = await callAction(action.path, 'POST', body);
   bulk.busy = false;
   if (!r.ok || !r.body) {
@@ -627,7 +698,8 @@ async function runBulk() {
     for (const id of bulk.ids) refreshTask(id);
   }
   clearBulk();
-  if (filter.q !== '') runSearchSoon(0);
+  if (serverFiltered()) runSearchSoon(0);
+  if (kind === 'requeue' || kind === 'discard') pollers.dlq && pollers.dlq.now();
   flushSoon();
 }
 
@@ -647,8 +719,9 @@ export function initBulk() {
   const on = (id, fn) => { const el = $(id); if (el) el.addEventListener('click', fn); };
   on('bulk-all', selectAllMatching);
   on('bulk-clear', clearBulk);
-  on('bulk-cancel', () => { bulk.pending = 'cancel'; renderBulk(); const c = $('bulk-confirm'); if (c) c.focus(); });
-  on('bulk-delete', () => { bulk.pending = 'delete'; renderBulk(); const c = $('bulk-confirm'); if (c) c.focus(); });
+  for (const kind of Object.keys(BULK)) {
+    on(`bulk-${kind}`, () => { bulk.pending = kind; renderBulk(); const c = $('bulk-confirm'); if (c) c.focus(); });
+  }
   on('bulk-confirm', runBulk);
   on('bulk-keep', () => { bulk.pending = ''; renderBulk(); });
   renderBulk();

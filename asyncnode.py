@@ -1370,7 +1370,7 @@ TRANSITIONS: Final[Mapping[str, Transition]] = {
 #: (a task's id, or one in a payload) is one word: its first eight digits, the short id the dashboard shows (a
 #: search for a whole UUID also checks the rest: TaskFilter.needles).
 SEARCH_WORD: Final = re.compile(r"[^\W_]+")
-ANY_UUID: Final = re.compile(r"\b([0-9a-f]{8})-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b")
+ANY_UUID: Final = re.compile(r"\b({}}})-{}\b".format(*TASK_ID.pattern.split("}-", 1)))  # its first part, caught
 #: Words indexed per task at most (a large payload is found by its first ones), and the longest word indexed.
 MAX_SEARCH_WORDS: Final = 100
 MAX_WORD: Final = 64
@@ -1902,6 +1902,14 @@ def task_filter(given: Mapping[str, JSON], queues: Iterable[str], words_indexed:
 Cursor: TypeAlias = tuple[float, str]
 
 
+def result_page(found: list[dict[str, JSON]], limit: int) -> tuple[list[dict[str, JSON]], Cursor | None]:
+    """A page of the first ``limit`` of ``found`` (read one further, to know), and its next page's cursor: after
+    its last task (None: ``found`` held no more)."""
+    if len(found) <= limit:
+        return found, None
+    return found[:limit], (cast(float, found[limit - 1]["created_at"]), str(found[limit - 1]["id"]))
+
+
 def encode_cursor(cursor: Cursor) -> str:
     """The opaque ``cursor`` a page of results gives for the next."""
     return base64.urlsafe_b64encode(f"{cursor[0]!r} {cursor[1]}".encode()).decode().rstrip("=")
@@ -1919,7 +1927,7 @@ def decode_cursor(text: str) -> Cursor:
 #: What a dead letter's fingerprint masks in its error: quoted values, UUIDs and hex ids, then numbers.
 _MASKS: Final = (
     (re.compile(r"'[^']*'|\"[^\"]*\""), "'…'"),
-    (re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I), "<id>"),
+    (re.compile(ANY_UUID.pattern, re.I), "<id>"),
     (re.compile(r"\b0x[0-9a-f]+\b|\b(?=[0-9a-f]*[0-9])(?=[0-9a-f]*[a-f])[0-9a-f]{6,}\b", re.I), "<id>"),
     (re.compile(r"[-+]?\d+(?:[.,:]\d+)*"), "<n>"),
 )
@@ -1934,9 +1942,13 @@ def error_pattern(error: str | None) -> str:
     return text
 
 
+#: Hex digits of a fingerprint.
+FINGERPRINT_DIGITS: Final = 12
+
+
 def fingerprint(error: str | None) -> str:
     """Which group a dead letter falls in: a short hash of its error_pattern."""
-    return hashlib.sha256(error_pattern(error).encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return hashlib.sha256(error_pattern(error).encode("utf-8", "surrogatepass")).hexdigest()[:FINGERPRINT_DIGITS]
 
 
 # ============================================================================
@@ -3183,9 +3195,7 @@ class RedisStore:
             if len(ids) < want or len(found) > limit:
                 break
             after = (float(reply[-1]), reply[-2])  # some had gone: read on past them
-        if len(found) <= limit:
-            return found, None, total
-        return found[:limit], (cast(float, found[limit - 1]["created_at"]), str(found[limit - 1]["id"])), total
+        return (*result_page(found, limit), total)
 
     def _unindex_args(self, mode: str, statuses: Iterable[str], ids: Iterable[str]) -> list[str]:
         return [self.index_prefix, self.cfg.key_prefix, HISTORY_SUFFIX, mode, ",".join(statuses), *ids]
@@ -3437,7 +3447,7 @@ class RedisStore:
 # ============================================================================
 # Adapter: SQLite (the embedded backend)
 # ============================================================================
-# Longer than the others (about 900 lines) for a reason: it implements a queue (leases, redelivery,
+# Longer than the others (about 1,000 lines) for a reason: it implements a queue (leases, redelivery,
 # retries, delays, dead letters, per-queue claims) as well as a store (with pauses, limit slots, rate
 # windows, idempotency keys, the scheduler's lease and schedules), where the RabbitMQ adapter leaves the
 # queue to RabbitMQ.
@@ -4124,9 +4134,7 @@ class SqliteStore:
             if len(rows) < want or len(found) > limit:
                 break
             after = (rows[-1][2], rows[-1][0])
-        if len(found) <= limit:
-            return found, None, total
-        return found[:limit], (cast(float, found[limit - 1]["created_at"]), str(found[limit - 1]["id"])), total
+        return (*result_page(found, limit), total)
 
     async def search(
         self, flt: TaskFilter, limit: int, after: Cursor | None = None
@@ -5901,7 +5909,7 @@ class BulkTarget:
 
 
 #: What a fingerprint looks like (fingerprint()).
-FINGERPRINT: Final = re.compile(r"[0-9a-f]{12}")
+FINGERPRINT: Final = re.compile(rf"[0-9a-f]{{{FINGERPRINT_DIGITS}}}")
 
 
 async def _bulk_target(request: web.Request, *, letters: bool = False, legacy: bool = False) -> BulkTarget:

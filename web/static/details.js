@@ -119,7 +119,6 @@ export function renderDetails() {
     if (!cur || cur.textContent !== status) st.replaceChildren(badge(status));
   }
   setText($('detail-attempts'), v.attempts == null ? '—' : String(v.attempts));
-  setText($('detail-worker'), workerText(v, status));
   setDetailRow('detail-schedule', v.schedule == null ? '' : String(v.schedule));
   setDetailRow('detail-trace', traceId(v.traceparent));
   setText($('detail-created'), v.created_at == null ? '—' : fullTime(v.created_at));
